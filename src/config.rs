@@ -1,0 +1,626 @@
+//! The gateway's one TOML configuration file, Vector-style named tables.
+//!
+//! Every key is documented in `config/edgegate.toml`. Parsing is strict (`deny_unknown_fields`) and
+//! every error names the file, the key path and, where it can be found, the line.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+/// Why a configuration could not be used. Every variant is fatal: print it and exit with status 2.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read; the operator must fix the path or its permissions.
+    #[error("{path}: cannot read configuration: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or a key is unknown, missing or of the wrong type.
+    #[error("{path}:{}: {key}: {message}", line.map(|l| l.to_string()).unwrap_or_else(|| "?".into()))]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        line: Option<usize>,
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub gateway: GatewayConfig,
+    #[serde(default)]
+    pub buffer: BufferConfig,
+    pub kafka: KafkaConfig,
+    /// Parsed in a second step (see [`SourceConfig`]) so that errors keep their full key path.
+    #[serde(default, skip_deserializing)]
+    pub sources: BTreeMap<String, SourceConfig>,
+    #[serde(default, rename = "sources")]
+    raw_sources: BTreeMap<String, toml::Table>,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Identifies this gateway in every Kafka record (`edgegate-gateway` header).
+    pub id: String,
+    /// Where the durable buffer lives.
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Stop accepting (and acknowledging) records until the forwarder frees space.
+    Block,
+    /// Evict the oldest records not yet handed to Kafka, and count them.
+    DropOldest,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BufferConfig {
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: ByteSize,
+    #[serde(default = "default_when_full")]
+    pub when_full: WhenFull,
+    #[serde(default, with = "humantime_serde")]
+    pub max_age: Option<Duration>,
+    /// sled's page cache; small boards want it small.
+    #[serde(default = "default_cache_bytes")]
+    pub cache_bytes: ByteSize,
+}
+
+impl Default for BufferConfig {
+    fn default() -> Self {
+        BufferConfig {
+            max_bytes: default_max_bytes(),
+            when_full: default_when_full(),
+            max_age: None,
+            cache_bytes: default_cache_bytes(),
+        }
+    }
+}
+
+fn default_max_bytes() -> ByteSize {
+    ByteSize::gib(1)
+}
+fn default_when_full() -> WhenFull {
+    WhenFull::Block
+}
+fn default_cache_bytes() -> ByteSize {
+    ByteSize::mib(8)
+}
+
+/// A librdkafka property value; TOML users write numbers and booleans unquoted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PropertyValue {
+    String(String),
+    Integer(i64),
+    Bool(bool),
+}
+
+impl fmt::Display for PropertyValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PropertyValue::String(s) => f.write_str(s),
+            PropertyValue::Integer(i) => write!(f, "{i}"),
+            PropertyValue::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    pub bootstrap_servers: String,
+    pub topic: String,
+    #[serde(default = "yes")]
+    pub create_topic: bool,
+    #[serde(default = "default_partitions")]
+    pub topic_partitions: i32,
+    #[serde(default = "default_replication")]
+    pub topic_replication_factor: i32,
+    /// Records handed to librdkafka and not yet confirmed; the rest waits in the disk buffer.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// No delivery confirmation for this long while records are in flight marks the link down.
+    #[serde(default = "default_stall_timeout", with = "humantime_serde")]
+    pub stall_timeout: Duration,
+    /// How long shutdown waits for in-flight deliveries.
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Passed to librdkafka unchanged (after edgegate's own defaults, so they can override them).
+    #[serde(default)]
+    pub properties: BTreeMap<String, PropertyValue>,
+    /// librdkafka property -> name of the environment variable holding its value (secrets).
+    #[serde(default)]
+    pub properties_env: BTreeMap<String, String>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_partitions() -> i32 {
+    1
+}
+fn default_replication() -> i32 {
+    1
+}
+fn default_max_in_flight() -> usize {
+    10_000
+}
+fn default_stall_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter such as "info" or "edgegate=debug"; `RUST_LOG` wins when set.
+    #[serde(default)]
+    pub level: Option<String>,
+}
+
+/// A value that must never reach a log line.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum SourceConfig {
+    Mqtt(MqttSourceConfig),
+}
+
+impl SourceConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SourceConfig::Mqtt(_) => "mqtt",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum TopicFilter {
+    Plain(String),
+    WithQos { filter: String, qos: Option<u8> },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSourceConfig {
+    #[serde(default = "default_mqtt_host")]
+    pub host: String,
+    #[serde(default = "default_mqtt_port")]
+    pub port: u16,
+    /// Stable across restarts so the broker keeps the session; defaults to `edgegate-<id>-<name>`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    pub topics: Vec<TopicFilter>,
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// Environment variable holding the password; keeps it out of the file.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    #[serde(default = "default_keep_alive", with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// Largest accepted message; larger ones make the broker connection fail (rumqttc's rule).
+    #[serde(default = "default_max_payload")]
+    pub max_payload_bytes: ByteSize,
+    /// Messages received but not yet durable; when reached the source stops reading (back-pressure).
+    #[serde(default = "default_max_pending")]
+    pub max_pending: usize,
+    #[serde(default = "default_reconnect_min", with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    #[serde(default = "default_reconnect_max", with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub ca_file: PathBuf,
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
+}
+
+fn default_mqtt_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_mqtt_port() -> u16 {
+    1883
+}
+fn default_qos() -> u8 {
+    1
+}
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_payload() -> ByteSize {
+    ByteSize::mib(2)
+}
+fn default_max_pending() -> usize {
+    1000
+}
+fn default_reconnect_min() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_reconnect_max() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl MqttSourceConfig {
+    /// The password from the file or from `password_env`; `Err` names the missing variable.
+    pub fn resolve_password(&self) -> Result<Option<Secret>, String> {
+        match (&self.password, &self.password_env) {
+            (Some(p), _) => Ok(Some(p.clone())),
+            (None, Some(var)) => std::env::var(var)
+                .map(|v| Some(Secret(v)))
+                .map_err(|_| format!("environment variable {var} is not set")),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses configuration text; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            line: locate_key(text, &key),
+            path: path.to_owned(),
+            key,
+            message,
+        };
+        let table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: "(syntax)".into(),
+            line: e.span().map(|s| line_of(text, s.start)),
+            message: e.message().trim().to_owned(),
+        })?;
+        let mut config: Config =
+            deserialize_at(toml::Value::Table(table), "").map_err(|(k, m)| invalid(k, m))?;
+        for (name, raw) in std::mem::take(&mut config.raw_sources) {
+            let prefix = format!("sources.{name}");
+            let source = parse_source(raw, &prefix).map_err(|(k, m)| invalid(k, m))?;
+            config.sources.insert(name, source);
+        }
+        config.validate().map_err(|(k, m)| invalid(k, m))?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let err = |k: &str, m: &str| Err((k.to_owned(), m.to_owned()));
+        if self.gateway.id.trim().is_empty() {
+            return err("gateway.id", "must not be empty");
+        }
+        if self.kafka.topic.trim().is_empty() {
+            return err("kafka.topic", "must not be empty");
+        }
+        if self.kafka.max_in_flight == 0 {
+            return err("kafka.max_in_flight", "must be at least 1");
+        }
+        if self.buffer.max_bytes.as_u64() < ByteSize::mib(1).as_u64() {
+            return err("buffer.max_bytes", "must be at least 1MiB");
+        }
+        for (var_key, var) in &self.kafka.properties_env {
+            if std::env::var(var).is_err() {
+                return Err((
+                    format!("kafka.properties_env.{var_key}"),
+                    format!("environment variable {var} is not set"),
+                ));
+            }
+        }
+        for (name, source) in &self.sources {
+            let SourceConfig::Mqtt(m) = source;
+            validate_mqtt(m, &format!("sources.{name}"), &self.buffer)?;
+        }
+        Ok(())
+    }
+
+    /// The MQTT client id for a source: configured, or derived from the gateway id.
+    pub fn mqtt_client_id(&self, source_name: &str, m: &MqttSourceConfig) -> String {
+        m.client_id
+            .clone()
+            .unwrap_or_else(|| format!("edgegate-{}-{}", self.gateway.id, source_name))
+    }
+
+    /// librdkafka properties after resolving `properties_env`.
+    pub fn kafka_properties(&self) -> Vec<(String, String)> {
+        let mut props: Vec<(String, String)> = self
+            .kafka
+            .properties
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_string()))
+            .collect();
+        for (k, var) in &self.kafka.properties_env {
+            if let Ok(v) = std::env::var(var) {
+                props.push((k.clone(), v));
+            }
+        }
+        props
+    }
+}
+
+fn validate_mqtt(
+    m: &MqttSourceConfig,
+    prefix: &str,
+    buffer: &BufferConfig,
+) -> Result<(), (String, String)> {
+    let key = |k: &str| format!("{prefix}.{k}");
+    if m.qos > 2 {
+        return Err((key("qos"), "must be 0, 1 or 2".into()));
+    }
+    if m.topics.is_empty() {
+        return Err((key("topics"), "needs at least one topic filter".into()));
+    }
+    for (i, t) in m.topics.iter().enumerate() {
+        let (filter, qos) = match t {
+            TopicFilter::Plain(f) => (f, None),
+            TopicFilter::WithQos { filter, qos } => (filter, *qos),
+        };
+        if filter.is_empty() || !rumqttc::valid_filter(filter) {
+            return Err((key(&format!("topics[{i}]")), format!("invalid filter {filter:?}")));
+        }
+        if qos.is_some_and(|q| q > 2) {
+            return Err((key(&format!("topics[{i}].qos")), "must be 0, 1 or 2".into()));
+        }
+    }
+    if m.max_pending == 0 {
+        return Err((key("max_pending"), "must be at least 1".into()));
+    }
+    if m.max_payload_bytes.as_u64() * 4 > buffer.max_bytes.as_u64() {
+        return Err((
+            key("max_payload_bytes"),
+            "must be at most a quarter of buffer.max_bytes".into(),
+        ));
+    }
+    if m.password.is_some() && m.password_env.is_some() {
+        return Err((key("password_env"), "set password or password_env, not both".into()));
+    }
+    m.resolve_password().map_err(|e| (key("password_env"), e))?;
+    if m.password.is_some() || m.password_env.is_some() {
+        if m.username.is_none() {
+            return Err((key("username"), "a password needs a username".into()));
+        }
+    }
+    if let Some(tls) = &m.tls {
+        let files = [
+            ("tls.ca_file", Some(&tls.ca_file)),
+            ("tls.client_cert_file", tls.client_cert_file.as_ref()),
+            ("tls.client_key_file", tls.client_key_file.as_ref()),
+        ];
+        for (k, f) in files {
+            if let Some(f) = f {
+                std::fs::metadata(f)
+                    .map_err(|e| (key(k), format!("cannot read {}: {e}", f.display())))?;
+            }
+        }
+        if tls.client_cert_file.is_some() != tls.client_key_file.is_some() {
+            return Err((
+                key("tls.client_key_file"),
+                "client_cert_file and client_key_file go together".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn parse_source(raw: toml::Table, prefix: &str) -> Result<SourceConfig, (String, String)> {
+    let mut raw = raw;
+    let kind = match raw.remove("type") {
+        Some(toml::Value::String(s)) => s,
+        Some(_) => return Err((format!("{prefix}.type"), "must be a string".into())),
+        None => return Err((format!("{prefix}.type"), "missing (one of: mqtt)".into())),
+    };
+    match kind.as_str() {
+        "mqtt" => deserialize_at(toml::Value::Table(raw), prefix).map(SourceConfig::Mqtt),
+        other => Err((
+            format!("{prefix}.type"),
+            format!("unknown source type {other:?} (one of: mqtt)"),
+        )),
+    }
+}
+
+/// Deserializes `value`, reporting errors as (full key path, message).
+fn deserialize_at<T: DeserializeOwned>(
+    value: toml::Value,
+    prefix: &str,
+) -> Result<T, (String, String)> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let inner = e.inner().to_string();
+        let mut key = e.path().to_string();
+        // For an unknown field the path names the table; name the offending key itself.
+        if let Some(field) = unknown_field_name(&inner) {
+            if key == "." {
+                key = field;
+            } else if key.rsplit('.').next() != Some(field.as_str()) {
+                key = format!("{key}.{field}");
+            }
+        }
+        let key = match (prefix.is_empty(), key.as_str()) {
+            (true, _) => key,
+            (false, ".") => prefix.to_owned(),
+            (false, _) => format!("{prefix}.{key}"),
+        };
+        (key, inner)
+    })
+}
+
+fn unknown_field_name(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    Some(rest.split('`').next()?.to_owned())
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// Finds the line of a dotted key path (`sources.plant.qos`, `a.b[2]`) in the TOML text, going as
+/// deep as the path exists so a missing key points at its table.
+fn locate_key(text: &str, path: &str) -> Option<usize> {
+    let doc = toml_edit::Document::parse(text).ok()?;
+    let mut item: &toml_edit::Item = doc.as_item();
+    let mut best = None;
+    for segment in path.split('.') {
+        let name = segment.split('[').next().unwrap_or(segment);
+        let Some(table) = item.as_table_like() else {
+            break;
+        };
+        let Some((key, next)) = table.get_key_value(name) else {
+            break;
+        };
+        if let Some(span) = key.span() {
+            best = Some(line_of(text, span.start));
+        }
+        item = next;
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[gateway]
+id = "gw-01"
+data_dir = "/tmp/x"
+
+[kafka]
+bootstrap_servers = "127.0.0.1:9092"
+topic = "t"
+
+[sources.plant]
+type = "mqtt"
+topics = ["sensors/#", { filter = "cmd/+", qos = 0 }]
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.buffer.max_bytes, ByteSize::gib(1));
+        assert_eq!(c.buffer.when_full, WhenFull::Block);
+        let SourceConfig::Mqtt(m) = &c.sources["plant"];
+        assert_eq!(m.qos, 1);
+        assert_eq!(m.topics.len(), 2);
+        assert_eq!(c.mqtt_client_id("plant", m), "edgegate-gw-01-plant");
+    }
+
+    #[test]
+    fn sizes_and_durations_accept_strings_and_integers() {
+        let text = MINIMAL.replace(
+            "[kafka]",
+            "[buffer]\nmax_bytes = \"64MiB\"\nmax_age = \"7d\"\nwhen_full = \"drop_oldest\"\n[kafka]",
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.buffer.max_bytes, ByteSize::mib(64));
+        assert_eq!(c.buffer.max_age, Some(Duration::from_secs(7 * 86400)));
+        let c = parse(&text.replace("\"64MiB\"", "20000000")).unwrap();
+        assert_eq!(c.buffer.max_bytes.as_u64(), 20_000_000);
+    }
+
+    fn invalid(text: &str) -> (String, Option<usize>, String) {
+        match parse(text) {
+            Err(ConfigError::Invalid {
+                key, line, message, ..
+            }) => (key, line, message),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_key_in_source_is_named_with_its_line() {
+        let (key, line, _) = invalid(&MINIMAL.replace("type = \"mqtt\"", "type = \"mqtt\"\nqoss = 1"));
+        assert_eq!(key, "sources.plant.qoss");
+        assert_eq!(line, Some(12));
+    }
+
+    #[test]
+    fn wrong_type_is_named_with_its_line() {
+        let (key, line, msg) = invalid(&MINIMAL.replace("topic = \"t\"", "topic = 5"));
+        assert_eq!(key, "kafka.topic");
+        assert_eq!(line, Some(8));
+        assert!(msg.contains("string"), "{msg}");
+    }
+
+    #[test]
+    fn bad_enum_value_and_qos_are_rejected() {
+        let (key, _, _) = invalid(&MINIMAL.replace("[kafka]", "[buffer]\nwhen_full = \"maybe\"\n[kafka]"));
+        assert_eq!(key, "buffer.when_full");
+        let (key, _, _) = invalid(&MINIMAL.replace("type = \"mqtt\"", "type = \"mqtt\"\nqos = 3"));
+        assert_eq!(key, "sources.plant.qos");
+    }
+
+    #[test]
+    fn missing_required_key_and_syntax_errors() {
+        let (key, _, msg) = invalid(&MINIMAL.replace("topic = \"t\"\n", ""));
+        assert_eq!(key, "kafka");
+        assert!(msg.contains("topic"), "{msg}");
+        let (key, line, _) = invalid("[gateway\nid = 1");
+        assert_eq!(key, "(syntax)");
+        assert_eq!(line, Some(1));
+        let (key, _, _) = invalid(&MINIMAL.replace("\"mqtt\"", "\"carrier-pigeon\""));
+        assert_eq!(key, "sources.plant.type");
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let text = MINIMAL.replace(
+            "type = \"mqtt\"",
+            "type = \"mqtt\"\nusername = \"u\"\npassword = \"hunter2\"",
+        );
+        let c = parse(&text).unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn missing_password_env_is_an_error() {
+        let text = MINIMAL.replace(
+            "type = \"mqtt\"",
+            "type = \"mqtt\"\nusername = \"u\"\npassword_env = \"EDGEGATE_TEST_SURELY_UNSET\"",
+        );
+        let (key, _, msg) = invalid(&text);
+        assert_eq!(key, "sources.plant.password_env");
+        assert!(msg.contains("EDGEGATE_TEST_SURELY_UNSET"));
+    }
+}

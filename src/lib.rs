@@ -1,0 +1,15 @@
+//! edgegate: an edge gateway that collects device payloads over MQTT and serial ports, keeps every
+//! record durably on local disk while the uplink is down, and produces them to Kafka.
+//!
+//! Data flows one way through the stages, each with one `run(…, shutdown)` entry point:
+//! sources ([`sources::mqtt`]) → [`buffer`] → [`forwarder`] (→ [`kafka`] sink).
+
+pub mod backoff;
+pub mod buffer;
+pub mod config;
+pub mod forwarder;
+pub mod gateway;
+pub mod kafka;
+pub mod metrics;
+pub mod record;
+pub mod sources;

@@ -1,0 +1,150 @@
+//! Counters and gauges for every stage, in the Prometheus data model.
+//!
+//! Everything dropped is counted here with its reason; the admin endpoint exports the registry.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+/// Why a record left the gateway without reaching Kafka.
+#[derive(Debug, Clone, Copy)]
+pub enum DropReason {
+    /// `when_full = "drop_oldest"` evicted it.
+    BufferFull,
+    /// Older than `buffer.max_age`.
+    MaxAge,
+    /// Kafka refused it permanently (too large, invalid).
+    RejectedByKafka,
+    /// Its chunk on disk did not decode.
+    Corrupt,
+}
+
+impl DropReason {
+    fn label(self) -> &'static str {
+        match self {
+            DropReason::BufferFull => "buffer_full",
+            DropReason::MaxAge => "max_age",
+            DropReason::RejectedByKafka => "rejected_by_kafka",
+            DropReason::Corrupt => "corrupt",
+        }
+    }
+}
+
+pub struct Metrics {
+    pub records_in: Family<SourceLabels, Counter>,
+    pub records_out: Counter,
+    dropped: Family<ReasonLabels, Counter>,
+    pub buffer_records: Gauge,
+    pub buffer_bytes: Gauge,
+    pub buffer_oldest_age_seconds: Gauge<f64, AtomicU64>,
+    pub kafka_link_up: Gauge,
+    pub source_connected: Family<SourceLabels, Gauge>,
+    /// Capture to Kafka confirmation, seconds.
+    pub delivery_latency: Histogram,
+    registry: Registry,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("edgegate");
+        let m = Metrics {
+            records_in: Family::default(),
+            records_out: Counter::default(),
+            dropped: Family::default(),
+            buffer_records: Gauge::default(),
+            buffer_bytes: Gauge::default(),
+            buffer_oldest_age_seconds: Gauge::default(),
+            kafka_link_up: Gauge::default(),
+            source_connected: Family::default(),
+            delivery_latency: Histogram::new(
+                [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0, 3600.0]
+                    .into_iter(),
+            ),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register("records_in", "Records made durable, per source", m.records_in.clone());
+        r.register("records_out", "Records confirmed by Kafka", m.records_out.clone());
+        r.register("records_dropped", "Records dropped, per reason", m.dropped.clone());
+        r.register("buffer_records", "Records in the disk buffer", m.buffer_records.clone());
+        r.register("buffer_bytes", "Stored bytes in the disk buffer", m.buffer_bytes.clone());
+        r.register(
+            "buffer_oldest_age_seconds",
+            "Age of the oldest buffered record",
+            m.buffer_oldest_age_seconds.clone(),
+        );
+        r.register("kafka_link_up", "1 while Kafka confirms deliveries", m.kafka_link_up.clone());
+        r.register(
+            "source_connected",
+            "1 while a source is connected to its device or broker",
+            m.source_connected.clone(),
+        );
+        r.register(
+            "delivery_latency_seconds",
+            "Capture to Kafka confirmation",
+            m.delivery_latency.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn count_dropped(&self, reason: DropReason, n: u64) {
+        self.dropped
+            .get_or_create(&ReasonLabels {
+                reason: reason.label().into(),
+            })
+            .inc_by(n);
+    }
+
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.dropped
+            .get_or_create(&ReasonLabels {
+                reason: reason.label().into(),
+            })
+            .get()
+    }
+
+    pub fn source_in(&self, source: &str) -> Counter {
+        self.records_in
+            .get_or_create(&SourceLabels {
+                source: source.into(),
+            })
+            .clone()
+    }
+
+    pub fn set_source_connected(&self, source: &str, up: bool) {
+        self.source_connected
+            .get_or_create(&SourceLabels {
+                source: source.into(),
+            })
+            .set(i64::from(up));
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
