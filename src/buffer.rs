@@ -145,7 +145,10 @@ impl State {
     }
 
     /// Removes unread chunks from the oldest on while `evict` says so.
-    fn evict_unread(&mut self, mut evict: impl FnMut(&State, &ChunkInfo) -> bool) -> Vec<ChunkInfo> {
+    fn evict_unread(
+        &mut self,
+        mut evict: impl FnMut(&State, &ChunkInfo) -> bool,
+    ) -> Vec<ChunkInfo> {
         let idx = self.first_unread();
         let mut gone = Vec::new();
         while let Some(c) = self.chunks.get(idx).copied() {
@@ -319,7 +322,9 @@ impl Buffer {
                 None => {
                     tracing::error!(first_seq = info.first_seq, "buffer chunk missing; skipped");
                     self.release(info.first_seq)?;
-                    self.shared.metrics.count_dropped(DropReason::Corrupt, info.count.into());
+                    self.shared
+                        .metrics
+                        .count_dropped(DropReason::Corrupt, info.count.into());
                 }
             }
         }
@@ -429,7 +434,9 @@ fn open_error(dir: &Path, e: sled::Error) -> BufferError {
         sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
             BufferError::Locked(dir.to_owned())
         }
-        sled::Error::Io(io) if io.to_string().contains("lock") => BufferError::Locked(dir.to_owned()),
+        sled::Error::Io(io) if io.to_string().contains("lock") => {
+            BufferError::Locked(dir.to_owned())
+        }
         _ => BufferError::Storage(e),
     }
 }
@@ -529,7 +536,9 @@ fn encode_batch(batch: Vec<Append>, max_bytes: u64) -> Option<Encoded> {
         record::encode_into(&a.record, &mut body);
         if (body.len() - start) as u64 > max_bytes / 2 {
             body.truncate(start);
-            let _ = a.done.send(Err(BufferError::TooLarge(a.record.payload.len())));
+            let _ = a
+                .done
+                .send(Err(BufferError::TooLarge(a.record.payload.len())));
             continue;
         }
         first_ms = first_ms.min(a.record.captured_ms);
@@ -708,7 +717,11 @@ async fn write_durably(
         Ok(value)
     })
     .await;
-    joined.unwrap_or_else(|e| Err(BufferError::Storage(sled::Error::Io(std::io::Error::other(e)))))
+    joined.unwrap_or_else(|e| {
+        Err(BufferError::Storage(sled::Error::Io(
+            std::io::Error::other(e),
+        )))
+    })
 }
 
 #[cfg(test)]

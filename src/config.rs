@@ -133,6 +133,9 @@ pub struct KafkaConfig {
     /// Records handed to librdkafka and not yet confirmed; the rest waits in the disk buffer.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
+    /// Bytes handed to librdkafka and not yet confirmed; bounds the producer's memory.
+    #[serde(default = "default_max_in_flight_bytes")]
+    pub max_in_flight_bytes: ByteSize,
     /// No delivery confirmation for this long while records are in flight marks the link down.
     #[serde(default = "default_stall_timeout", with = "humantime_serde")]
     pub stall_timeout: Duration,
@@ -158,6 +161,9 @@ fn default_replication() -> i32 {
 }
 fn default_max_in_flight() -> usize {
     10_000
+}
+fn default_max_in_flight_bytes() -> ByteSize {
+    ByteSize::mib(16)
 }
 fn default_stall_timeout() -> Duration {
     Duration::from_secs(15)
@@ -395,7 +401,10 @@ fn validate_mqtt(
             TopicFilter::WithQos { filter, qos } => (filter, *qos),
         };
         if filter.is_empty() || !rumqttc::valid_filter(filter) {
-            return Err((key(&format!("topics[{i}]")), format!("invalid filter {filter:?}")));
+            return Err((
+                key(&format!("topics[{i}]")),
+                format!("invalid filter {filter:?}"),
+            ));
         }
         if qos.is_some_and(|q| q > 2) {
             return Err((key(&format!("topics[{i}].qos")), "must be 0, 1 or 2".into()));
@@ -411,7 +420,10 @@ fn validate_mqtt(
         ));
     }
     if m.password.is_some() && m.password_env.is_some() {
-        return Err((key("password_env"), "set password or password_env, not both".into()));
+        return Err((
+            key("password_env"),
+            "set password or password_env, not both".into(),
+        ));
     }
     m.resolve_password().map_err(|e| (key("password_env"), e))?;
     if m.password.is_some() || m.password_env.is_some() {
@@ -570,7 +582,8 @@ topics = ["sensors/#", { filter = "cmd/+", qos = 0 }]
 
     #[test]
     fn unknown_key_in_source_is_named_with_its_line() {
-        let (key, line, _) = invalid(&MINIMAL.replace("type = \"mqtt\"", "type = \"mqtt\"\nqoss = 1"));
+        let (key, line, _) =
+            invalid(&MINIMAL.replace("type = \"mqtt\"", "type = \"mqtt\"\nqoss = 1"));
         assert_eq!(key, "sources.plant.qoss");
         assert_eq!(line, Some(12));
     }
@@ -585,7 +598,8 @@ topics = ["sensors/#", { filter = "cmd/+", qos = 0 }]
 
     #[test]
     fn bad_enum_value_and_qos_are_rejected() {
-        let (key, _, _) = invalid(&MINIMAL.replace("[kafka]", "[buffer]\nwhen_full = \"maybe\"\n[kafka]"));
+        let (key, _, _) =
+            invalid(&MINIMAL.replace("[kafka]", "[buffer]\nwhen_full = \"maybe\"\n[kafka]"));
         assert_eq!(key, "buffer.when_full");
         let (key, _, _) = invalid(&MINIMAL.replace("type = \"mqtt\"", "type = \"mqtt\"\nqos = 3"));
         assert_eq!(key, "sources.plant.qos");

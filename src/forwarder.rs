@@ -1,0 +1,392 @@
+//! The forwarder: reads durable chunks from the buffer, produces their records to Kafka and
+//! releases a chunk only once Kafka confirmed every record in it.
+//!
+//! Failures never skip records: a retryable failure stops sending, waits for every outstanding
+//! report, then rewinds the buffer to the oldest unconfirmed chunk and resends from there after a
+//! backoff (duplicates are possible and carry the same `edgegate-seq`). A fatal producer error
+//! replaces the producer and does the same.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::buffer::{Buffer, BufferError, ReadChunk};
+use crate::config::Config;
+use crate::kafka::{ClientEvent, Delivery, Outcome, Sink, SinkError};
+use crate::metrics::{DropReason, Metrics};
+use crate::record::now_ms;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwarderError {
+    /// The producer cannot be configured; fatal, fix `[kafka]` (`check` reports it too).
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    /// The buffer failed underneath; fatal, the disk needs attention.
+    #[error(transparent)]
+    Buffer(#[from] BufferError),
+}
+
+/// Kafka link state as the operator sees it; every change is logged once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Link {
+    Unknown,
+    Up,
+    Down(String),
+}
+
+struct LinkState {
+    state: Link,
+    metrics: Arc<Metrics>,
+}
+
+impl LinkState {
+    fn set(&mut self, next: Link) {
+        if self.state == next {
+            return;
+        }
+        match &next {
+            Link::Up => tracing::info!("kafka link up"),
+            Link::Down(reason) => tracing::warn!(%reason, "kafka link down"),
+            Link::Unknown => {}
+        }
+        self.metrics.kafka_link_up.set(i64::from(next == Link::Up));
+        self.state = next;
+    }
+}
+
+struct InFlightChunk {
+    first_seq: u64,
+    count: u32,
+    /// Records not yet confirmed (delivered or permanently rejected).
+    unconfirmed: u32,
+    bytes: usize,
+    failed: bool,
+}
+
+/// Logs at most once a minute, with how many were suppressed.
+struct RateLimitedLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimitedLog {
+    fn warn(&mut self, what: &str, detail: &str) {
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(60))
+        {
+            self.suppressed += 1;
+            return;
+        }
+        tracing::warn!(suppressed = self.suppressed, detail, "{what}");
+        self.last = Some(Instant::now());
+        self.suppressed = 0;
+    }
+}
+
+enum PumpExit {
+    Shutdown,
+    Recreate(String),
+}
+
+struct Forwarder {
+    config: Arc<Config>,
+    buffer: Buffer,
+    metrics: Arc<Metrics>,
+    link: LinkState,
+    in_flight: VecDeque<InFlightChunk>,
+    outstanding: usize,
+    outstanding_bytes: usize,
+    /// Set when a retryable failure was reported: stop sending, rewind once all reports are in.
+    rewind: Option<String>,
+    backoff: Backoff,
+    last_progress: Instant,
+    rejected_log: RateLimitedLog,
+}
+
+/// Forwards buffered records to Kafka until `shutdown`, then lets in-flight deliveries finish for
+/// `kafka.shutdown_timeout`.
+pub async fn run(
+    config: Arc<Config>,
+    buffer: Buffer,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<(), ForwarderError> {
+    let mut f = Forwarder {
+        link: LinkState {
+            state: Link::Unknown,
+            metrics: metrics.clone(),
+        },
+        config,
+        buffer,
+        metrics,
+        in_flight: VecDeque::new(),
+        outstanding: 0,
+        outstanding_bytes: 0,
+        rewind: None,
+        backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(30)),
+        last_progress: Instant::now(),
+        rejected_log: RateLimitedLog {
+            last: None,
+            suppressed: 0,
+        },
+    };
+    loop {
+        let (sink, (mut deliveries, mut events)) = Sink::new(&f.config)?;
+        let sink = Arc::new(sink);
+        if !f.wait_for_topic(&sink, &shutdown).await {
+            drop_sink(sink).await;
+            return f.finish();
+        }
+        match f
+            .pump(&sink, &mut deliveries, &mut events, &shutdown)
+            .await?
+        {
+            PumpExit::Shutdown => {
+                f.drain(&mut deliveries).await;
+                drop_sink(sink).await;
+                return f.finish();
+            }
+            PumpExit::Recreate(reason) => {
+                tracing::warn!(%reason, "kafka producer failed fatally; recreating it and resending unconfirmed records");
+                drop_sink(sink).await;
+                while let Ok(d) = deliveries.try_recv() {
+                    f.on_delivery(d);
+                }
+                f.rewind_now();
+                if !sleep_or_shutdown(f.backoff.next_delay(), &shutdown).await {
+                    return f.finish();
+                }
+            }
+        }
+    }
+}
+
+/// Dropping a producer purges and flushes for up to 500 ms; keep that off the async threads.
+async fn drop_sink(sink: Arc<Sink>) {
+    let _ = tokio::task::spawn_blocking(move || drop(sink)).await;
+}
+
+async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => true,
+        _ = shutdown.cancelled() => false,
+    }
+}
+
+impl Forwarder {
+    /// Returns false when shutdown came first.
+    async fn wait_for_topic(&mut self, sink: &Arc<Sink>, shutdown: &CancellationToken) -> bool {
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        loop {
+            let (s, c) = (sink.clone(), self.config.clone());
+            let checked = tokio::select! {
+                r = tokio::task::spawn_blocking(move || s.ensure_topic(&c, Duration::from_secs(5))) => r,
+                _ = shutdown.cancelled() => return false,
+            };
+            match checked {
+                Ok(Ok(())) => return true,
+                Ok(Err(e)) => self.link.set(Link::Down(e.to_string())),
+                Err(e) => self.link.set(Link::Down(e.to_string())),
+            }
+            if !sleep_or_shutdown(backoff.next_delay(), shutdown).await {
+                return false;
+            }
+        }
+    }
+
+    fn can_send(&self) -> bool {
+        self.rewind.is_none()
+            && self.outstanding < self.config.kafka.max_in_flight
+            && (self.outstanding_bytes as u64) < self.config.kafka.max_in_flight_bytes.as_u64()
+    }
+
+    async fn pump(
+        &mut self,
+        sink: &Sink,
+        deliveries: &mut mpsc::UnboundedReceiver<Delivery>,
+        events: &mut mpsc::UnboundedReceiver<ClientEvent>,
+        shutdown: &CancellationToken,
+    ) -> Result<PumpExit, ForwarderError> {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(PumpExit::Shutdown),
+                Some(d) = deliveries.recv() => self.on_delivery(d),
+                Some(event) = events.recv() => match event {
+                    ClientEvent::Fatal(reason) => return Ok(PumpExit::Recreate(reason)),
+                    ClientEvent::LinkDown(reason) => self.link.set(Link::Down(reason)),
+                },
+                _ = tick.tick() => self.check_stall(),
+                chunk = self.buffer.next_chunk(), if self.can_send() => {
+                    self.send_chunk(sink, chunk?, shutdown).await;
+                }
+            }
+            if self.rewind.is_some() && self.outstanding == 0 {
+                self.rewind_now();
+                if !sleep_or_shutdown(self.backoff.next_delay(), shutdown).await {
+                    return Ok(PumpExit::Shutdown);
+                }
+            }
+        }
+    }
+
+    async fn send_chunk(&mut self, sink: &Sink, chunk: ReadChunk, shutdown: &CancellationToken) {
+        let cutoff = self
+            .buffer
+            .max_age()
+            .map(|age| now_ms().saturating_sub(age.as_millis() as u64));
+        let mut entry = InFlightChunk {
+            first_seq: chunk.info.first_seq,
+            count: chunk.info.count,
+            unconfirmed: 0,
+            bytes: chunk.info.bytes as usize,
+            failed: false,
+        };
+        for record in &chunk.records {
+            if cutoff.is_some_and(|c| record.captured_ms < c) {
+                self.metrics.count_dropped(DropReason::MaxAge, 1);
+                continue;
+            }
+            loop {
+                match sink.send(record) {
+                    Ok(()) => {
+                        entry.unconfirmed += 1;
+                        self.outstanding += 1;
+                        break;
+                    }
+                    Err(SinkError::QueueFull) => {
+                        // Only when record bytes exceed librdkafka's byte limit; wait briefly.
+                        if !sleep_or_shutdown(Duration::from_millis(5), shutdown).await {
+                            entry.failed = true;
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        self.metrics.count_dropped(DropReason::RejectedByKafka, 1);
+                        self.rejected_log
+                            .warn("record rejected by kafka producer; dropped", &e.to_string());
+                        break;
+                    }
+                }
+            }
+            if entry.failed {
+                break;
+            }
+        }
+        self.outstanding_bytes += entry.bytes;
+        let done = entry.unconfirmed == 0 && !entry.failed;
+        self.in_flight.push_back(entry);
+        if done {
+            self.release_confirmed();
+        }
+        if self.in_flight.back().is_some_and(|c| c.failed) {
+            self.rewind = Some("shutdown while sending".into());
+        }
+    }
+
+    fn on_delivery(&mut self, d: Delivery) {
+        self.outstanding = self.outstanding.saturating_sub(1);
+        self.last_progress = Instant::now();
+        let idx = self.in_flight.partition_point(|c| c.first_seq <= d.seq);
+        let Some(chunk) = idx.checked_sub(1).and_then(|i| self.in_flight.get_mut(i)) else {
+            return; // From before a rewind; that chunk is being resent.
+        };
+        if d.seq >= chunk.first_seq + u64::from(chunk.count) {
+            return;
+        }
+        match d.outcome {
+            Outcome::Delivered => {
+                chunk.unconfirmed = chunk.unconfirmed.saturating_sub(1);
+                self.metrics.records_out.inc();
+                let latency = now_ms().saturating_sub(d.captured_ms) as f64 / 1000.0;
+                self.metrics.delivery_latency.observe(latency);
+                self.link.set(Link::Up);
+                self.backoff.reset();
+            }
+            Outcome::Rejected(reason) => {
+                chunk.unconfirmed = chunk.unconfirmed.saturating_sub(1);
+                self.metrics.count_dropped(DropReason::RejectedByKafka, 1);
+                self.rejected_log
+                    .warn("record rejected by kafka; dropped", &reason);
+            }
+            Outcome::Retry(reason) => {
+                chunk.failed = true;
+                self.link.set(Link::Down(reason.clone()));
+                self.rewind.get_or_insert(reason);
+            }
+            Outcome::Purged => chunk.failed = true,
+        }
+        self.release_confirmed();
+    }
+
+    /// Releases confirmed chunks from the oldest on; order keeps the buffer's head the oldest.
+    fn release_confirmed(&mut self) {
+        while let Some(front) = self.in_flight.front() {
+            if front.unconfirmed > 0 || front.failed {
+                break;
+            }
+            if let Err(e) = self.buffer.release(front.first_seq) {
+                tracing::error!(error = %e, "releasing a delivered chunk failed; it will be resent");
+                break;
+            }
+            self.outstanding_bytes = self.outstanding_bytes.saturating_sub(front.bytes);
+            self.in_flight.pop_front();
+        }
+    }
+
+    /// Forgets everything in flight and makes the buffer hand it out again.
+    fn rewind_now(&mut self) {
+        self.release_confirmed();
+        if let Some(front) = self.in_flight.front() {
+            self.buffer.rewind(front.first_seq);
+        }
+        self.in_flight.clear();
+        self.outstanding = 0;
+        self.outstanding_bytes = 0;
+        self.rewind = None;
+    }
+
+    fn check_stall(&mut self) {
+        let stalled =
+            self.outstanding > 0 && self.last_progress.elapsed() > self.config.kafka.stall_timeout;
+        if stalled {
+            self.link.set(Link::Down(format!(
+                "no delivery confirmation for {}s with {} records in flight",
+                self.last_progress.elapsed().as_secs(),
+                self.outstanding
+            )));
+        }
+        if self.outstanding == 0 {
+            self.last_progress = Instant::now();
+        }
+    }
+
+    /// After shutdown: give outstanding deliveries `shutdown_timeout` to arrive.
+    async fn drain(&mut self, deliveries: &mut mpsc::UnboundedReceiver<Delivery>) {
+        let deadline = tokio::time::Instant::now() + self.config.kafka.shutdown_timeout;
+        while self.outstanding > 0 {
+            match tokio::time::timeout_at(deadline, deliveries.recv()).await {
+                Ok(Some(d)) => self.on_delivery(d),
+                _ => break,
+            }
+        }
+        if self.outstanding > 0 {
+            tracing::warn!(
+                records = self.outstanding,
+                "shutdown: unconfirmed records stay buffered and are resent after restart"
+            );
+        }
+    }
+
+    fn finish(&mut self) -> Result<(), ForwarderError> {
+        self.release_confirmed();
+        self.buffer.flush()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,162 @@
+//! Wires the stages together: sources → buffer → forwarder, with one shutdown token.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::buffer::{self, Buffer, BufferError};
+use crate::config::{Config, ConfigError, SourceConfig};
+use crate::forwarder::{self, ForwarderError};
+use crate::kafka;
+use crate::metrics::Metrics;
+use crate::sources::mqtt::{self, MqttError, SourceContext};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The configuration or its environment (data_dir, TLS files) is unusable: exit 2.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The buffer cannot be opened: exit 2 for data_dir/lock problems, 1 otherwise.
+    #[error(transparent)]
+    Buffer(#[from] BufferError),
+    /// A source cannot start: exit 2.
+    #[error(transparent)]
+    Mqtt(#[from] MqttError),
+    /// The forwarder failed fatally: exit 1, systemd restarts us, the buffer keeps every record.
+    #[error(transparent)]
+    Forwarder(#[from] ForwarderError),
+}
+
+impl GatewayError {
+    /// Process exit status: 2 for anything the operator must fix in config or environment.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            GatewayError::Config(_)
+            | GatewayError::Mqtt(_)
+            | GatewayError::Buffer(BufferError::DataDir { .. } | BufferError::Locked(_)) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Everything `edgegate check` verifies beyond parsing: guarantees, librdkafka properties, data_dir.
+pub fn validate(config: &Config, path: &Path) -> Result<(), ConfigError> {
+    let invalid = |key: String, message: String| ConfigError::Invalid {
+        path: path.to_owned(),
+        key,
+        line: None,
+        message,
+    };
+    kafka::check_guarantees(config).map_err(|(k, m)| invalid(k, m))?;
+    check_data_dir(&config.gateway.data_dir).map_err(|m| invalid("gateway.data_dir".into(), m))
+}
+
+/// data_dir must be a writable directory, or creatable inside one.
+fn check_data_dir(dir: &Path) -> Result<(), String> {
+    let mut probe = dir;
+    loop {
+        match std::fs::metadata(probe) {
+            Ok(meta) if meta.is_dir() => break,
+            Ok(_) => return Err(format!("{} is not a directory", probe.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match probe.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => probe = parent,
+                _ => return Ok(()),
+            },
+            Err(e) => return Err(format!("{}: {e}", probe.display())),
+        }
+    }
+    let c = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes())
+        .map_err(|_| "path contains a NUL byte".to_owned())?;
+    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+    let ok = unsafe { libc::access(c.as_ptr(), libc::R_OK | libc::W_OK | libc::X_OK) } == 0;
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} is not readable and writable: {}",
+            probe.display(),
+            std::io::Error::last_os_error()
+        ))
+    }
+}
+
+/// Runs every stage until `shutdown` is cancelled (or a stage fails fatally), then stops them in
+/// order: sources stop intake and ack what became durable, the buffer commits what it holds, the
+/// forwarder waits for in-flight deliveries.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), GatewayError> {
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::new());
+    let (buffer, writer, intake) =
+        Buffer::open(&config.gateway.data_dir, &config.buffer, metrics.clone())?;
+    let stats = buffer.stats();
+    tracing::info!(
+        records = stats.records,
+        bytes = stats.bytes,
+        next_seq = stats.next_seq,
+        "buffer open"
+    );
+    let buffer_task = tokio::spawn(buffer::run(buffer.clone(), intake, shutdown.clone()));
+    let mut forwarder_task = tokio::spawn(forwarder::run(
+        config.clone(),
+        buffer.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    let mut sources = JoinSet::new();
+    for (name, source) in &config.sources {
+        let SourceConfig::Mqtt(m) = source;
+        let ctx = SourceContext {
+            name: Arc::from(name.as_str()),
+            client_id: config.mqtt_client_id(name, m),
+            writer: writer.clone(),
+            metrics: metrics.clone(),
+        };
+        sources.spawn(mqtt::run(m.clone(), ctx, shutdown.clone()));
+    }
+    drop(writer);
+    tracing::info!(sources = config.sources.len(), gateway = %config.gateway.id, "edgegate ready");
+
+    let mut failure: Option<GatewayError> = None;
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        joined = &mut forwarder_task => {
+            failure = forwarder_failure(joined);
+            shutdown.cancel();
+        }
+    }
+    tracing::info!("shutting down");
+    while let Some(joined) = sources.join_next().await {
+        if let Ok(Err(e)) = joined {
+            failure.get_or_insert(e.into());
+        }
+    }
+    let _ = buffer_task.await;
+    if !forwarder_task.is_finished() {
+        if let Some(e) = forwarder_failure(forwarder_task.await) {
+            failure.get_or_insert(e);
+        }
+    }
+    let stats = buffer.stats();
+    tracing::info!(
+        records = stats.records,
+        "stopped; undelivered records stay buffered"
+    );
+    failure.map_or(Ok(()), Err)
+}
+
+fn forwarder_failure(
+    joined: Result<Result<(), ForwarderError>, tokio::task::JoinError>,
+) -> Option<GatewayError> {
+    match joined {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.into()),
+        Err(e) => {
+            tracing::error!(error = %e, "forwarder task panicked");
+            Some(GatewayError::Forwarder(ForwarderError::Buffer(
+                BufferError::ShuttingDown,
+            )))
+        }
+    }
+}

@@ -1,0 +1,371 @@
+//! The Kafka sink: an idempotent, acks=all librdkafka producer whose delivery reports come back to
+//! the forwarder as [`Delivery`] values.
+//!
+//! The durable queue is the disk buffer, not librdkafka's memory: librdkafka's queue is kept small
+//! and messages never time out inside it (`message.timeout.ms = 0`), so a record is only ever given
+//! up by the forwarder, never silently by the client library.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::record::Record;
+
+/// What became of one produced record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Written to all in-sync replicas.
+    Delivered,
+    /// Kafka will never take it (too large, invalid): retrying cannot help.
+    Rejected(String),
+    /// Not written; send it again after a pause (authorisation, unknown topic, …).
+    Retry(String),
+    /// Purged from the producer's queue because the producer is being replaced.
+    Purged,
+}
+
+#[derive(Debug)]
+pub struct Delivery {
+    pub seq: u64,
+    pub captured_ms: u64,
+    pub outcome: Outcome,
+}
+
+/// Client-level events the forwarder reacts to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// The producer is unusable; replace it and resend everything unconfirmed.
+    Fatal(String),
+    /// No broker can be reached, or the broker refused our credentials.
+    LinkDown(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// librdkafka refused the configuration; fatal (a bad `[kafka.properties]` entry).
+    #[error("kafka configuration: {0}")]
+    Config(KafkaError),
+    /// librdkafka's queue is full; wait for deliveries and send again.
+    #[error("producer queue full")]
+    QueueFull,
+    /// This record can never be produced (for example larger than `message.max.bytes`).
+    #[error("record rejected: {0}")]
+    Rejected(String),
+    /// Topic could not be checked or created yet; retry with backoff.
+    #[error("topic {topic}: {message}")]
+    Topic { topic: String, message: String },
+}
+
+pub struct SinkContext {
+    deliveries: mpsc::UnboundedSender<Delivery>,
+    events: mpsc::UnboundedSender<ClientEvent>,
+}
+
+impl ClientContext for SinkContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        // librdkafka repeats connection failures on every retry; our link state logs the change.
+        if matches!(
+            level,
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical
+        ) {
+            tracing::error!(target: "librdkafka", facility = fac, "{message}");
+        } else {
+            tracing::debug!(target: "librdkafka", facility = fac, "{message}");
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let event = match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::Fatal) => ClientEvent::Fatal(reason.to_owned()),
+            Some(RDKafkaErrorCode::AllBrokersDown) => {
+                ClientEvent::LinkDown(format!("all brokers down ({reason})"))
+            }
+            Some(
+                RDKafkaErrorCode::Authentication
+                | RDKafkaErrorCode::SaslAuthenticationFailed
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed,
+            ) => ClientEvent::LinkDown(format!("not authorised: {reason}")),
+            _ => {
+                tracing::debug!(target: "librdkafka", %error, reason, "client error");
+                return;
+            }
+        };
+        let _ = self.events.send(event);
+    }
+}
+
+/// Carried through librdkafka with each message.
+pub struct Opaque {
+    seq: u64,
+    captured_ms: u64,
+}
+
+impl ProducerContext for SinkContext {
+    type DeliveryOpaque = Box<Opaque>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: Box<Opaque>) {
+        let outcome = match result {
+            Ok(_) => Outcome::Delivered,
+            Err((e, _)) => classify(e),
+        };
+        let _ = self.deliveries.send(Delivery {
+            seq: opaque.seq,
+            captured_ms: opaque.captured_ms,
+            outcome,
+        });
+    }
+}
+
+fn classify(e: &KafkaError) -> Outcome {
+    match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight) => Outcome::Purged,
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidMessageSize
+            | RDKafkaErrorCode::InvalidMessage
+            | RDKafkaErrorCode::InvalidRecord
+            | RDKafkaErrorCode::BadMessage,
+        ) => Outcome::Rejected(e.to_string()),
+        _ => Outcome::Retry(e.to_string()),
+    }
+}
+
+/// edgegate's producer settings; `[kafka.properties]` may override all but the guarantees, which
+/// `check` refuses to weaken.
+fn producer_config(config: &Config) -> ClientConfig {
+    let k = &config.kafka;
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &k.bootstrap_servers)
+        .set("client.id", format!("edgegate-{}", config.gateway.id))
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("enable.gapless.guarantee", "true")
+        .set("message.timeout.ms", "0")
+        .set(
+            "queue.buffering.max.messages",
+            (k.max_in_flight + 16).to_string(),
+        )
+        .set(
+            "queue.buffering.max.kbytes",
+            (k.max_in_flight_bytes.as_u64() / 1024 * 2 + 1024).to_string(),
+        )
+        .set("message.max.bytes", "16777216")
+        .set("linger.ms", "5")
+        .set("socket.keepalive.enable", "true")
+        .set("socket.timeout.ms", "10000")
+        .set("request.timeout.ms", "10000")
+        .set("reconnect.backoff.ms", "200")
+        .set("reconnect.backoff.max.ms", "5000")
+        .set_log_level(RDKafkaLogLevel::Info);
+    for (key, value) in config.kafka_properties() {
+        c.set(key, value);
+    }
+    c
+}
+
+/// Properties that would break the no-loss guarantee if a user overrode them.
+pub fn check_guarantees(config: &Config) -> Result<(), (String, String)> {
+    for (key, value) in config.kafka_properties() {
+        let bad = match key.as_str() {
+            "acks" | "request.required.acks" => !matches!(value.as_str(), "all" | "-1"),
+            "enable.idempotence" => value != "true",
+            _ => false,
+        };
+        if bad {
+            return Err((
+                format!("kafka.properties.{key}"),
+                format!("{value:?} would allow acknowledged records to be lost; edgegate needs acks=all and idempotence"),
+            ));
+        }
+    }
+    // Let librdkafka itself validate every property name and value now, not at the first send.
+    let (tx, _) = mpsc::unbounded_channel();
+    let (etx, _) = mpsc::unbounded_channel();
+    producer_config(config)
+        .create_with_context::<_, ThreadedProducer<SinkContext>>(SinkContext {
+            deliveries: tx,
+            events: etx,
+        })
+        .map(drop)
+        .map_err(|e| ("kafka.properties".to_owned(), e.to_string()))
+}
+
+pub struct Sink {
+    producer: ThreadedProducer<SinkContext>,
+    topic: String,
+    gateway_id: String,
+}
+
+pub type Receivers = (
+    mpsc::UnboundedReceiver<Delivery>,
+    mpsc::UnboundedReceiver<ClientEvent>,
+);
+
+impl Sink {
+    pub fn new(config: &Config) -> Result<(Sink, Receivers), SinkError> {
+        let (deliveries, drx) = mpsc::unbounded_channel();
+        let (events, erx) = mpsc::unbounded_channel();
+        let producer = producer_config(config)
+            .create_with_context(SinkContext { deliveries, events })
+            .map_err(SinkError::Config)?;
+        let sink = Sink {
+            producer,
+            topic: config.kafka.topic.clone(),
+            gateway_id: config.gateway.id.clone(),
+        };
+        Ok((sink, (drx, erx)))
+    }
+
+    /// Hands one record to librdkafka; its outcome arrives later as a [`Delivery`].
+    pub fn send(&self, record: &Record) -> Result<(), SinkError> {
+        let seq = record.seq.to_string();
+        let mut headers = OwnedHeaders::new_with_capacity(3 + record.meta.len())
+            .insert(header("edgegate-gateway", &self.gateway_id))
+            .insert(header("edgegate-seq", &seq))
+            .insert(header("edgegate-source", &record.source));
+        let mut key = None;
+        for (k, v) in &record.meta {
+            headers = headers.insert(Header {
+                key: &format!("edgegate-{k}"),
+                value: Some(v.as_bytes()),
+            });
+            if k == "topic" {
+                key = Some(v.as_str());
+            }
+        }
+        let opaque = Box::new(Opaque {
+            seq: record.seq,
+            captured_ms: record.captured_ms,
+        });
+        let mut message = BaseRecord::with_opaque_to(&self.topic, opaque)
+            .payload(record.payload.as_slice())
+            .timestamp(record.captured_ms as i64)
+            .headers(headers);
+        if let Some(key) = key {
+            message = message.key(key);
+        }
+        self.producer
+            .send(message)
+            .map_err(|(e, _)| match e.rdkafka_error_code() {
+                Some(RDKafkaErrorCode::QueueFull) => SinkError::QueueFull,
+                _ => SinkError::Rejected(e.to_string()),
+            })
+    }
+
+    /// Makes sure the topic exists, creating it when `create_topic` is set. Blocking.
+    pub fn ensure_topic(&self, config: &Config, timeout: Duration) -> Result<(), SinkError> {
+        let topic_err = |message: String| SinkError::Topic {
+            topic: self.topic.clone(),
+            message,
+        };
+        let metadata = self
+            .producer
+            .client()
+            .fetch_metadata(Some(&self.topic), timeout)
+            .map_err(|e| topic_err(e.to_string()))?;
+        let exists = metadata
+            .topics()
+            .iter()
+            .any(|t| t.name() == self.topic && t.error().is_none() && !t.partitions().is_empty());
+        if exists {
+            return Ok(());
+        }
+        if !config.kafka.create_topic {
+            return Err(topic_err(
+                "does not exist and kafka.create_topic is false".into(),
+            ));
+        }
+        create_topic(config, &self.topic, timeout).map_err(topic_err)
+    }
+}
+
+fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a [u8]> {
+    Header {
+        key,
+        value: Some(value.as_bytes()),
+    }
+}
+
+fn create_topic(config: &Config, topic: &str, timeout: Duration) -> Result<(), String> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.kafka.bootstrap_servers);
+    for (key, value) in config.kafka_properties() {
+        c.set(key, value);
+    }
+    let admin: AdminClient<DefaultClientContext> = c.create().map_err(|e| e.to_string())?;
+    let new = NewTopic::new(
+        topic,
+        config.kafka.topic_partitions,
+        TopicReplication::Fixed(config.kafka.topic_replication_factor),
+    );
+    let opts = AdminOptions::new().operation_timeout(Some(timeout));
+    let results = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?
+        .block_on(admin.create_topics([&new], &opts))
+        .map_err(|e| e.to_string())?;
+    for r in results {
+        match r {
+            Ok(_) => tracing::info!(topic, "created kafka topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => return Err(format!("cannot create: {code}")),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivery_errors_are_classified_for_the_forwarder() {
+        let e = |c| KafkaError::MessageProduction(c);
+        assert!(matches!(
+            classify(&e(RDKafkaErrorCode::MessageSizeTooLarge)),
+            Outcome::Rejected(_)
+        ));
+        assert!(matches!(
+            classify(&e(RDKafkaErrorCode::TopicAuthorizationFailed)),
+            Outcome::Retry(_)
+        ));
+        assert!(matches!(
+            classify(&e(RDKafkaErrorCode::MessageTimedOut)),
+            Outcome::Retry(_)
+        ));
+        assert_eq!(classify(&e(RDKafkaErrorCode::PurgeQueue)), Outcome::Purged);
+    }
+
+    fn config_with(props: &str) -> Config {
+        let text = format!(
+            "[gateway]\nid = \"g\"\ndata_dir = \"/tmp/x\"\n[kafka]\nbootstrap_servers = \"127.0.0.1:1\"\ntopic = \"t\"\n[kafka.properties]\n{props}\n"
+        );
+        Config::parse(&text, std::path::Path::new("t.toml")).unwrap()
+    }
+
+    #[test]
+    fn weakening_the_delivery_guarantee_is_refused() {
+        let (key, _) = check_guarantees(&config_with("acks = 1")).unwrap_err();
+        assert_eq!(key, "kafka.properties.acks");
+        let (key, _) =
+            check_guarantees(&config_with("\"enable.idempotence\" = false")).unwrap_err();
+        assert_eq!(key, "kafka.properties.enable.idempotence");
+        check_guarantees(&config_with("\"compression.type\" = \"lz4\"")).unwrap();
+    }
+
+    #[test]
+    fn unknown_librdkafka_properties_are_reported() {
+        let (key, msg) = check_guarantees(&config_with("\"no.such.property\" = 1")).unwrap_err();
+        assert_eq!(key, "kafka.properties");
+        assert!(msg.contains("no.such.property"), "{msg}");
+    }
+}

@@ -72,23 +72,49 @@ impl Metrics {
             kafka_link_up: Gauge::default(),
             source_connected: Family::default(),
             delivery_latency: Histogram::new(
-                [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0, 3600.0]
-                    .into_iter(),
+                [
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0, 3600.0,
+                ]
+                .into_iter(),
             ),
             registry: Registry::default(),
         };
         let r = &mut registry;
-        r.register("records_in", "Records made durable, per source", m.records_in.clone());
-        r.register("records_out", "Records confirmed by Kafka", m.records_out.clone());
-        r.register("records_dropped", "Records dropped, per reason", m.dropped.clone());
-        r.register("buffer_records", "Records in the disk buffer", m.buffer_records.clone());
-        r.register("buffer_bytes", "Stored bytes in the disk buffer", m.buffer_bytes.clone());
+        r.register(
+            "records_in",
+            "Records made durable, per source",
+            m.records_in.clone(),
+        );
+        r.register(
+            "records_out",
+            "Records confirmed by Kafka",
+            m.records_out.clone(),
+        );
+        r.register(
+            "records_dropped",
+            "Records dropped, per reason",
+            m.dropped.clone(),
+        );
+        r.register(
+            "buffer_records",
+            "Records in the disk buffer",
+            m.buffer_records.clone(),
+        );
+        r.register(
+            "buffer_bytes",
+            "Stored bytes in the disk buffer",
+            m.buffer_bytes.clone(),
+        );
         r.register(
             "buffer_oldest_age_seconds",
             "Age of the oldest buffered record",
             m.buffer_oldest_age_seconds.clone(),
         );
-        r.register("kafka_link_up", "1 while Kafka confirms deliveries", m.kafka_link_up.clone());
+        r.register(
+            "kafka_link_up",
+            "1 while Kafka confirms deliveries",
+            m.kafka_link_up.clone(),
+        );
         r.register(
             "source_connected",
             "1 while a source is connected to its device or broker",

@@ -106,9 +106,7 @@ pub fn encode_into(record: &NewRecord, out: &mut Vec<u8>) {
 
 /// Decodes every record of a chunk whose first record has sequence number `first_seq`.
 pub fn decode_chunk(first_seq: u64, chunk: &[u8]) -> Result<Vec<Record>, DecodeError> {
-    let (&format, mut rest) = chunk
-        .split_first()
-        .ok_or(DecodeError::UnknownFormat(0))?;
+    let (&format, mut rest) = chunk.split_first().ok_or(DecodeError::UnknownFormat(0))?;
     if format != CHUNK_FORMAT {
         return Err(DecodeError::UnknownFormat(format));
     }
@@ -148,7 +146,11 @@ mod tests {
 
     #[test]
     fn chunk_round_trips_byte_exact_with_sequence_numbers() {
-        let inputs = [sample(b""), sample(&[0xff, 0x00, 0xfe]), sample(&[7u8; 70_000])];
+        let inputs = [
+            sample(b""),
+            sample(&[0xff, 0x00, 0xfe]),
+            sample(&[7u8; 70_000]),
+        ];
         let mut chunk = vec![CHUNK_FORMAT];
         for r in &inputs {
             encode_into(r, &mut chunk);
@@ -172,7 +174,10 @@ mod tests {
 
     #[test]
     fn foreign_and_corrupt_chunks_are_errors() {
-        assert!(matches!(decode_chunk(0, &[9, 1, 2]), Err(DecodeError::UnknownFormat(9))));
+        assert!(matches!(
+            decode_chunk(0, &[9, 1, 2]),
+            Err(DecodeError::UnknownFormat(9))
+        ));
         assert!(decode_chunk(0, &[CHUNK_FORMAT, 0xff, 0xff]).is_err());
     }
 }

@@ -134,8 +134,16 @@ async fn undelivered_records_survive_reopen_and_sequence_never_repeats() {
 async fn second_open_of_the_same_buffer_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let h = open(dir.path(), BufferConfig::default());
-    let again = Buffer::open(dir.path(), &BufferConfig::default(), Arc::new(Metrics::new()));
-    assert!(matches!(again, Err(BufferError::Locked(_))), "{:?}", again.err());
+    let again = Buffer::open(
+        dir.path(),
+        &BufferConfig::default(),
+        Arc::new(Metrics::new()),
+    );
+    assert!(
+        matches!(again, Err(BufferError::Locked(_))),
+        "{:?}",
+        again.err()
+    );
     h.close().await;
 }
 
@@ -256,6 +264,12 @@ async fn corrupt_chunks_are_quarantined_and_skipped() {
         .unwrap();
     assert!(h.buffer.try_next_chunk().unwrap().is_none());
     assert_eq!(h.metrics.dropped(DropReason::Corrupt), 1);
-    assert!(h.buffer.shared.tree.get(quarantine_key(0)).unwrap().is_some());
+    assert!(h
+        .buffer
+        .shared
+        .tree
+        .get(quarantine_key(0))
+        .unwrap()
+        .is_some());
     h.close().await;
 }
