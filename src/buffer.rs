@@ -199,7 +199,21 @@ pub struct PendingAppend(oneshot::Receiver<Result<u64, BufferError>>);
 
 impl PendingAppend {
     pub async fn durable(self) -> Result<u64, BufferError> {
-        self.0.await.unwrap_or(Err(BufferError::ShuttingDown))
+        self.await
+    }
+}
+
+/// Polling by `&mut` is cancel-safe: a source can wait on its oldest append inside `select!`.
+impl std::future::Future for PendingAppend {
+    type Output = Result<u64, BufferError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(BufferError::ShuttingDown)))
     }
 }
 

@@ -140,7 +140,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
     }
     let stats = buffer.stats();
     tracing::info!(
-        records = stats.records,
+        buffered = stats.records,
+        delivered = metrics.records_out.get(),
+        dropped = metrics.dropped_total(),
         "stopped; undelivered records stay buffered"
     );
     failure.map_or(Ok(()), Err)

@@ -144,6 +144,18 @@ impl Metrics {
             .get()
     }
 
+    pub fn dropped_total(&self) -> u64 {
+        [
+            DropReason::BufferFull,
+            DropReason::MaxAge,
+            DropReason::RejectedByKafka,
+            DropReason::Corrupt,
+        ]
+        .into_iter()
+        .map(|r| self.dropped(r))
+        .sum()
+    }
+
     pub fn source_in(&self, source: &str) -> Counter {
         self.records_in
             .get_or_create(&SourceLabels {

@@ -6,6 +6,7 @@
 //! than the keep-alive the broker drops the connection; unacknowledged messages are then
 //! redelivered on reconnect (possible duplicates, never losses).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +14,6 @@ use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Packet,
     Publish, QoS, SubscribeFilter, SubscribeReasonCode, Transport,
 };
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
@@ -79,6 +79,62 @@ struct PendingAck {
     header: Publish,
 }
 
+/// Acknowledgements in arrival order: waiting for durability, then waiting to be queued.
+///
+/// rumqttc only sends what sits in its request channel while its event loop is polled, so the
+/// loop is never blocked on anything the loop itself must drain: acks are queued with `try_ack`
+/// and kept here when the channel is full.
+struct Acks {
+    pending: VecDeque<PendingAck>,
+    unsent: VecDeque<Publish>,
+    store_failures: u64,
+    source: Arc<str>,
+}
+
+impl Acks {
+    /// Resolves when the oldest pending record's append finished; never while none is pending.
+    async fn oldest_done(&mut self) -> Result<u64, BufferError> {
+        match self.pending.front_mut() {
+            Some(p) => (&mut p.append).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    fn complete_oldest(&mut self, result: Result<u64, BufferError>) {
+        let Some(p) = self.pending.pop_front() else {
+            return;
+        };
+        let ack = match result {
+            Ok(_) => true,
+            // It can never be stored; acknowledging stops endless redelivery of a poison message.
+            Err(BufferError::TooLarge(size)) => {
+                tracing::warn!(source = %self.source, size, "message larger than the buffer allows; dropped");
+                true
+            }
+            Err(e) => {
+                self.store_failures += 1;
+                if self.store_failures == 1 || self.store_failures % 1000 == 0 {
+                    tracing::warn!(source = %self.source, error = %e, failures = self.store_failures,
+                        "message not stored; not acknowledged, the broker will redeliver");
+                }
+                false
+            }
+        };
+        if ack && p.header.qos != QoS::AtMostOnce {
+            self.unsent.push_back(p.header);
+        }
+    }
+
+    fn queue_unsent(&mut self, client: &AsyncClient) {
+        while let Some(header) = self.unsent.front() {
+            if client.try_ack(header).is_err() {
+                return;
+            }
+            self.unsent.pop_front();
+        }
+    }
+}
+
 /// Runs the source until `shutdown`, then acknowledges what became durable and disconnects.
 pub async fn run(
     config: MqttSourceConfig,
@@ -86,22 +142,33 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), MqttError> {
     let options = mqtt_options(&config, &ctx)?;
-    let (client, mut eventloop) = AsyncClient::new(options, config.max_pending + 64);
-    let (ack_tx, ack_rx) = mpsc::channel(config.max_pending);
-    let acker = tokio::spawn(ack_in_order(client.clone(), ack_rx, ctx.name.clone()));
+    let (client, mut eventloop) = AsyncClient::new(options, config.max_pending * 2 + 64);
     let filters = subscribe_filters(&config);
     let mut conn = ConnState {
         state: Conn::Connecting,
         source: ctx.name.clone(),
         metrics: ctx.metrics.clone(),
     };
+    let mut acks = Acks {
+        pending: VecDeque::new(),
+        unsent: VecDeque::new(),
+        store_failures: 0,
+        source: ctx.name.clone(),
+    };
     let received = ctx.metrics.source_in(&ctx.name);
     let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
     loop {
+        acks.queue_unsent(&client);
+        // Reading stops while too many records wait for durability; the broker's window fills.
+        let may_read = acks.pending.len() < config.max_pending;
         let event = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            event = eventloop.poll() => event,
+            done = acks.oldest_done() => {
+                acks.complete_oldest(done);
+                continue;
+            }
+            event = eventloop.poll(), if may_read => event,
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -123,29 +190,17 @@ pub async fn run(
                     meta: vec![("topic".to_owned(), publish.topic)],
                     payload: publish.payload.to_vec(),
                 };
+                // Waits only while the buffer's intake is full (buffer full with `block`).
                 let submitted = tokio::select! {
                     s = ctx.writer.submit(record) => s,
                     _ = shutdown.cancelled() => break,
                 };
                 let Ok(append) = submitted else { break };
                 received.inc();
-                let queued = tokio::select! {
-                    q = ack_tx.send(PendingAck { append, header }) => q,
-                    _ = shutdown.cancelled() => break,
-                };
-                if queued.is_err() {
-                    break;
-                }
+                acks.pending.push_back(PendingAck { append, header });
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                let mut refused = 0;
-                for (code, filter) in ack.return_codes.iter().zip(&filters) {
-                    if matches!(code, SubscribeReasonCode::Failure) {
-                        refused += 1;
-                        tracing::error!(source = %ctx.name, filter = %filter.path, "broker refused subscription");
-                    }
-                }
-                tracing::info!(source = %ctx.name, filters = filters.len() - refused, "mqtt subscribed");
+                log_suback(&ctx.name, &ack.return_codes, &filters)
             }
             Ok(_) => {}
             Err(e) => {
@@ -158,25 +213,45 @@ pub async fn run(
             }
         }
     }
-    finish(client, eventloop, ack_tx, acker, &ctx.name).await;
+    finish(client, eventloop, acks, &ctx.name).await;
     conn.set(Conn::Down("shut down".into()));
     Ok(())
 }
 
-/// Lets the acks of records already handed to the buffer go out, then disconnects cleanly.
-async fn finish(
-    client: AsyncClient,
-    mut eventloop: EventLoop,
-    ack_tx: mpsc::Sender<PendingAck>,
-    acker: tokio::task::JoinHandle<()>,
-    name: &str,
-) {
-    drop(ack_tx);
+fn log_suback(name: &str, codes: &[SubscribeReasonCode], filters: &[SubscribeFilter]) {
+    let mut refused = 0;
+    for (code, filter) in codes.iter().zip(filters) {
+        if matches!(code, SubscribeReasonCode::Failure) {
+            refused += 1;
+            tracing::error!(source = name, filter = %filter.path, "broker refused subscription");
+        }
+    }
+    tracing::info!(
+        source = name,
+        filters = filters.len() - refused,
+        "mqtt subscribed"
+    );
+}
+
+/// Acknowledges the records already handed to the buffer, then disconnects cleanly.
+async fn finish(client: AsyncClient, mut eventloop: EventLoop, mut acks: Acks, name: &str) {
     let flush = async {
-        let _ = acker.await;
-        let _ = client.try_disconnect();
-        // Polling sends the queued acks and the DISCONNECT; it errors once the socket closes.
-        while eventloop.poll().await.is_ok() {}
+        while !acks.pending.is_empty() {
+            let done = acks.oldest_done().await;
+            acks.complete_oldest(done);
+        }
+        let mut disconnecting = false;
+        loop {
+            acks.queue_unsent(&client);
+            if acks.unsent.is_empty() && !disconnecting {
+                disconnecting = client.try_disconnect().is_ok();
+            }
+            // Polling sends the queued acks and the DISCONNECT; it errors once the socket closes.
+            match eventloop.poll().await {
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
     };
     if tokio::time::timeout(Duration::from_secs(5), flush)
         .await
@@ -186,30 +261,6 @@ async fn finish(
             source = name,
             "mqtt shutdown timed out; unacknowledged messages will be redelivered"
         );
-    }
-}
-
-async fn ack_in_order(client: AsyncClient, mut rx: mpsc::Receiver<PendingAck>, name: Arc<str>) {
-    let mut failures = 0u64;
-    while let Some(p) = rx.recv().await {
-        let ack = match p.append.durable().await {
-            Ok(_) => true,
-            // It can never be stored; acknowledging stops endless redelivery of a poison message.
-            Err(BufferError::TooLarge(size)) => {
-                tracing::warn!(source = %name, size, "message larger than the buffer allows; dropped");
-                true
-            }
-            Err(e) => {
-                failures += 1;
-                if failures == 1 || failures % 1000 == 0 {
-                    tracing::warn!(source = %name, error = %e, failures, "message not stored; not acknowledged, the broker will redeliver");
-                }
-                false
-            }
-        };
-        if ack && p.header.qos != QoS::AtMostOnce && client.ack(&p.header).await.is_err() {
-            return;
-        }
     }
 }
 
