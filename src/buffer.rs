@@ -170,6 +170,8 @@ struct Shared {
     space_freed: Notify,
     config: BufferConfig,
     metrics: Arc<Metrics>,
+    /// Whether the last commit found the buffer full; logged on every change.
+    full: std::sync::atomic::AtomicBool,
 }
 
 /// The forwarder's (and tooling's) handle on the buffer. Cheap to clone.
@@ -267,6 +269,7 @@ impl Buffer {
             space_freed: Notify::new(),
             config: config.clone(),
             metrics,
+            full: std::sync::atomic::AtomicBool::new(false),
         });
         let buffer = Buffer { shared };
         buffer.update_gauges();
@@ -388,6 +391,21 @@ impl Buffer {
 
     pub fn max_age(&self) -> Option<Duration> {
         self.shared.config.max_age
+    }
+
+    fn set_full(&self, full: bool) {
+        use std::sync::atomic::Ordering;
+        if self.shared.full.swap(full, Ordering::Relaxed) == full {
+            return;
+        }
+        let stats = self.stats();
+        match (full, self.shared.config.when_full) {
+            (true, WhenFull::Block) => tracing::warn!(records = stats.records, bytes = stats.bytes,
+                "buffer full; holding back sources until records are delivered"),
+            (true, WhenFull::DropOldest) => tracing::warn!(records = stats.records, bytes = stats.bytes,
+                "buffer full; dropping oldest records"),
+            (false, _) => tracing::info!(records = stats.records, "buffer has room again"),
+        }
     }
 
     fn update_gauges(&self) {
@@ -661,12 +679,18 @@ async fn reserve(buffer: &Buffer, enc: &Encoded, shutdown: &CancellationToken) -
         {
             let mut s = buffer.state();
             let mut evicted = Vec::new();
-            if s.bytes + need > max && shared.config.when_full == WhenFull::DropOldest {
+            let was_full = s.bytes + need > max;
+            // "Room again" only below 90%, so a buffer hovering at the limit does not flap the log.
+            let has_room = s.bytes + need <= max - max / 10;
+            if was_full && shared.config.when_full == WhenFull::DropOldest {
                 evicted = s.evict_unread(|s, _| s.bytes + need > max);
             }
             let fits = s.bytes + need <= max;
             let plan = fits.then(|| plan_write(&mut s, enc));
             drop(s);
+            if was_full || has_room {
+                buffer.set_full(was_full);
+            }
             if let Err(e) = buffer.remove_evicted(&evicted, DropReason::BufferFull) {
                 tracing::error!(error = %e, "removing evicted chunks failed");
             }

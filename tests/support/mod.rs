@@ -183,7 +183,16 @@ pub enum ProxyMode {
 pub struct Proxy {
     pub port: u16,
     mode: watch::Sender<ProxyMode>,
-    _runtime: tokio::runtime::Runtime,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        // Tests drop the proxy inside their own runtime, where a blocking shutdown panics.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl Proxy {
@@ -199,7 +208,7 @@ impl Proxy {
         Proxy {
             port,
             mode,
-            _runtime: runtime,
+            runtime: Some(runtime),
         }
     }
 
@@ -323,6 +332,34 @@ pub fn consume(
     expected: usize,
     timeout: Duration,
 ) -> Vec<KafkaMessage> {
+    consume_until(bootstrap, topic, timeout, |msgs| msgs.len() >= expected)
+}
+
+/// Reads until every distinct test payload (topic, counter) up to `expected` was seen, so that
+/// duplicates do not end the read early.
+pub fn consume_distinct(
+    bootstrap: &str,
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+) -> Vec<KafkaMessage> {
+    let mut seen = std::collections::HashSet::new();
+    let mut counted = 0;
+    consume_until(bootstrap, topic, timeout, move |msgs| {
+        for m in &msgs[counted..] {
+            seen.insert(parse_payload(&m.payload));
+        }
+        counted = msgs.len();
+        seen.len() >= expected
+    })
+}
+
+pub fn consume_until(
+    bootstrap: &str,
+    topic: &str,
+    timeout: Duration,
+    mut done: impl FnMut(&[KafkaMessage]) -> bool,
+) -> Vec<KafkaMessage> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "edgegate-tests")
@@ -354,7 +391,7 @@ pub fn consume(
     }
     consumer.assign(&tpl).unwrap();
     let mut out = Vec::new();
-    while out.len() < expected && Instant::now() < deadline {
+    while !done(&out) && Instant::now() < deadline {
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => out.push(KafkaMessage {
                 partition: m.partition(),
