@@ -313,11 +313,14 @@ impl Config {
             key,
             message,
         };
-        let table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Invalid {
-            path: path.to_owned(),
-            key: "(syntax)".into(),
-            line: e.span().map(|s| line_of(text, s.start)),
-            message: e.message().trim().to_owned(),
+        let table: toml::Table = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| line_of(text, s.start));
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                key: line.and_then(|l| key_on_line(text, l)).unwrap_or_else(|| "(syntax)".into()),
+                line,
+                message: e.message().trim().to_owned(),
+            }
         })?;
         let mut config: Config =
             deserialize_at(toml::Value::Table(table), "").map_err(|(k, m)| invalid(k, m))?;
@@ -499,6 +502,16 @@ fn unknown_field_name(message: &str) -> Option<String> {
     Some(rest.split('`').next()?.to_owned())
 }
 
+/// The key written on a line (`name = …` or `[table]`), to name it in syntax errors.
+fn key_on_line(text: &str, line: usize) -> Option<String> {
+    let l = text.lines().nth(line.checked_sub(1)?)?.trim();
+    let key = match l.split_once('=') {
+        Some((k, _)) => k.trim(),
+        None => l.trim_start_matches('[').trim_end_matches(']').trim(),
+    };
+    (!key.is_empty()).then(|| key.trim_matches('"').to_owned())
+}
+
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
@@ -611,8 +624,11 @@ topics = ["sensors/#", { filter = "cmd/+", qos = 0 }]
         assert_eq!(key, "kafka");
         assert!(msg.contains("topic"), "{msg}");
         let (key, line, _) = invalid("[gateway\nid = 1");
-        assert_eq!(key, "(syntax)");
+        assert_eq!(key, "gateway");
         assert_eq!(line, Some(1));
+        let (key, line, msg) = invalid(&MINIMAL.replace("topic = \"t\"", "topic = \"t\"\ntopic = \"u\""));
+        assert_eq!((key.as_str(), line), ("topic", Some(9)));
+        assert!(msg.contains("duplicate"), "{msg}");
         let (key, _, _) = invalid(&MINIMAL.replace("\"mqtt\"", "\"carrier-pigeon\""));
         assert_eq!(key, "sources.plant.type");
     }

@@ -625,7 +625,6 @@ type = "mqtt"
 host = "127.0.0.1"
 port = {mqtt_port}
 topics = ["sensors/#"]
-max_payload_bytes = "2MiB"
 reconnect_max = "2s"
 {extra}
 "#,

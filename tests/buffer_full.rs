@@ -1,0 +1,78 @@
+//! A full buffer under each `when_full` policy, with Kafka unreachable while it fills.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+const TOTAL: u64 = 3000;
+
+async fn fill_while_cut(policy: &str) -> (Gateway, Tansu, Proxy, tempfile::TempDir, Mosquitto) {
+    let mqtt = Mosquitto::start();
+    let proxy_port = free_port();
+    let kafka = Tansu::start_advertising(free_port(), proxy_port);
+    kafka.create_topic("uplink", 1);
+    let proxy = Proxy::start(proxy_port, kafka.port);
+    proxy.set(ProxyMode::Cut);
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "max_payload_bytes = \"64KiB\"\n[buffer]\nmax_bytes = \"1MiB\"\nwhen_full = \"{policy}\"\n"
+    );
+    let config = write_config(dir.path(), mqtt.port, &kafka.bootstrap(), "uplink", &extra);
+    let gw = Gateway::start(&config);
+    gw.wait_for("mqtt subscribed", Duration::from_secs(10));
+    let publisher = Publisher::connect(mqtt.port, "filler").await;
+    for n in 0..TOTAL {
+        publisher.publish("sensors/a", payload("sensors/a", n, 1000)).await;
+    }
+    // mosquitto accepted everything: from here on, losing any of it is the gateway's fault.
+    publisher.wait_acked(TOTAL, Duration::from_secs(30)).await;
+    gw.wait_for("buffer full", Duration::from_secs(20));
+    (gw, kafka, proxy, dir, mqtt)
+}
+
+fn dropped_at_stop(gw: &Gateway) -> u64 {
+    let log = gw.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("stopped;"))
+        .unwrap_or_else(|| panic!("no stop line:\n{log}"));
+    line.split("dropped=")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no dropped count in {line}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_holds_back_the_source_and_loses_nothing() {
+    let (mut gw, kafka, proxy, _dir, _mqtt) = fill_while_cut("block").await;
+    assert!(gw.log().contains("holding back sources"), "{}", gw.log());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.set(ProxyMode::Up);
+    let msgs = consume_distinct(&kafka.bootstrap(), "uplink", TOTAL as usize, Duration::from_secs(90));
+    assert_complete_in_order(&msgs, &["sensors/a".to_owned()], TOTAL, true);
+    assert_eq!(gw.terminate(), Some(0));
+    assert_eq!(dropped_at_stop(&gw), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_oldest_keeps_the_newest_and_counts_the_dropped() {
+    let (mut gw, kafka, proxy, _dir, _mqtt) = fill_while_cut("drop_oldest").await;
+    assert!(gw.log().contains("dropping oldest records"), "{}", gw.log());
+    // Ingesting 3000 small messages takes well under a second; leave margin before reconnecting.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.set(ProxyMode::Up);
+    let msgs = consume_until(&kafka.bootstrap(), "uplink", Duration::from_secs(60), |m| {
+        m.last().is_some_and(|m| parse_payload(&m.payload).1 == TOTAL - 1)
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(gw.terminate(), Some(0));
+    let counters: Vec<u64> = msgs.iter().map(|m| parse_payload(&m.payload).1).collect();
+    let first = counters[0];
+    assert!(first > 0, "nothing was dropped");
+    assert_eq!(counters, (first..TOTAL).collect::<Vec<_>>(), "newest not contiguous");
+    assert!(msgs.len() < 1100, "{} records kept in a 1 MiB buffer", msgs.len());
+    assert_eq!(dropped_at_stop(&gw), first, "dropped count is wrong");
+}
