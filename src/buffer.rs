@@ -400,10 +400,16 @@ impl Buffer {
         }
         let stats = self.stats();
         match (full, self.shared.config.when_full) {
-            (true, WhenFull::Block) => tracing::warn!(records = stats.records, bytes = stats.bytes,
-                "buffer full; holding back sources until records are delivered"),
-            (true, WhenFull::DropOldest) => tracing::warn!(records = stats.records, bytes = stats.bytes,
-                "buffer full; dropping oldest records"),
+            (true, WhenFull::Block) => tracing::warn!(
+                records = stats.records,
+                bytes = stats.bytes,
+                "buffer full; holding back sources until records are delivered"
+            ),
+            (true, WhenFull::DropOldest) => tracing::warn!(
+                records = stats.records,
+                bytes = stats.bytes,
+                "buffer full; dropping oldest records"
+            ),
             (false, _) => tracing::info!(records = stats.records, "buffer has room again"),
         }
     }

@@ -317,7 +317,9 @@ impl Config {
             let line = e.span().map(|s| line_of(text, s.start));
             ConfigError::Invalid {
                 path: path.to_owned(),
-                key: line.and_then(|l| key_on_line(text, l)).unwrap_or_else(|| "(syntax)".into()),
+                key: line
+                    .and_then(|l| key_on_line(text, l))
+                    .unwrap_or_else(|| "(syntax)".into()),
                 line,
                 message: e.message().trim().to_owned(),
             }
@@ -626,7 +628,8 @@ topics = ["sensors/#", { filter = "cmd/+", qos = 0 }]
         let (key, line, _) = invalid("[gateway\nid = 1");
         assert_eq!(key, "gateway");
         assert_eq!(line, Some(1));
-        let (key, line, msg) = invalid(&MINIMAL.replace("topic = \"t\"", "topic = \"t\"\ntopic = \"u\""));
+        let (key, line, msg) =
+            invalid(&MINIMAL.replace("topic = \"t\"", "topic = \"t\"\ntopic = \"u\""));
         assert_eq!((key.as_str(), line), ("topic", Some(9)));
         assert!(msg.contains("duplicate"), "{msg}");
         let (key, _, _) = invalid(&MINIMAL.replace("\"mqtt\"", "\"carrier-pigeon\""));

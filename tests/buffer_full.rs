@@ -24,7 +24,9 @@ async fn fill_while_cut(policy: &str) -> (Gateway, Tansu, Proxy, tempfile::TempD
     gw.wait_for("mqtt subscribed", Duration::from_secs(10));
     let publisher = Publisher::connect(mqtt.port, "filler").await;
     for n in 0..TOTAL {
-        publisher.publish("sensors/a", payload("sensors/a", n, 1000)).await;
+        publisher
+            .publish("sensors/a", payload("sensors/a", n, 1000))
+            .await;
     }
     // mosquitto accepted everything: from here on, losing any of it is the gateway's fault.
     publisher.wait_acked(TOTAL, Duration::from_secs(30)).await;
@@ -51,7 +53,12 @@ async fn block_holds_back_the_source_and_loses_nothing() {
     assert!(gw.log().contains("holding back sources"), "{}", gw.log());
     tokio::time::sleep(Duration::from_secs(2)).await;
     proxy.set(ProxyMode::Up);
-    let msgs = consume_distinct(&kafka.bootstrap(), "uplink", TOTAL as usize, Duration::from_secs(90));
+    let msgs = consume_distinct(
+        &kafka.bootstrap(),
+        "uplink",
+        TOTAL as usize,
+        Duration::from_secs(90),
+    );
     assert_complete_in_order(&msgs, &["sensors/a".to_owned()], TOTAL, true);
     assert_eq!(gw.terminate(), Some(0));
     assert_eq!(dropped_at_stop(&gw), 0);
@@ -65,14 +72,23 @@ async fn drop_oldest_keeps_the_newest_and_counts_the_dropped() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     proxy.set(ProxyMode::Up);
     let msgs = consume_until(&kafka.bootstrap(), "uplink", Duration::from_secs(60), |m| {
-        m.last().is_some_and(|m| parse_payload(&m.payload).1 == TOTAL - 1)
+        m.last()
+            .is_some_and(|m| parse_payload(&m.payload).1 == TOTAL - 1)
     });
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(gw.terminate(), Some(0));
     let counters: Vec<u64> = msgs.iter().map(|m| parse_payload(&m.payload).1).collect();
     let first = counters[0];
     assert!(first > 0, "nothing was dropped");
-    assert_eq!(counters, (first..TOTAL).collect::<Vec<_>>(), "newest not contiguous");
-    assert!(msgs.len() < 1100, "{} records kept in a 1 MiB buffer", msgs.len());
+    assert_eq!(
+        counters,
+        (first..TOTAL).collect::<Vec<_>>(),
+        "newest not contiguous"
+    );
+    assert!(
+        msgs.len() < 1100,
+        "{} records kept in a 1 MiB buffer",
+        msgs.len()
+    );
     assert_eq!(dropped_at_stop(&gw), first, "dropped count is wrong");
 }

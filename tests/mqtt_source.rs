@@ -54,7 +54,11 @@ async fn redeliveries_after_run(commit: bool) -> usize {
     let held_intake;
     let committer = if commit {
         held_intake = None;
-        Some(tokio::spawn(buffer::run(buffer.clone(), intake, shutdown.clone())))
+        Some(tokio::spawn(buffer::run(
+            buffer.clone(),
+            intake,
+            shutdown.clone(),
+        )))
     } else {
         held_intake = Some(intake);
         None
@@ -66,13 +70,19 @@ async fn redeliveries_after_run(commit: bool) -> usize {
         metrics: metrics.clone(),
     };
     let source_shutdown = CancellationToken::new();
-    let source = tokio::spawn(mqtt::run(source_config(broker.port), ctx, source_shutdown.clone()));
+    let source = tokio::spawn(mqtt::run(
+        source_config(broker.port),
+        ctx,
+        source_shutdown.clone(),
+    ));
     let received = metrics.source_in("s");
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let publisher = Publisher::connect(broker.port, "pub").await;
     for i in 0..20u64 {
-        publisher.publish("sensors/x", payload("sensors/x", i, 50)).await;
+        publisher
+            .publish("sensors/x", payload("sensors/x", i, 50))
+            .await;
     }
     publisher.wait_acked(20, Duration::from_secs(10)).await;
     while received.get() < 20 {

@@ -55,7 +55,13 @@ async fn outage(mode: ProxyMode) {
     let mqtt = Mosquitto::start();
     let uplink = Uplink::start();
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), mqtt.port, &uplink.kafka.bootstrap(), "uplink", "");
+    let config = write_config(
+        dir.path(),
+        mqtt.port,
+        &uplink.kafka.bootstrap(),
+        "uplink",
+        "",
+    );
     let gw = Gateway::start(&config);
     gw.wait_for("mqtt subscribed", Duration::from_secs(10));
     let topics = topics();
@@ -72,10 +78,24 @@ async fn outage(mode: ProxyMode) {
     let total = n * topics.len() as u64;
     publisher.wait_acked(total, Duration::from_secs(30)).await;
 
-    let msgs = consume_distinct(&uplink.kafka.bootstrap(), "uplink", total as usize, Duration::from_secs(120));
-    assert!(msgs.len() as u64 >= total, "got {} of {total}; log:\n{}", msgs.len(), gw.log());
+    let msgs = consume_distinct(
+        &uplink.kafka.bootstrap(),
+        "uplink",
+        total as usize,
+        Duration::from_secs(120),
+    );
+    assert!(
+        msgs.len() as u64 >= total,
+        "got {} of {total}; log:\n{}",
+        msgs.len(),
+        gw.log()
+    );
     assert_complete_in_order(&msgs, &topics, n, true);
-    assert!(gw.count("kafka link up") >= 2, "recovery not logged:\n{}", gw.log());
+    assert!(
+        gw.count("kafka link up") >= 2,
+        "recovery not logged:\n{}",
+        gw.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,7 +132,17 @@ async fn kill_9_five_times_during_steady_publish_loses_nothing() {
     let total = n * topics.len() as u64;
     publisher.wait_acked(total, Duration::from_secs(30)).await;
 
-    let msgs = consume_distinct(&kafka.bootstrap(), "uplink", total as usize, Duration::from_secs(120));
-    assert!(msgs.len() as u64 >= total, "got {} of {total}; log:\n{}", msgs.len(), gw.log());
+    let msgs = consume_distinct(
+        &kafka.bootstrap(),
+        "uplink",
+        total as usize,
+        Duration::from_secs(120),
+    );
+    assert!(
+        msgs.len() as u64 >= total,
+        "got {} of {total}; log:\n{}",
+        msgs.len(),
+        gw.log()
+    );
     assert_complete_in_order(&msgs, &topics, n, true);
 }

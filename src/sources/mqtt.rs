@@ -326,7 +326,8 @@ fn describe(e: &ConnectionError) -> String {
                 "broker refused the connection: bad username or password".into()
             }
             ConnectReturnCode::NotAuthorized => {
-                "broker refused the connection: not authorized".into()
+                "broker refused the connection: not authorized (check username, password and ACLs)"
+                    .into()
             }
             other => format!("broker refused the connection: {other:?}"),
         },
