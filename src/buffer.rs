@@ -644,7 +644,7 @@ async fn commit(buffer: &Buffer, batch: Vec<Append>, shutdown: &CancellationToke
             s.bytes += u64::from(info.bytes);
             s.records += u64::from(info.count);
             s.chunks.push_back(info);
-            s.tail = (value.len() < MERGE_LIMIT).then(|| (info.first_seq, value));
+            s.tail = (value.len() < MERGE_LIMIT).then_some((info.first_seq, value));
             drop(s);
             shared.data_ready.notify_one();
             for (i, a) in enc.appends.into_iter().enumerate() {

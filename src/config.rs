@@ -431,10 +431,8 @@ fn validate_mqtt(
         ));
     }
     m.resolve_password().map_err(|e| (key("password_env"), e))?;
-    if m.password.is_some() || m.password_env.is_some() {
-        if m.username.is_none() {
-            return Err((key("username"), "a password needs a username".into()));
-        }
+    if (m.password.is_some() || m.password_env.is_some()) && m.username.is_none() {
+        return Err((key("username"), "a password needs a username".into()));
     }
     if let Some(tls) = &m.tls {
         let files = [

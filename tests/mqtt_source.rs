@@ -10,7 +10,7 @@ use edgegate::buffer::{self, Buffer};
 use edgegate::config::{Config, SourceConfig};
 use edgegate::metrics::Metrics;
 use edgegate::sources::mqtt::{self, SourceContext};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
 use support::*;
 use tokio_util::sync::CancellationToken;
 

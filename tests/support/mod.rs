@@ -277,7 +277,7 @@ async fn pipe(
             ProxyMode::Cut => {
                 // Reset, not close: the peer sees ECONNRESET like a dropped link.
                 if let Ok(stream) = from.reunite(to) {
-                    let _ = stream.set_linger(Some(Duration::ZERO));
+                    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
                 }
                 return;
             }
