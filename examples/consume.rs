@@ -15,7 +15,11 @@ fn main() -> anyhow::Result<()> {
     let [bootstrap, topic, rest @ ..] = args.as_slice() else {
         anyhow::bail!("usage: consume BOOTSTRAP TOPIC [COUNT] [TIMEOUT_SECS]");
     };
-    let count: usize = rest.first().map(|c| c.parse()).transpose()?.unwrap_or(usize::MAX);
+    let count: usize = rest
+        .first()
+        .map(|c| c.parse())
+        .transpose()?
+        .unwrap_or(usize::MAX);
     let timeout = Duration::from_secs(rest.get(1).map(|t| t.parse()).transpose()?.unwrap_or(10));
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -24,7 +28,11 @@ fn main() -> anyhow::Result<()> {
         .set("fetch.wait.max.ms", "10")
         .create()?;
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let partitions = metadata.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
+    let partitions = metadata
+        .topics()
+        .first()
+        .map(|t| t.partitions().len())
+        .unwrap_or(0);
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions as i32 {
         tpl.add_partition_offset(topic, p, Offset::Beginning)?;
@@ -38,16 +46,28 @@ fn main() -> anyhow::Result<()> {
         };
         let m = message?;
         seen += 1;
-        println!("--- partition {} offset {} timestamp {:?}", m.partition(), m.offset(), m.timestamp().to_millis());
+        println!(
+            "--- partition {} offset {} timestamp {:?}",
+            m.partition(),
+            m.offset(),
+            m.timestamp().to_millis()
+        );
         if let Some(key) = m.key() {
             println!("key: {}", String::from_utf8_lossy(key));
         }
         if let Some(headers) = m.headers() {
             for h in headers.iter() {
-                println!("header {}: {}", h.key, String::from_utf8_lossy(h.value.unwrap_or_default()));
+                println!(
+                    "header {}: {}",
+                    h.key,
+                    String::from_utf8_lossy(h.value.unwrap_or_default())
+                );
             }
         }
-        println!("value: {}", String::from_utf8_lossy(m.payload().unwrap_or_default()));
+        println!(
+            "value: {}",
+            String::from_utf8_lossy(m.payload().unwrap_or_default())
+        );
     }
     eprintln!("{seen} record(s)");
     Ok(())

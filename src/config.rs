@@ -45,6 +45,15 @@ pub struct Config {
     raw_sources: BTreeMap<String, toml::Table>,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the HTTP endpoint serving /metrics, /healthz and /readyz.
+    pub listen: std::net::SocketAddr,
 }
 
 #[derive(Debug, Deserialize)]

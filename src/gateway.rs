@@ -1,11 +1,13 @@
 //! Wires the stages together: sources → buffer → forwarder, with one shutdown token.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::{self, AdminError};
 use crate::buffer::{self, Buffer, BufferError};
 use crate::config::{Config, ConfigError, SourceConfig};
 use crate::forwarder::{self, ForwarderError};
@@ -24,6 +26,9 @@ pub enum GatewayError {
     /// A source cannot start: exit 2.
     #[error(transparent)]
     Mqtt(#[from] MqttError),
+    /// The admin endpoint cannot listen: exit 2.
+    #[error(transparent)]
+    Admin(#[from] AdminError),
     /// The forwarder failed fatally: exit 1, systemd restarts us, the buffer keeps every record.
     #[error(transparent)]
     Forwarder(#[from] ForwarderError),
@@ -35,6 +40,7 @@ impl GatewayError {
         match self {
             GatewayError::Config(_)
             | GatewayError::Mqtt(_)
+            | GatewayError::Admin(_)
             | GatewayError::Buffer(BufferError::DataDir { .. } | BufferError::Locked(_)) => 2,
             _ => 1,
         }
@@ -88,6 +94,16 @@ fn check_data_dir(dir: &Path) -> Result<(), String> {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), GatewayError> {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin_task = match &config.admin {
+        Some(a) => {
+            let listener = admin::bind(a.listen).await?;
+            tracing::info!(listen = %a.listen, "admin endpoint listening");
+            let task = admin::run(listener, metrics.clone(), ready.clone(), shutdown.clone());
+            Some(tokio::spawn(task))
+        }
+        None => None,
+    };
     let (buffer, writer, intake) =
         Buffer::open(&config.gateway.data_dir, &config.buffer, metrics.clone())?;
     let stats = buffer.stats();
@@ -116,6 +132,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
         sources.spawn(mqtt::run(m.clone(), ctx, shutdown.clone()));
     }
     drop(writer);
+    ready.store(true, Ordering::Relaxed);
     tracing::info!(sources = config.sources.len(), gateway = %config.gateway.id, "edgegate ready");
 
     let mut failure: Option<GatewayError> = None;
@@ -137,6 +154,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
         if let Some(e) = forwarder_failure(forwarder_task.await) {
             failure.get_or_insert(e);
         }
+    }
+    if let Some(task) = admin_task {
+        let _ = task.await;
     }
     let stats = buffer.stats();
     tracing::info!(

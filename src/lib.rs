@@ -4,6 +4,7 @@
 //! Data flows one way through the stages, each with one `run(…, shutdown)` entry point:
 //! sources ([`sources::mqtt`]) → [`buffer`] → [`forwarder`] (→ [`kafka`] sink).
 
+pub mod admin;
 pub mod backoff;
 pub mod buffer;
 pub mod config;

@@ -71,9 +71,9 @@ impl Metrics {
             buffer_oldest_age_seconds: Gauge::default(),
             kafka_link_up: Gauge::default(),
             source_connected: Family::default(),
-            delivery_latency: Histogram::new(
-                [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0, 3600.0],
-            ),
+            delivery_latency: Histogram::new([
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0, 3600.0,
+            ]),
             registry: Registry::default(),
         };
         let r = &mut registry;

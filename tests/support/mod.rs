@@ -489,7 +489,8 @@ pub struct Gateway {
 }
 
 pub fn edgegate() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_edgegate"))
+    // Examples (the load tool) reuse this module; cargo only tells tests where the binary is.
+    Command::new(option_env!("CARGO_BIN_EXE_edgegate").unwrap_or("target/release/edgegate"))
 }
 
 impl Gateway {
