@@ -356,10 +356,10 @@ impl Forwarder {
         let stalled =
             self.outstanding > 0 && self.last_progress.elapsed() > self.config.kafka.stall_timeout;
         if stalled {
+            // Stable text: the link state is compared, and logged, by its reason.
             self.link.set(Link::Down(format!(
-                "no delivery confirmation for {}s with {} records in flight",
-                self.last_progress.elapsed().as_secs(),
-                self.outstanding
+                "no delivery confirmation within {}s while records are in flight",
+                self.config.kafka.stall_timeout.as_secs()
             )));
         }
         if self.outstanding == 0 {
