@@ -409,11 +409,12 @@ fn edgegate_config(
     std::fs::write(
         &path,
         format!(
-            "[gateway]\nid = \"bench\"\ndata_dir = \"{}\"\n[buffer]\nmax_bytes = \"2GiB\"\n\
+            "[gateway]\nid = \"bench\"\ndata_dir = \"{}\"\n[buffer]\nmax_bytes = \"2GiB\"\ncache_bytes = \"{cache}\"\n\
              [kafka]\nbootstrap_servers = \"{bootstrap}\"\ntopic = \"{topic}\"\n\
              [admin]\nlisten = \"127.0.0.1:{admin}\"\n\
              [sources.plant]\ntype = \"mqtt\"\nport = {mqtt_port}\ntopics = [\"sensors/#\"]\n",
-            dir.join("data").display()
+            dir.join("data").display(),
+            cache = std::env::var("LOADTEST_CACHE").unwrap_or_else(|_| "8MiB".into()),
         ),
     )
     .expect("config");
@@ -480,6 +481,28 @@ async fn backlog(n: u64) {
     let filled = proc_sample(pid);
     let disk = disk_bytes(&dir.path().join("data"));
     let payload = n * SIZE as u64;
+    if std::env::var_os("LOADTEST_DISK_DETAIL").is_some() {
+        for e in std::fs::read_dir(dir.path().join("data/buffer"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let files = std::fs::read_dir(e.path()).map(|d| d.count()).unwrap_or(1);
+            eprintln!(
+                "  {:?}: {:.1} MB in {files} files",
+                e.file_name(),
+                disk_bytes(&e.path()).max(
+                    e.metadata()
+                        .map(|m| {
+                            use std::os::unix::fs::MetadataExt;
+                            m.blocks() * 512
+                        })
+                        .unwrap_or(0)
+                ) as f64
+                    / 1e6
+            );
+        }
+    }
     println!("\n### Backlog of {n} records ({SIZE}-byte payloads, uplink cut)\n");
     println!("| measure | value |\n|---|---|");
     println!(

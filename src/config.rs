@@ -172,7 +172,7 @@ fn default_max_in_flight() -> usize {
     10_000
 }
 fn default_max_in_flight_bytes() -> ByteSize {
-    ByteSize::mib(16)
+    ByteSize::mib(4)
 }
 fn default_stall_timeout() -> Duration {
     Duration::from_secs(15)

@@ -156,7 +156,8 @@ fn producer_config(config: &Config) -> ClientConfig {
         )
         .set(
             "queue.buffering.max.kbytes",
-            (k.max_in_flight_bytes.as_u64() / 1024 * 2 + 1024).to_string(),
+            // Headroom over our own limit for headers and one record of up to message.max.bytes.
+            (k.max_in_flight_bytes.as_u64() / 1024 + 16 * 1024 + 1024).to_string(),
         )
         .set("message.max.bytes", "16777216")
         .set("linger.ms", "5")
