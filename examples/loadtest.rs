@@ -11,7 +11,6 @@
 //! so its CPU and memory are measured the same way as edgegate's).
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code)]
 mod support;
 
 use std::io::{Read, Write};
