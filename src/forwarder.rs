@@ -213,6 +213,8 @@ impl Forwarder {
         shutdown: &CancellationToken,
     ) -> Result<PumpExit, ForwarderError> {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
+        // Time spent waiting for the topic is not a delivery stall.
+        self.last_progress = Instant::now();
         loop {
             tokio::select! {
                 biased;
