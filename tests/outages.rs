@@ -51,6 +51,32 @@ async fn publish_steadily(
     n
 }
 
+/// Waits until mosquitto acknowledged all `n` rounds, then checks that every one of them reached
+/// Kafka, in order per topic (duplicates from redelivery allowed).
+async fn everything_accepted_arrives(
+    publisher: &Publisher,
+    kafka: &Tansu,
+    gw: &Gateway,
+    topics: &[String],
+    n: u64,
+) {
+    let total = n * topics.len() as u64;
+    publisher.wait_acked(total, Duration::from_secs(30)).await;
+    let msgs = consume_distinct(
+        &kafka.bootstrap(),
+        "uplink",
+        total as usize,
+        Duration::from_secs(120),
+    );
+    assert!(
+        msgs.len() as u64 >= total,
+        "got {} of {total}; log:\n{}",
+        msgs.len(),
+        gw.log()
+    );
+    assert_complete_in_order(&msgs, topics, n, true);
+}
+
 async fn outage(mode: ProxyMode) {
     let mqtt = Mosquitto::start();
     let uplink = Uplink::start();
@@ -75,22 +101,7 @@ async fn outage(mode: ProxyMode) {
     gw.wait_for("kafka link down", Duration::from_secs(5));
     uplink.proxy.set(ProxyMode::Up);
     let n = publish_steadily(&publisher, &topics, 300, Duration::from_secs(2), n).await;
-    let total = n * topics.len() as u64;
-    publisher.wait_acked(total, Duration::from_secs(30)).await;
-
-    let msgs = consume_distinct(
-        &uplink.kafka.bootstrap(),
-        "uplink",
-        total as usize,
-        Duration::from_secs(120),
-    );
-    assert!(
-        msgs.len() as u64 >= total,
-        "got {} of {total}; log:\n{}",
-        msgs.len(),
-        gw.log()
-    );
-    assert_complete_in_order(&msgs, &topics, n, true);
+    everything_accepted_arrives(&publisher, &uplink.kafka, &gw, &topics, n).await;
     assert!(
         gw.count("kafka link up") >= 2,
         "recovery not logged:\n{}",
@@ -129,20 +140,5 @@ async fn kill_9_five_times_during_steady_publish_loses_nothing() {
         gw.wait_for_count("mqtt subscribed", round + 1, Duration::from_secs(10));
     }
     n = publish_steadily(&publisher, &topics, 10_000, Duration::from_secs(1), n).await;
-    let total = n * topics.len() as u64;
-    publisher.wait_acked(total, Duration::from_secs(30)).await;
-
-    let msgs = consume_distinct(
-        &kafka.bootstrap(),
-        "uplink",
-        total as usize,
-        Duration::from_secs(120),
-    );
-    assert!(
-        msgs.len() as u64 >= total,
-        "got {} of {total}; log:\n{}",
-        msgs.len(),
-        gw.log()
-    );
-    assert_complete_in_order(&msgs, &topics, n, true);
+    everything_accepted_arrives(&publisher, &kafka, &gw, &topics, n).await;
 }
