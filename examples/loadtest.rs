@@ -411,7 +411,7 @@ fn edgegate_config(
             "[gateway]\nid = \"bench\"\ndata_dir = \"{}\"\n[buffer]\nmax_bytes = \"2GiB\"\ncache_bytes = \"{cache}\"\n\
              [kafka]\nbootstrap_servers = \"{bootstrap}\"\ntopic = \"{topic}\"\n\
              [admin]\nlisten = \"127.0.0.1:{admin}\"\n\
-             [sources.plant]\ntype = \"mqtt\"\nport = {mqtt_port}\ntopics = [\"sensors/#\"]\n",
+             [sources.plant]\ntype = \"mqtt\"\nport = {mqtt_port}\ntopics = [\"sensors/#\"]\nclient_id = \"bench-{topic}\"\n",
             dir.join("data").display(),
             cache = std::env::var("LOADTEST_CACHE").unwrap_or_else(|_| "8MiB".into()),
         ),
@@ -421,7 +421,9 @@ fn edgegate_config(
 }
 
 fn start_edgegate(config: &Path) -> std::process::Child {
-    let child = std::process::Command::new("target/release/edgegate")
+    let binary =
+        std::env::var("LOADTEST_EDGEGATE").unwrap_or_else(|_| "target/release/edgegate".into());
+    let child = std::process::Command::new(binary)
         .args(["run", "--config"])
         .arg(config)
         .env(
@@ -581,6 +583,9 @@ async fn all(n: u64, backlog_n: u64) {
     )
     .await;
     row.print();
+    // It subscribes to the same topics: stop it, or mosquitto delivers everything twice.
+    let _ = bridge.kill();
+    let _ = bridge.wait();
 
     let dir = tempfile::tempdir().expect("tempdir");
     kafka.create_topic("bench-edgegate", 1);
@@ -610,8 +615,8 @@ async fn all(n: u64, backlog_n: u64) {
         "\n### End-to-end latency at a paced {rate} msg/s for 10 s (publish → readable in Kafka)\n"
     );
     println!("| path | p50 ms | p99 ms | samples |\n|---|---|---|---|");
-    let _ = bridge.kill();
-    let _ = bridge.wait();
+    let _ = gw.kill();
+    let _ = gw.wait();
     kafka.create_topic("lat-bridge", 1);
     let mut bridge = spawn_bridge(broker.port, &kafka.bootstrap(), "lat-bridge");
     std::thread::sleep(Duration::from_secs(2));
@@ -619,8 +624,6 @@ async fn all(n: u64, backlog_n: u64) {
     println!("| naive bridge | {p50:.1} | {p99:.1} | {k} |");
     let _ = bridge.kill();
     let _ = bridge.wait();
-    let _ = gw.kill();
-    let _ = gw.wait();
     let dir = tempfile::tempdir().expect("tempdir");
     kafka.create_topic("lat-edgegate", 1);
     let config = edgegate_config(
@@ -641,6 +644,34 @@ async fn all(n: u64, backlog_n: u64) {
     );
 
     backlog(backlog_n).await;
+}
+
+/// Only the edgegate full-speed row, for profiling.
+async fn edgegate_only(n: u64) {
+    let kafka = Tansu::start();
+    let broker = Mosquitto::start();
+    kafka.create_topic("bench-edgegate", 1);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = edgegate_config(
+        dir.path(),
+        broker.port,
+        &kafka.bootstrap(),
+        "bench-edgegate",
+        free_port(),
+    );
+    let mut gw = start_edgegate(&config);
+    let row = through_process(
+        "edgegate",
+        gw.id(),
+        &broker,
+        &kafka.bootstrap(),
+        "bench-edgegate",
+        n,
+    )
+    .await;
+    row.print();
+    let _ = gw.kill();
+    let _ = gw.wait();
 }
 
 fn chrono_free_date() -> String {
@@ -697,6 +728,10 @@ fn main() {
             let n = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(200_000);
             let kafka = Tansu::start();
             rdkafka_ceiling(&kafka, n).print();
+        }
+        Some("e2e") => {
+            let n = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(300_000);
+            runtime.block_on(edgegate_only(n));
         }
         Some("backlog") => {
             let n = args
