@@ -224,7 +224,12 @@ impl Forwarder {
                     ClientEvent::Fatal(reason) => return Ok(PumpExit::Recreate(reason)),
                     ClientEvent::LinkDown(reason) => self.link.set(Link::Down(reason)),
                 },
-                _ = tick.tick() => self.check_stall(),
+                _ = tick.tick() => {
+                    if let Some(reason) = sink.fatal_error() {
+                        return Ok(PumpExit::Recreate(reason));
+                    }
+                    self.check_stall();
+                }
                 chunk = self.buffer.next_chunk(), if self.can_send() => {
                     self.send_chunk(sink, chunk?, shutdown).await;
                 }
@@ -269,6 +274,13 @@ impl Forwarder {
                             break;
                         }
                     }
+                    Err(SinkError::Retry(reason)) => {
+                        // Stop here; the rest of the chunk is resent after the rewind.
+                        self.link.set(Link::Down(reason.clone()));
+                        self.rewind.get_or_insert(reason);
+                        entry.failed = true;
+                        break;
+                    }
                     Err(e) => {
                         self.metrics.count_dropped(DropReason::RejectedByKafka, 1);
                         self.rejected_log
@@ -288,7 +300,8 @@ impl Forwarder {
             self.release_confirmed();
         }
         if self.in_flight.back().is_some_and(|c| c.failed) {
-            self.rewind = Some("shutdown while sending".into());
+            self.rewind
+                .get_or_insert_with(|| "shutdown while sending".into());
         }
     }
 

@@ -58,6 +58,9 @@ pub enum SinkError {
     /// This record can never be produced (for example larger than `message.max.bytes`).
     #[error("record rejected: {0}")]
     Rejected(String),
+    /// Not accepted now (for example the topic is not authorised yet); resend it later.
+    #[error("record not accepted now: {0}")]
+    Retry(String),
     /// Topic could not be checked or created yet; retry with backoff.
     #[error("topic {topic}: {message}")]
     Topic { topic: String, message: String },
@@ -254,12 +257,26 @@ impl Sink {
         if let Some(key) = key {
             message = message.key(key);
         }
+        self.producer.send(message).map_err(|(e, _)| {
+            if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) {
+                return SinkError::QueueFull;
+            }
+            // The rule of delivery reports: only a record Kafka can never take is given up.
+            match classify(&e) {
+                Outcome::Rejected(reason) => SinkError::Rejected(reason),
+                Outcome::Retry(reason) => SinkError::Retry(reason),
+                Outcome::Delivered | Outcome::Purged => SinkError::Retry(e.to_string()),
+            }
+        })
+    }
+
+    /// Why the producer became unusable, if it did. librdkafka reports a fatal error as an error
+    /// event carrying the underlying code, so this is the reliable way to notice one.
+    pub fn fatal_error(&self) -> Option<String> {
         self.producer
-            .send(message)
-            .map_err(|(e, _)| match e.rdkafka_error_code() {
-                Some(RDKafkaErrorCode::QueueFull) => SinkError::QueueFull,
-                _ => SinkError::Rejected(e.to_string()),
-            })
+            .client()
+            .fatal_error()
+            .map(|(code, reason)| format!("{code}: {reason}"))
     }
 
     /// Makes sure the topic exists, creating it when `create_topic` is set. Blocking.

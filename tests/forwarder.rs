@@ -1,0 +1,123 @@
+//! The forwarder against librdkafka's mock cluster, which can inject produce errors: records are
+//! resent after retryable failures, dropped (and counted) only when Kafka refuses them for good.
+
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edgegate::buffer::{self, Buffer};
+use edgegate::config::Config;
+use edgegate::forwarder;
+use edgegate::metrics::{DropReason, Metrics};
+use edgegate::record::{now_ms, NewRecord, SourceType};
+use rdkafka::mocking::MockCluster;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use support::*;
+use tokio_util::sync::CancellationToken;
+
+struct Harness {
+    buffer: Buffer,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+/// Buffers `n` records, then starts the forwarder against `bootstrap`.
+async fn forward(bootstrap: &str, n: u32) -> Harness {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[gateway]\nid = \"gw\"\ndata_dir = \"{}\"\n[kafka]\nbootstrap_servers = \"{bootstrap}\"\n\
+         topic = \"uplink\"\ncreate_topic = false\n",
+        dir.path().display()
+    );
+    let config = Arc::new(Config::parse(&text, Path::new("t.toml")).unwrap());
+    let metrics = Arc::new(Metrics::new());
+    let (buffer, writer, intake) =
+        Buffer::open(dir.path(), &config.buffer, metrics.clone()).unwrap();
+    let shutdown = CancellationToken::new();
+    let committer = tokio::spawn(buffer::run(buffer.clone(), intake, shutdown.clone()));
+    for i in 0..n {
+        let record = NewRecord {
+            captured_ms: now_ms(),
+            source: Arc::from("s"),
+            source_type: SourceType::Mqtt,
+            meta: vec![("topic".into(), "sensors/a".into())],
+            payload: payload("sensors/a", u64::from(i), 50),
+        };
+        writer.append(record).await.unwrap();
+    }
+    drop(writer);
+    let f = tokio::spawn({
+        let (b, m, s) = (buffer.clone(), metrics.clone(), shutdown.clone());
+        async move { forwarder::run(config, b, m, s).await.unwrap() }
+    });
+    Harness {
+        buffer,
+        metrics,
+        shutdown,
+        tasks: vec![committer, f],
+        _dir: dir,
+    }
+}
+
+impl Harness {
+    async fn wait_drained(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.buffer.stats().records > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "buffer not drained: {:?}",
+                self.buffer.stats()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorisation_failures_are_retried_until_everything_is_delivered_in_order() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("uplink", 1, 1).unwrap();
+    // The first produce requests are refused as if the ACL were missing, then it is fixed.
+    let refusals = [RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 3];
+    cluster.request_errors(RDKafkaApiKey::Produce, &refusals);
+    let h = forward(&cluster.bootstrap_servers(), 200).await;
+    h.wait_drained(Duration::from_secs(60)).await;
+    assert_eq!(h.metrics.dropped_total(), 0);
+    assert!(h.metrics.records_out.get() >= 200);
+    let msgs = consume_distinct(
+        &cluster.bootstrap_servers(),
+        "uplink",
+        200,
+        Duration::from_secs(30),
+    );
+    assert_complete_in_order(&msgs, &["sensors/a".to_owned()], 200, true);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanently_refused_records_are_dropped_counted_and_do_not_stall_the_rest() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("uplink", 1, 1).unwrap();
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+    );
+    let h = forward(&cluster.bootstrap_servers(), 50).await;
+    h.wait_drained(Duration::from_secs(30)).await;
+    let rejected = h.metrics.dropped(DropReason::RejectedByKafka);
+    assert!(rejected >= 1, "the refused batch was not counted");
+    assert_eq!(h.metrics.records_out.get() + rejected, 50);
+    h.stop().await;
+}
