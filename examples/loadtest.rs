@@ -587,27 +587,7 @@ async fn all(n: u64, backlog_n: u64) {
     let _ = bridge.kill();
     let _ = bridge.wait();
 
-    let dir = tempfile::tempdir().expect("tempdir");
-    kafka.create_topic("bench-edgegate", 1);
-    let admin = free_port();
-    let config = edgegate_config(
-        dir.path(),
-        broker.port,
-        &kafka.bootstrap(),
-        "bench-edgegate",
-        admin,
-    );
-    let mut gw = start_edgegate(&config);
-    let idle = proc_sample(gw.id());
-    let row = through_process(
-        "edgegate (durable acks, sled, acks=all)",
-        gw.id(),
-        &broker,
-        &kafka.bootstrap(),
-        "bench-edgegate",
-        n,
-    )
-    .await;
+    let (row, mut gw, idle, _dir) = edgegate_row(&kafka, &broker, n).await;
     row.print();
 
     let rate = 10_000;
@@ -646,29 +626,29 @@ async fn all(n: u64, backlog_n: u64) {
     backlog(backlog_n).await;
 }
 
+/// edgegate at full speed; returns the row, the still-running gateway, its idle sample taken
+/// before the load, and the data directory (kept alive with the gateway).
+async fn edgegate_row(
+    kafka: &Tansu,
+    broker: &Mosquitto,
+    n: u64,
+) -> (Row, std::process::Child, ProcSample, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    kafka.create_topic("bench-edgegate", 1);
+    let (bootstrap, topic) = (kafka.bootstrap(), "bench-edgegate");
+    let config = edgegate_config(dir.path(), broker.port, &bootstrap, topic, free_port());
+    let gw = start_edgegate(&config);
+    let idle = proc_sample(gw.id());
+    let name = "edgegate (durable acks, sled, acks=all)";
+    let row = through_process(name, gw.id(), broker, &bootstrap, topic, n).await;
+    (row, gw, idle, dir)
+}
+
 /// Only the edgegate full-speed row, for profiling.
 async fn edgegate_only(n: u64) {
     let kafka = Tansu::start();
     let broker = Mosquitto::start();
-    kafka.create_topic("bench-edgegate", 1);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = edgegate_config(
-        dir.path(),
-        broker.port,
-        &kafka.bootstrap(),
-        "bench-edgegate",
-        free_port(),
-    );
-    let mut gw = start_edgegate(&config);
-    let row = through_process(
-        "edgegate",
-        gw.id(),
-        &broker,
-        &kafka.bootstrap(),
-        "bench-edgegate",
-        n,
-    )
-    .await;
+    let (row, mut gw, _, _dir) = edgegate_row(&kafka, &broker, n).await;
     row.print();
     let _ = gw.kill();
     let _ = gw.wait();

@@ -239,7 +239,7 @@ impl Sink {
         let mut key = None;
         for (k, v) in &record.meta {
             headers = headers.insert(Header {
-                key: &format!("edgegate-{k}"),
+                key: &meta_header_name(k),
                 value: Some(v.as_bytes()),
             });
             if k == "topic" {
@@ -303,6 +303,15 @@ impl Sink {
             ));
         }
         create_topic(config, &self.topic, timeout).map_err(topic_err)
+    }
+}
+
+/// `edgegate-<key>`; the keys sources set are spelled out so the hot path does not allocate.
+fn meta_header_name(key: &str) -> std::borrow::Cow<'static, str> {
+    match key {
+        "topic" => "edgegate-topic".into(),
+        "port" => "edgegate-port".into(),
+        other => format!("edgegate-{other}").into(),
     }
 }
 
