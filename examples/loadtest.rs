@@ -409,11 +409,13 @@ fn edgegate_config(
         &path,
         format!(
             "[gateway]\nid = \"bench\"\ndata_dir = \"{}\"\n[buffer]\nmax_bytes = \"2GiB\"\ncache_bytes = \"{cache}\"\n\
-             [kafka]\nbootstrap_servers = \"{bootstrap}\"\ntopic = \"{topic}\"\n\
+             [kafka]\nbootstrap_servers = \"{bootstrap}\"\ntopic = \"{topic}\"\n{kafka_extra}\n\
              [admin]\nlisten = \"127.0.0.1:{admin}\"\n\
              [sources.plant]\ntype = \"mqtt\"\nport = {mqtt_port}\ntopics = [\"sensors/#\"]\nclient_id = \"bench-{topic}\"\n",
             dir.join("data").display(),
             cache = std::env::var("LOADTEST_CACHE").unwrap_or_else(|_| "8MiB".into()),
+            // Extra [kafka] lines for experiments, e.g. max_in_flight_bytes = "1MiB".
+            kafka_extra = std::env::var("LOADTEST_KAFKA").unwrap_or_default(),
         ),
     )
     .expect("config");
