@@ -246,10 +246,11 @@ async fn finish(client: AsyncClient, mut eventloop: EventLoop, mut acks: Acks, n
             if acks.unsent.is_empty() && !disconnecting {
                 disconnecting = client.try_disconnect().is_ok();
             }
-            // Polling sends the queued acks and the DISCONNECT; it errors once the socket closes.
-            match eventloop.poll().await {
-                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
-                Ok(_) => {}
+            // Polling sends the queued acks and the DISCONNECT. Keep reading until the broker
+            // closes: closing with unread data would reset the connection, and a reset can make
+            // the broker discard acks it has not read yet.
+            if eventloop.poll().await.is_err() {
+                break;
             }
         }
     };
