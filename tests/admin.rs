@@ -1,0 +1,132 @@
+//! The admin endpoint scraped while records flow and while the uplink is cut.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn get(port: u16, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+/// The sum of every sample of `name` (all label sets).
+fn metric(port: u16, name: &str) -> f64 {
+    get(port, "/metrics")
+        .1
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn wait_metric(port: u16, name: &str, ok: impl Fn(f64) -> bool, timeout: Duration) -> f64 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let v = metric(port, name);
+        if ok(v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{name} = {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_with_traffic_and_with_the_uplink() {
+    let mqtt = Mosquitto::start();
+    let proxy_port = free_port();
+    let kafka = Tansu::start_advertising(free_port(), proxy_port);
+    kafka.create_topic("uplink", 1);
+    let proxy = Proxy::start(proxy_port, kafka.port);
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let extra = format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n");
+    let config = write_config(dir.path(), mqtt.port, &kafka.bootstrap(), "uplink", &extra);
+    let gw = Gateway::start(&config);
+    gw.wait_for("mqtt subscribed", Duration::from_secs(10));
+    assert_eq!(get(admin, "/healthz").0, 200);
+    assert_eq!(get(admin, "/readyz").0, 200);
+
+    let publisher = Publisher::connect(mqtt.port, "scrape").await;
+    for n in 0..100 {
+        publisher
+            .publish("sensors/a", payload("sensors/a", n, 100))
+            .await;
+    }
+    wait_metric(
+        admin,
+        "edgegate_records_out_total",
+        |v| v >= 100.0,
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        metric(admin, "edgegate_records_in_total{source=\"plant\"}"),
+        100.0
+    );
+    assert_eq!(metric(admin, "edgegate_kafka_link_up"), 1.0);
+    assert_eq!(
+        metric(admin, "edgegate_source_connected{source=\"plant\"}"),
+        1.0
+    );
+    assert!(metric(admin, "edgegate_delivery_latency_seconds_count") >= 100.0);
+
+    proxy.set(ProxyMode::Cut);
+    for n in 100..150 {
+        publisher
+            .publish("sensors/a", payload("sensors/a", n, 100))
+            .await;
+    }
+    wait_metric(
+        admin,
+        "edgegate_kafka_link_up",
+        |v| v == 0.0,
+        Duration::from_secs(30),
+    );
+    wait_metric(
+        admin,
+        "edgegate_buffer_records",
+        |v| v >= 50.0,
+        Duration::from_secs(10),
+    );
+    assert!(metric(admin, "edgegate_buffer_oldest_age_seconds") >= 0.0);
+    assert_eq!(
+        metric(admin, "edgegate_records_in_total{source=\"plant\"}"),
+        150.0
+    );
+
+    proxy.set(ProxyMode::Up);
+    wait_metric(
+        admin,
+        "edgegate_records_out_total",
+        |v| v >= 150.0,
+        Duration::from_secs(60),
+    );
+    wait_metric(
+        admin,
+        "edgegate_kafka_link_up",
+        |v| v == 1.0,
+        Duration::from_secs(10),
+    );
+    wait_metric(
+        admin,
+        "edgegate_buffer_records",
+        |v| v == 0.0,
+        Duration::from_secs(10),
+    );
+}
