@@ -100,44 +100,18 @@ fn disk_bytes(dir: &Path) -> u64 {
 
 // ---------- load generation and counting ----------
 
-struct Load {
-    client: AsyncClient,
-    acked: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
-}
+/// The test suite's publisher with a wide window, plus timed payloads and pacing.
+struct Load(Publisher);
 
 impl Load {
     async fn connect(port: u16, id: &str) -> Load {
-        let mut o = MqttOptions::new(id, "127.0.0.1", port);
-        o.set_inflight(1000).set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut eventloop) = AsyncClient::new(o, 10_000);
-        let acked = Arc::new(AtomicU64::new(0));
-        let counter = acked.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::PubAck(_))) => {
-                        counter.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                }
-            }
-        });
-        Load {
-            client,
-            acked,
-            task,
-        }
+        Load(Publisher::connect_with(port, id, 1000, 10_000).await)
     }
 
     async fn publish(&self, n: u64, topics: u64) {
         for i in 0..n {
             let topic = format!("sensors/dev{}", i % topics);
-            let _ = self
-                .client
-                .publish(topic, QoS::AtLeastOnce, false, timed_payload())
-                .await;
+            self.0.publish(&topic, timed_payload()).await;
         }
     }
 
@@ -155,15 +129,7 @@ impl Load {
     }
 
     async fn wait_acked(&self, n: u64) {
-        while self.acked.load(Ordering::Relaxed) < n {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-}
-
-impl Drop for Load {
-    fn drop(&mut self) {
-        self.task.abort();
+        self.0.wait_acked(n, Duration::from_secs(600)).await;
     }
 }
 

@@ -427,9 +427,20 @@ pub struct Publisher {
 
 impl Publisher {
     pub async fn connect(port: u16, client_id: &str) -> Publisher {
+        Publisher::connect_with(port, client_id, 200, 1000).await
+    }
+
+    /// `inflight` unacknowledged publishes at most; `capacity` requests queued in the client.
+    pub async fn connect_with(
+        port: u16,
+        client_id: &str,
+        inflight: u16,
+        capacity: usize,
+    ) -> Publisher {
         let mut o = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
-        o.set_max_packet_size(4 << 20, 4 << 20).set_inflight(200);
-        let (client, mut eventloop) = rumqttc::AsyncClient::new(o, 1000);
+        o.set_max_packet_size(4 << 20, 4 << 20)
+            .set_inflight(inflight);
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(o, capacity);
         let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = acked.clone();
         let task = tokio::spawn(async move {
