@@ -12,6 +12,8 @@ use bytesize::ByteSize;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
+use crate::converter::DebugMode;
+
 /// Why a configuration could not be used. Every variant is fatal: print it and exit with status 2.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -43,10 +45,45 @@ pub struct Config {
     pub sources: BTreeMap<String, SourceConfig>,
     #[serde(default, rename = "sources")]
     raw_sources: BTreeMap<String, toml::Table>,
+    /// ThingsBoard-style uplink decoders, named by sources with `converter = "<name>"`.
+    #[serde(default)]
+    pub converters: BTreeMap<String, ConverterConfig>,
     #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
     pub admin: Option<AdminConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConverterConfig {
+    /// The decoder: the body of `function Decoder(payload, metadata)`; relative paths are
+    /// resolved against the configuration file's directory.
+    pub script: PathBuf,
+    /// A script running longer than this on one record is interrupted.
+    #[serde(default = "default_converter_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Heap limit of the script's JavaScript runtime.
+    #[serde(default = "default_converter_memory")]
+    pub memory_limit: ByteSize,
+    #[serde(default)]
+    pub debug: DebugMode,
+    /// Size at which the debug file is rotated (one previous file is kept).
+    #[serde(default = "default_debug_max_bytes")]
+    pub debug_max_bytes: ByteSize,
+    /// Extra `metadata` entries the script sees.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+fn default_converter_timeout() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_converter_memory() -> ByteSize {
+    ByteSize::mib(16)
+}
+fn default_debug_max_bytes() -> ByteSize {
+    ByteSize::mib(10)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -151,6 +188,10 @@ pub struct KafkaConfig {
     /// How long shutdown waits for in-flight deliveries.
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Records the converter cannot convert go here (raw payload, error in a header); without it
+    /// they are counted and dropped.
+    #[serde(default)]
+    pub dead_letter_topic: Option<String>,
     /// Passed to librdkafka unchanged (after edgegate's own defaults, so they can override them).
     #[serde(default)]
     pub properties: BTreeMap<String, PropertyValue>,
@@ -211,6 +252,13 @@ impl SourceConfig {
             SourceConfig::Mqtt(_) => "mqtt",
         }
     }
+
+    /// The converter this source's records go through, if any.
+    pub fn converter(&self) -> Option<&str> {
+        match self {
+            SourceConfig::Mqtt(m) => m.converter.as_deref(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -254,6 +302,9 @@ pub struct MqttSourceConfig {
     pub reconnect_max: Duration,
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Name of a `[converters.<name>]` table; without it the raw payload is forwarded.
+    #[serde(default)]
+    pub converter: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -340,6 +391,12 @@ impl Config {
             let source = parse_source(raw, &prefix).map_err(|(k, m)| invalid(k, m))?;
             config.sources.insert(name, source);
         }
+        let base = path.parent().unwrap_or(Path::new(""));
+        for converter in config.converters.values_mut() {
+            if converter.script.is_relative() {
+                converter.script = base.join(&converter.script);
+            }
+        }
         config.validate().map_err(|(k, m)| invalid(k, m))?;
         Ok(config)
     }
@@ -366,9 +423,42 @@ impl Config {
                 ));
             }
         }
+        if self
+            .kafka
+            .dead_letter_topic
+            .as_ref()
+            .is_some_and(|t| t.trim().is_empty() || *t == self.kafka.topic)
+        {
+            return err(
+                "kafka.dead_letter_topic",
+                "must be a non-empty topic other than kafka.topic",
+            );
+        }
+        for (name, c) in &self.converters {
+            if c.timeout.is_zero() {
+                return Err((
+                    format!("converters.{name}.timeout"),
+                    "must be above 0".into(),
+                ));
+            }
+            if c.memory_limit.as_u64() < ByteSize::mib(1).as_u64() {
+                return Err((
+                    format!("converters.{name}.memory_limit"),
+                    "must be at least 1MiB".into(),
+                ));
+            }
+        }
         for (name, source) in &self.sources {
             let SourceConfig::Mqtt(m) = source;
             validate_mqtt(m, &format!("sources.{name}"), &self.buffer)?;
+            if let Some(c) = source.converter() {
+                if !self.converters.contains_key(c) {
+                    return Err((
+                        format!("sources.{name}.converter"),
+                        format!("no [converters.{c}] table"),
+                    ));
+                }
+            }
         }
         Ok(())
     }

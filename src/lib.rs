@@ -2,12 +2,13 @@
 //! record durably on local disk while the uplink is down, and produces them to Kafka.
 //!
 //! Data flows one way through the stages, each with one `run(…, shutdown)` entry point:
-//! sources ([`sources::mqtt`]) → [`buffer`] → [`forwarder`] (→ [`kafka`] sink).
+//! sources ([`sources::mqtt`]) → [`buffer`] → [`forwarder`] ([`converter`] → [`kafka`] sink).
 
 pub mod admin;
 pub mod backoff;
 pub mod buffer;
 pub mod config;
+pub mod converter;
 pub mod forwarder;
 pub mod gateway;
 pub mod kafka;

@@ -17,6 +17,12 @@ pub struct SourceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConverterErrorLabels {
+    pub converter: String,
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: String,
 }
@@ -32,6 +38,8 @@ pub enum DropReason {
     RejectedByKafka,
     /// Its chunk on disk did not decode.
     Corrupt,
+    /// The converter failed on it and no dead-letter topic is configured.
+    ConverterFailed,
 }
 
 impl DropReason {
@@ -41,6 +49,7 @@ impl DropReason {
             DropReason::MaxAge => "max_age",
             DropReason::RejectedByKafka => "rejected_by_kafka",
             DropReason::Corrupt => "corrupt",
+            DropReason::ConverterFailed => "converter_failed",
         }
     }
 }
@@ -54,6 +63,8 @@ pub struct Metrics {
     pub buffer_oldest_age_seconds: Gauge<f64, AtomicU64>,
     pub kafka_link_up: Gauge,
     pub source_connected: Family<SourceLabels, Gauge>,
+    /// Records a converter failed on (dead-lettered or dropped), per converter and kind.
+    pub converter_errors: Family<ConverterErrorLabels, Counter>,
     /// Capture to Kafka confirmation, seconds.
     pub delivery_latency: Histogram,
     registry: Registry,
@@ -71,6 +82,7 @@ impl Metrics {
             buffer_oldest_age_seconds: Gauge::default(),
             kafka_link_up: Gauge::default(),
             source_connected: Family::default(),
+            converter_errors: Family::default(),
             delivery_latency: Histogram::new([
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0, 3600.0,
             ]),
@@ -118,6 +130,11 @@ impl Metrics {
             m.source_connected.clone(),
         );
         r.register(
+            "converter_errors",
+            "Records a converter failed on, per converter and kind (exception, timeout, out_of_memory, invalid_result)",
+            m.converter_errors.clone(),
+        );
+        r.register(
             "delivery_latency_seconds",
             "Capture to Kafka confirmation",
             m.delivery_latency.clone(),
@@ -147,10 +164,34 @@ impl Metrics {
             DropReason::MaxAge,
             DropReason::RejectedByKafka,
             DropReason::Corrupt,
+            DropReason::ConverterFailed,
         ]
         .into_iter()
         .map(|r| self.dropped(r))
         .sum()
+    }
+
+    pub fn count_converter_error(&self, converter: &str, kind: &str) {
+        self.converter_errors
+            .get_or_create(&ConverterErrorLabels {
+                converter: converter.into(),
+                kind: kind.into(),
+            })
+            .inc();
+    }
+
+    pub fn converter_errors_total(&self, converter: &str) -> u64 {
+        ["exception", "timeout", "out_of_memory", "invalid_result"]
+            .into_iter()
+            .map(|kind| {
+                self.converter_errors
+                    .get_or_create(&ConverterErrorLabels {
+                        converter: converter.into(),
+                        kind: kind.into(),
+                    })
+                    .get()
+            })
+            .sum()
     }
 
     pub fn source_in(&self, source: &str) -> Counter {

@@ -1,0 +1,463 @@
+//! ThingsBoard-compatible uplink converters: a decoder script turns a raw record into device and
+//! asset entities, each sent to Kafka as one normalized JSON record.
+//!
+//! Conversion happens on the forwarding path, so the buffer keeps raw records and a corrected
+//! script applies to everything still buffered. QuickJS runtimes are not `Send`; all converters
+//! live on one dedicated thread ([`Converters`]) that the forwarder hands whole chunks to.
+
+mod debug;
+mod engine;
+mod normalize;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use tokio::sync::oneshot;
+
+use crate::buffer::ReadChunk;
+use crate::config::{Config, ConverterConfig};
+use crate::metrics::Metrics;
+use crate::record::Record;
+
+pub use debug::DebugMode;
+use debug::{DebugEvent, DebugLog};
+use engine::{Engine, EngineError, Limits};
+pub use normalize::{normalize, Entity};
+
+/// A converter that cannot be set up. Fatal at start-up; `edgegate check` reports it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConverterError {
+    /// The script file cannot be read; fix `converters.<name>.script` or its permissions.
+    #[error("{path}: cannot read script: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The script does not compile; the message names the file and line.
+    #[error("{path}:{}: {message}", line.map(|l| l.to_string()).unwrap_or_else(|| "?".into()))]
+    Compile {
+        path: PathBuf,
+        line: Option<u32>,
+        message: String,
+    },
+    /// The converter thread could not be started; the system is out of resources.
+    #[error("cannot start the converter thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Why one record could not be converted. The record goes to the dead-letter topic when one is
+/// configured, otherwise it is counted and dropped; either way the pipeline moves on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConvertError {
+    /// The script threw an exception.
+    #[error("script error: {0}")]
+    Exception(String),
+    /// The script ran past its `timeout` and was interrupted.
+    #[error("script timed out after {0:?}")]
+    Timeout(Duration),
+    /// The script allocated past its `memory_limit`.
+    #[error("script exceeded its memory limit of {0}")]
+    OutOfMemory(ByteSize),
+    /// The script returned something that is not a ThingsBoard uplink result.
+    #[error("invalid result: {0}")]
+    InvalidResult(String),
+}
+
+impl ConvertError {
+    /// The metric label for this kind of failure.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ConvertError::Exception(_) => "exception",
+            ConvertError::Timeout(_) => "timeout",
+            ConvertError::OutOfMemory(_) => "out_of_memory",
+            ConvertError::InvalidResult(_) => "invalid_result",
+        }
+    }
+}
+
+/// What to send for one record.
+#[derive(Debug)]
+pub enum Conversion {
+    /// The source has no converter: forward the raw payload.
+    Raw,
+    /// Zero (the script returned null) or more entities, each one Kafka record.
+    Entities {
+        converter: Arc<str>,
+        entities: Vec<EncodedEntity>,
+    },
+    /// The script failed on this record.
+    Failed {
+        converter: Arc<str>,
+        error: ConvertError,
+    },
+}
+
+/// A normalized entity ready for Kafka.
+#[derive(Debug)]
+pub struct EncodedEntity {
+    pub key: String,
+    pub value: Vec<u8>,
+}
+
+/// One configured decoder script and the runtime that runs it.
+pub struct Converter {
+    name: Arc<str>,
+    path: PathBuf,
+    source: String,
+    limits: Limits,
+    static_metadata: Vec<(String, String)>,
+    engine: Option<Engine>,
+    debug: DebugLog,
+}
+
+impl Converter {
+    /// Reads and compiles the script; `debug_dir` enables the debug log where configured.
+    pub fn new(
+        name: &str,
+        config: &ConverterConfig,
+        debug_dir: Option<&Path>,
+    ) -> Result<Converter, ConverterError> {
+        let source =
+            std::fs::read_to_string(&config.script).map_err(|source| ConverterError::Read {
+                path: config.script.clone(),
+                source,
+            })?;
+        let debug = match debug_dir {
+            Some(dir) if config.debug != DebugMode::Off => DebugLog::new(
+                config.debug,
+                dir.join(format!("{name}.jsonl")),
+                config.debug_max_bytes.as_u64(),
+            ),
+            _ => DebugLog::disabled(),
+        };
+        let mut converter = Converter {
+            name: Arc::from(name),
+            path: config.script.clone(),
+            source,
+            limits: Limits {
+                timeout: config.timeout,
+                memory_bytes: config.memory_limit.as_u64() as usize,
+            },
+            static_metadata: config
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            engine: None,
+            debug,
+        };
+        converter.engine()?;
+        Ok(converter)
+    }
+
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    fn engine(&mut self) -> Result<&mut Engine, ConverterError> {
+        if self.engine.is_none() {
+            let filename = self.path.display().to_string();
+            let engine = Engine::new(&self.source, &filename, self.limits).map_err(|e| {
+                ConverterError::Compile {
+                    path: self.path.clone(),
+                    line: e.line,
+                    message: e.message,
+                }
+            })?;
+            self.engine = Some(engine);
+        }
+        self.engine.as_mut().ok_or_else(|| ConverterError::Compile {
+            path: self.path.clone(),
+            line: None,
+            message: "javascript engine unavailable".into(),
+        })
+    }
+
+    /// The converter's own `metadata` table.
+    pub fn static_metadata(&self) -> &[(String, String)] {
+        &self.static_metadata
+    }
+
+    /// Runs the script and returns its own result, unnormalized (`edgegate convert --raw`).
+    pub fn run_raw(
+        &mut self,
+        payload: &[u8],
+        metadata: &[(&str, &str)],
+    ) -> Result<serde_json::Value, ConvertError> {
+        let limits = self.limits;
+        let engine = self
+            .engine()
+            .map_err(|e| ConvertError::Exception(e.to_string()))?;
+        let result = engine.call(payload, metadata);
+        if result.as_ref().is_err_and(EngineError::poisons_runtime) {
+            self.engine = None;
+        }
+        match result {
+            Ok(Some(json)) => serde_json::from_str(&json)
+                .map_err(|e| ConvertError::InvalidResult(format!("not JSON: {e}"))),
+            Ok(None) => Err(ConvertError::InvalidResult(
+                "the decoder returned undefined; return an object, an array of objects, or null"
+                    .into(),
+            )),
+            Err(EngineError::Timeout) => Err(ConvertError::Timeout(limits.timeout)),
+            Err(EngineError::OutOfMemory) => Err(ConvertError::OutOfMemory(ByteSize::b(
+                limits.memory_bytes as u64,
+            ))),
+            Err(EngineError::Exception(m)) => Err(ConvertError::Exception(m)),
+        }
+    }
+
+    /// Runs the script and normalizes its result; telemetry without ts gets `captured_ms`.
+    pub fn convert(
+        &mut self,
+        payload: &[u8],
+        metadata: &[(&str, &str)],
+        captured_ms: u64,
+    ) -> Result<Vec<Entity>, ConvertError> {
+        let raw = self.run_raw(payload, metadata)?;
+        normalize(raw, captured_ms).map_err(ConvertError::InvalidResult)
+    }
+
+    /// Converts one buffered record, records a debug event, and encodes the entities.
+    fn convert_record(&mut self, record: &Record, gateway_id: &str) -> Conversion {
+        // The metadata borrows the static table; lend it out while the script runs.
+        let static_meta = std::mem::take(&mut self.static_metadata);
+        let meta = script_metadata(&static_meta, &record.source, gateway_id, &record.meta);
+        let result = self.convert(&record.payload, &meta, record.captured_ms);
+        self.record_debug(record, &meta, &result);
+        drop(meta);
+        self.static_metadata = static_meta;
+        match result {
+            Ok(entities) => Conversion::Entities {
+                converter: self.name.clone(),
+                entities: entities.into_iter().map(encode).collect(),
+            },
+            Err(error) => Conversion::Failed {
+                converter: self.name.clone(),
+                error,
+            },
+        }
+    }
+
+    fn record_debug(
+        &mut self,
+        record: &Record,
+        meta: &[(&str, &str)],
+        result: &Result<Vec<Entity>, ConvertError>,
+    ) {
+        if result.is_ok() && !self.debug.wants_successes() {
+            return;
+        }
+        let output = result.as_ref().ok().map(|entities| {
+            serde_json::Value::Array(entities.iter().map(|e| e.value.clone()).collect())
+        });
+        let error = result.as_ref().err().map(ToString::to_string);
+        self.debug.record(&DebugEvent {
+            seq: record.seq,
+            payload: &record.payload,
+            metadata: meta,
+            output: output.as_ref(),
+            error: error.as_deref(),
+        });
+    }
+}
+
+/// `integrationName` (the source name unless the converter sets it), the converter's own table,
+/// what the source knows (`topic`, `port`), and `gatewayId`.
+pub fn script_metadata<'a>(
+    static_metadata: &'a [(String, String)],
+    integration: &'a str,
+    gateway_id: &'a str,
+    source_meta: &'a [(String, String)],
+) -> Vec<(&'a str, &'a str)> {
+    let mut meta: Vec<(&str, &str)> = Vec::with_capacity(3 + static_metadata.len());
+    if !static_metadata.iter().any(|(k, _)| k == "integrationName") {
+        meta.push(("integrationName", integration));
+    }
+    meta.extend(
+        static_metadata
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str())),
+    );
+    meta.extend(source_meta.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    meta.push(("gatewayId", gateway_id));
+    meta
+}
+
+fn encode(entity: Entity) -> EncodedEntity {
+    EncodedEntity {
+        // Serializing a serde_json::Value cannot fail: its keys are strings.
+        value: serde_json::to_vec(&entity.value).unwrap_or_default(),
+        key: entity.name,
+    }
+}
+
+/// Compiles every configured converter; `check` and start-up both use it.
+pub fn load_all(
+    config: &Config,
+    debug_dir: Option<&Path>,
+) -> Result<Vec<Converter>, (String, ConverterError)> {
+    config
+        .converters
+        .iter()
+        .map(|(name, c)| {
+            Converter::new(name, c, debug_dir).map_err(|e| (format!("converters.{name}"), e))
+        })
+        .collect()
+}
+
+struct Job {
+    chunk: ReadChunk,
+    reply: oneshot::Sender<(ReadChunk, Vec<Conversion>)>,
+}
+
+/// The converter thread, as the forwarder sees it.
+pub struct Converters {
+    jobs: Option<std::sync::mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    by_source: HashMap<String, usize>,
+}
+
+/// The converter thread has gone (it panicked); the forwarder must stop and the process restart.
+#[derive(Debug, thiserror::Error)]
+#[error("the converter thread stopped")]
+pub struct ConvertersGone;
+
+impl Converters {
+    /// Starts the thread and compiles every converter on it (QuickJS runtimes cannot move
+    /// between threads). Sources without a converter forward raw records.
+    pub fn start(
+        config: &Arc<Config>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Converters, (String, ConverterError)> {
+        let by_source: HashMap<String, usize> = config
+            .sources
+            .iter()
+            .filter_map(|(name, s)| {
+                let i = config
+                    .converters
+                    .keys()
+                    .position(|c| Some(c.as_str()) == s.converter())?;
+                Some((name.clone(), i))
+            })
+            .collect();
+        if by_source.is_empty() {
+            return Ok(Converters {
+                jobs: None,
+                thread: None,
+                by_source,
+            });
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let (loaded_tx, loaded_rx) = std::sync::mpsc::sync_channel(1);
+        let config = config.clone();
+        let routes = by_source.clone();
+        let thread = std::thread::Builder::new()
+            .name("edgegate-converter".into())
+            .stack_size(engine::THREAD_STACK_BYTES)
+            .spawn(move || {
+                let debug_dir = config.gateway.data_dir.join("debug");
+                let converters = match load_all(&config, Some(&debug_dir)) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = loaded_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = loaded_tx.send(Ok(()));
+                let mut worker = Worker {
+                    converters,
+                    by_source: routes,
+                    gateway_id: config.gateway.id.clone(),
+                    metrics,
+                };
+                while let Ok(job) = rx.recv() {
+                    let conversions = worker.convert_chunk(&job.chunk);
+                    let _ = job.reply.send((job.chunk, conversions));
+                }
+            })
+            .map_err(|e| ("converters".to_owned(), ConverterError::Thread(e)))?;
+        let loaded = loaded_rx.recv().unwrap_or_else(|_| {
+            Err((
+                "converters".to_owned(),
+                ConverterError::Thread(std::io::Error::other("converter thread died at start")),
+            ))
+        });
+        let converters = Converters {
+            jobs: Some(tx),
+            thread: Some(thread),
+            by_source,
+        };
+        loaded.map(|()| converters)
+    }
+
+    /// Whether any record of this chunk comes from a source with a converter.
+    pub fn applies_to(&self, chunk: &ReadChunk) -> bool {
+        !self.by_source.is_empty()
+            && chunk
+                .records
+                .iter()
+                .any(|r| self.by_source.contains_key(&r.source))
+    }
+
+    /// Converts a chunk on the converter thread; one [`Conversion`] per record, in order.
+    pub async fn convert(
+        &self,
+        chunk: ReadChunk,
+    ) -> Result<(ReadChunk, Vec<Conversion>), ConvertersGone> {
+        let Some(jobs) = &self.jobs else {
+            let raw = chunk.records.iter().map(|_| Conversion::Raw).collect();
+            return Ok((chunk, raw));
+        };
+        let (reply, answer) = oneshot::channel();
+        jobs.send(Job { chunk, reply })
+            .map_err(|_| ConvertersGone)?;
+        answer.await.map_err(|_| ConvertersGone)
+    }
+}
+
+impl Drop for Converters {
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Worker {
+    converters: Vec<Converter>,
+    by_source: HashMap<String, usize>,
+    gateway_id: String,
+    metrics: Arc<Metrics>,
+}
+
+impl Worker {
+    fn convert_chunk(&mut self, chunk: &ReadChunk) -> Vec<Conversion> {
+        let conversions = chunk
+            .records
+            .iter()
+            .map(|record| {
+                let Some(&i) = self.by_source.get(&record.source) else {
+                    return Conversion::Raw;
+                };
+                let converter = &mut self.converters[i];
+                let conversion = converter.convert_record(record, &self.gateway_id);
+                if let Conversion::Failed { converter, error } = &conversion {
+                    self.metrics.count_converter_error(converter, error.kind());
+                }
+                conversion
+            })
+            .collect();
+        for c in &mut self.converters {
+            c.debug.flush();
+        }
+        conversions
+    }
+}
+
+#[cfg(test)]
+mod tests;

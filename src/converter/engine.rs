@@ -1,0 +1,255 @@
+//! One sandboxed QuickJS runtime running one decoder script.
+//!
+//! The sandbox: QuickJS's own allocator with a hard memory limit (rquickjs's `rust-alloc`
+//! feature would bypass it), a stack limit, an interrupt handler that stops a script at its
+//! deadline, and no module loader or std/os bindings, so a script has no file, network or process
+//! access.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use rquickjs::context::EvalOptions;
+use rquickjs::{Array, Context, Ctx, Function, Object, Persistent, Runtime, Value};
+
+/// Stack a script may use; deep recursion ends in a RangeError well before the thread's stack.
+const SCRIPT_STACK_BYTES: usize = 512 * 1024;
+/// Stack of the thread that runs converters; comfortably above [`SCRIPT_STACK_BYTES`].
+pub const THREAD_STACK_BYTES: usize = 4 * 1024 * 1024;
+
+/// Helpers ThingsBoard provides to every decoder. A script's own function declarations shadow
+/// them, as they do in ThingsBoard. Chunked so a payload beyond the argument-count limit of
+/// `apply` still decodes.
+const PRELUDE: &str = r#"
+globalThis.decodeToString = function decodeToString(payload) {
+  var s = '';
+  for (var i = 0; i < payload.length; i += 8192) {
+    s += String.fromCharCode.apply(String, payload.slice(i, i + 8192));
+  }
+  return s;
+};
+globalThis.decodeToJson = function decodeToJson(payload) {
+  return JSON.parse(decodeToString(payload));
+};
+"#;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub timeout: Duration,
+    pub memory_bytes: usize,
+}
+
+/// Why a call produced no result. Each variant is a property of this record and this script.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// The script threw (or failed to compile); the message is the script's own.
+    #[error("{0}")]
+    Exception(String),
+    /// The deadline passed; the runtime must be recreated before the next call.
+    #[error("timed out")]
+    Timeout,
+    /// The memory limit was reached; the runtime must be recreated before the next call.
+    #[error("out of memory")]
+    OutOfMemory,
+}
+
+impl EngineError {
+    /// After these the runtime's heap may be in any state; start from a fresh one.
+    pub fn poisons_runtime(&self) -> bool {
+        matches!(self, EngineError::Timeout | EngineError::OutOfMemory)
+    }
+}
+
+/// A compile error, with the line in the script file when QuickJS reports one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompileError {
+    pub line: Option<u32>,
+    pub message: String,
+}
+
+pub struct Engine {
+    // Field order is drop order: the function handle must go before its runtime.
+    decoder: Persistent<Function<'static>>,
+    context: Context,
+    _runtime: Runtime,
+    deadline: Rc<Cell<Option<Instant>>>,
+    interrupted: Rc<Cell<bool>>,
+    timeout: Duration,
+}
+
+impl Engine {
+    /// Compiles `body` as the body of `function Decoder(payload, metadata)`.
+    pub fn new(body: &str, filename: &str, limits: Limits) -> Result<Engine, CompileError> {
+        let engine_err = |e: rquickjs::Error| CompileError {
+            line: None,
+            message: format!("javascript engine: {e}"),
+        };
+        let runtime = Runtime::new().map_err(engine_err)?;
+        runtime.set_memory_limit(limits.memory_bytes);
+        runtime.set_max_stack_size(SCRIPT_STACK_BYTES);
+        let deadline: Rc<Cell<Option<Instant>>> = Rc::new(Cell::new(None));
+        let interrupted = Rc::new(Cell::new(false));
+        let (d, i) = (deadline.clone(), interrupted.clone());
+        runtime.set_interrupt_handler(Some(Box::new(move || {
+            let late = d.get().is_some_and(|t| Instant::now() >= t);
+            if late {
+                i.set(true);
+            }
+            late
+        })));
+        let context = Context::full(&runtime).map_err(engine_err)?;
+        deadline.set(Some(
+            Instant::now() + limits.timeout.max(Duration::from_secs(5)),
+        ));
+        let decoder = context.with(|ctx| compile(&ctx, body, filename));
+        deadline.set(None);
+        Ok(Engine {
+            decoder: decoder?,
+            context,
+            _runtime: runtime,
+            deadline,
+            interrupted,
+            timeout: limits.timeout,
+        })
+    }
+
+    /// Runs the decoder and returns `JSON.stringify` of its result, `None` for `undefined` (or
+    /// anything else JSON cannot represent, such as a function).
+    pub fn call(
+        &mut self,
+        payload: &[u8],
+        metadata: &[(&str, &str)],
+    ) -> Result<Option<String>, EngineError> {
+        self.interrupted.set(false);
+        self.deadline.set(Some(Instant::now() + self.timeout));
+        let decoder = self.decoder.clone();
+        let interrupted = self.interrupted.clone();
+        let result = self.context.with(|ctx| {
+            let run = || -> rquickjs::Result<Option<String>> {
+                let f = decoder.restore(&ctx)?;
+                let payload = payload_array(&ctx, payload)?;
+                let meta = Object::new(ctx.clone())?;
+                for (k, v) in metadata {
+                    meta.set(*k, *v)?;
+                }
+                let out: Value = f.call((payload, meta))?;
+                Ok(ctx
+                    .json_stringify(out)?
+                    .map(|s| s.to_string())
+                    .transpose()?)
+            };
+            run().map_err(|e| classify(&ctx, e, interrupted.get()))
+        });
+        self.deadline.set(None);
+        result
+    }
+}
+
+fn compile<'js>(
+    ctx: &Ctx<'js>,
+    body: &str,
+    filename: &str,
+) -> Result<Persistent<Function<'static>>, CompileError> {
+    let fail = |ctx: &Ctx<'js>, e: rquickjs::Error| {
+        let caught = ctx.catch();
+        let message = describe(&caught).unwrap_or_else(|| e.to_string());
+        CompileError {
+            line: error_line(&caught, filename),
+            message,
+        }
+    };
+    ctx.eval::<(), _>(PRELUDE).map_err(|e| fail(ctx, e))?;
+    let mut options = EvalOptions::default();
+    options.strict = false; // ThingsBoard decoders are sloppy-mode scripts.
+    options.backtrace_barrier = true;
+    options.filename = Some(filename.to_owned());
+    // The body starts on the wrapper's first line so script line numbers stay true.
+    let source = format!("(function Decoder(payload, metadata) {{{body}\n}})");
+    let f: Function = ctx
+        .eval_with_options(source, options)
+        .map_err(|e| fail(ctx, e))?;
+    Ok(Persistent::save(ctx, f))
+}
+
+/// ThingsBoard's payload quirk: valid UTF-8 arrives as the UTF-16 code units of its text (so
+/// `String.fromCharCode.apply` gives the text back), anything else as raw bytes.
+fn payload_array<'js>(ctx: &Ctx<'js>, payload: &[u8]) -> rquickjs::Result<Array<'js>> {
+    let array = Array::new(ctx.clone())?;
+    match std::str::from_utf8(payload) {
+        Ok(text) if !payload.is_ascii() => {
+            for (i, unit) in text.encode_utf16().enumerate() {
+                array.set(i, unit as i32)?;
+            }
+        }
+        _ => {
+            for (i, byte) in payload.iter().enumerate() {
+                array.set(i, *byte as i32)?;
+            }
+        }
+    }
+    Ok(array)
+}
+
+fn classify(ctx: &Ctx<'_>, e: rquickjs::Error, interrupted: bool) -> EngineError {
+    if interrupted {
+        // The pending exception is QuickJS's "interrupted"; clear it.
+        let _ = ctx.catch();
+        return EngineError::Timeout;
+    }
+    match e {
+        rquickjs::Error::Exception => {
+            let caught = ctx.catch();
+            let message = describe(&caught).unwrap_or_else(|| "exception".into());
+            if message.contains("out of memory") {
+                EngineError::OutOfMemory
+            } else {
+                EngineError::Exception(message)
+            }
+        }
+        rquickjs::Error::Allocation => EngineError::OutOfMemory,
+        other => {
+            let text = other.to_string();
+            if text.contains("out of memory") {
+                EngineError::OutOfMemory
+            } else {
+                EngineError::Exception(text)
+            }
+        }
+    }
+}
+
+/// `Name: message` for Error objects, the value itself for anything else thrown.
+fn describe(caught: &Value<'_>) -> Option<String> {
+    if let Some(obj) = caught.as_object() {
+        let name: Option<String> = obj.get("name").ok();
+        let message: Option<String> = obj.get("message").ok();
+        if let Some(message) = message {
+            let name = name.unwrap_or_else(|| "Error".into());
+            return Some(format!("{name}: {message}"));
+        }
+    }
+    if let Some(s) = caught.as_string() {
+        return s.to_string().ok();
+    }
+    caught
+        .ctx()
+        .json_stringify(caught.clone())
+        .ok()
+        .flatten()
+        .and_then(|s| s.to_string().ok())
+}
+
+/// The script line of an error, from QuickJS's `lineNumber` or from its stack (`at file:LINE`).
+fn error_line(caught: &Value<'_>, filename: &str) -> Option<u32> {
+    let obj = caught.as_object()?;
+    if let Ok(line) = obj.get::<_, u32>("lineNumber") {
+        return Some(line);
+    }
+    let stack: String = obj.get("stack").ok()?;
+    let at = stack.find(&format!("{filename}:"))? + filename.len() + 1;
+    let digits: String = stack[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
+}

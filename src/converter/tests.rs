@@ -1,0 +1,283 @@
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use super::*;
+
+const SEED_DECODER: &str = include_str!("../../tests/fixtures/seed-decoder.js");
+const SEED_PAYLOAD: &str = include_str!("../../tests/fixtures/seed-payload.json");
+const T: u64 = 1_700_000_000_000;
+
+struct Script {
+    _dir: tempfile::TempDir,
+    config: ConverterConfig,
+}
+
+fn script(body: &str) -> Script {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("decoder.js");
+    std::fs::write(&path, body).unwrap();
+    Script {
+        _dir: dir,
+        config: ConverterConfig {
+            script: path,
+            timeout: Duration::from_millis(100),
+            memory_limit: ByteSize::mib(16),
+            debug: DebugMode::Off,
+            debug_max_bytes: ByteSize::mib(1),
+            metadata: BTreeMap::new(),
+        },
+    }
+}
+
+fn converter(body: &str) -> (Script, Converter) {
+    let s = script(body);
+    let c = Converter::new("test", &s.config, None).unwrap();
+    (s, c)
+}
+
+fn raw(c: &mut Converter, payload: &[u8]) -> Result<Value, ConvertError> {
+    c.run_raw(payload, &[("topic", "t/1")])
+}
+
+#[test]
+fn seed_decoder_runs_unmodified_on_the_seed_payload() {
+    let (_s, mut c) = converter(SEED_DECODER);
+    let entities = c.convert(SEED_PAYLOAD.as_bytes(), &[], T).unwrap();
+    assert_eq!(entities.len(), 1);
+    assert_eq!(entities[0].name, "SN-111");
+    assert_eq!(
+        entities[0].value,
+        json!({
+            "deviceName": "SN-111",
+            "deviceType": "default",
+            "attributes": {"model": "Model A"},
+            "telemetry": [
+                {"ts": 1607731932000u64, "values": {"battery": 3.99, "temperature": 27.05}},
+                {"ts": 1607775132000u64, "values": {"battery": 3.98, "temperature": 27.06}}
+            ]
+        })
+    );
+}
+
+#[test]
+fn normalized_output_is_valid_input_for_the_seed_decoder() {
+    let (_s, mut c) = converter(SEED_DECODER);
+    let payload = br#"{"deviceName":"D","attributes":{"fw":"1.2"},"telemetry":{"t":21.5}}"#;
+    let first = c.convert(payload, &[], T).unwrap();
+    let encoded = serde_json::to_vec(&first[0].value).unwrap();
+    let second = c.convert(&encoded, &[], T + 99_999).unwrap();
+    assert_eq!(first, second);
+}
+
+#[test]
+fn utf8_payloads_arrive_as_utf16_code_units_and_binary_as_bytes() {
+    let (_s, mut c) = converter(
+        "return {deviceName: 'd', attributes: {p: payload, s: decodeToString(payload)}};",
+    );
+    let out = raw(&mut c, "21.5°C €𝄞".as_bytes()).unwrap();
+    assert_eq!(out["attributes"]["s"], "21.5°C €𝄞");
+    let units: Vec<u16> = "21.5°C €𝄞".encode_utf16().collect();
+    assert_eq!(out["attributes"]["p"], json!(units));
+    let binary = [0x01, 0xff, 0xfe, 0x80, 0x00];
+    let out = raw(&mut c, &binary).unwrap();
+    assert_eq!(out["attributes"]["p"], json!([1, 255, 254, 128, 0]));
+    let out = raw(&mut c, b"").unwrap();
+    assert_eq!(out["attributes"]["p"], json!([]));
+}
+
+#[test]
+fn helpers_exist_but_a_scripts_own_definitions_win() {
+    let (_s, mut c) = converter(
+        "return {deviceName: decodeToJson(payload).n, attributes: {b: btoa('hi'), a: atob('aGk=')}};",
+    );
+    let out = raw(&mut c, br#"{"n":"x"}"#).unwrap();
+    assert_eq!(
+        out,
+        json!({"deviceName": "x", "attributes": {"b": "aGk=", "a": "hi"}})
+    );
+    let (_s, mut c) = converter(
+        "return {deviceName: decodeToString(payload)};\nfunction decodeToString(p) { return 'mine'; }",
+    );
+    assert_eq!(raw(&mut c, b"abc").unwrap()["deviceName"], "mine");
+}
+
+#[test]
+fn es2020_builtins_behave_like_nodejs() {
+    // The idioms of ThingsBoard's LoRaWAN device-library decoders.
+    let (_s, mut c) = converter(
+        r#"
+        var bytes = Uint8Array.from(atob(metadata.data), function (ch) { return ch.charCodeAt(0); });
+        var view = new DataView(bytes.buffer);
+        return {
+          deviceName: 'lora',
+          telemetry: {
+            temp: view.getInt16(0) / 100,
+            hex: parseInt('ff', 16),
+            hexbytes: Array.from(bytes, function (b) { return ('0' + b.toString(16)).slice(-2); }).join(''),
+            iso: new Date(Date.UTC(2020, 11, 12)).toISOString(),
+            big: Number(BigInt(2) ** BigInt(40)),
+            fixed: (3.14159).toFixed(2),
+            nullish: null ?? 'dflt',
+            opt: ({}).a?.b === undefined
+          }
+        };
+        "#,
+    );
+    let out = c.run_raw(b"", &[("data", "CZL/")]).unwrap();
+    assert_eq!(
+        out["telemetry"],
+        json!({"temp": 24.5, "hex": 255, "hexbytes": "0992ff", "iso": "2020-12-12T00:00:00.000Z",
+               "big": 1099511627776u64, "fixed": "3.14", "nullish": "dflt", "opt": true})
+    );
+}
+
+fn record(payload: &[u8]) -> Record {
+    Record {
+        seq: 7,
+        captured_ms: T,
+        source: "plant".into(),
+        source_type: crate::record::SourceType::Mqtt,
+        meta: vec![("topic".into(), "a/b".into())],
+        payload: payload.to_vec(),
+    }
+}
+
+fn converted_attributes(c: &mut Converter) -> Value {
+    match c.convert_record(&record(b"x"), "gw-7") {
+        Conversion::Entities { entities, .. } => {
+            let v: Value = serde_json::from_slice(&entities[0].value).unwrap();
+            v["attributes"].clone()
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn metadata_has_integration_name_source_fields_and_gateway_id() {
+    let mut s = script("return {deviceName: 'd', attributes: metadata};");
+    let mut c = Converter::new("c", &s.config, None).unwrap();
+    assert_eq!(
+        converted_attributes(&mut c),
+        json!({"integrationName": "plant", "topic": "a/b", "gatewayId": "gw-7"})
+    );
+    s.config
+        .metadata
+        .insert("integrationName".into(), "TB".into());
+    s.config.metadata.insert("site".into(), "north".into());
+    let mut c = Converter::new("c", &s.config, None).unwrap();
+    let attributes = converted_attributes(&mut c);
+    assert_eq!(attributes["integrationName"], "TB");
+    assert_eq!(attributes["site"], "north");
+}
+
+#[test]
+fn null_skips_and_arrays_give_several_entities() {
+    let (_s, mut c) = converter(
+        "return payload.length ? [{deviceName: 'a'}, {assetName: 'b', assetType: 'room'}] : null;",
+    );
+    assert!(c.convert(b"", &[], T).unwrap().is_empty());
+    let two = c.convert(b"x", &[], T).unwrap();
+    assert_eq!(two[1].value["assetType"], "room");
+}
+
+#[test]
+fn a_syntax_error_names_the_file_and_line() {
+    let s = script("var a = 1;\nvar b = ;\nreturn null;");
+    match Converter::new("c", &s.config, None) {
+        Err(ConverterError::Compile {
+            line,
+            message,
+            path,
+        }) => {
+            assert_eq!(line, Some(2), "{message}");
+            assert!(message.contains("SyntaxError"), "{message}");
+            assert_eq!(path, s.config.script);
+        }
+        other => panic!("expected a compile error, got {:?}", other.err()),
+    }
+}
+
+#[test]
+fn bad_results_and_exceptions_are_clear_errors() {
+    for (body, want) in [
+        ("throw new TypeError('bad frame');", "TypeError: bad frame"),
+        ("return payload.x.y;", "TypeError"),
+        ("throw 'plain string';", "plain string"),
+        ("return 42;", "returned a number"),
+        ("return 'text';", "returned a string"),
+        ("return undefined;", "undefined"),
+        (
+            "return {deviceName: 'a', assetName: 'b', assetType: 'c'};",
+            "both",
+        ),
+        ("return {telemetry: {}};", "needs deviceName"),
+    ] {
+        let (_s, mut c) = converter(body);
+        let err = c.convert(b"{}", &[], T).unwrap_err();
+        assert!(err.to_string().contains(want), "{body}: {err}");
+    }
+}
+
+#[test]
+fn an_endless_loop_stops_at_the_timeout_and_the_next_record_converts() {
+    let (_s, mut c) =
+        converter("if (payload[0] === 0x6c) { while (true) {} } return {deviceName: 'ok'};");
+    let started = Instant::now();
+    let err = c.convert(b"loop", &[], T).unwrap_err();
+    assert_eq!(err, ConvertError::Timeout(Duration::from_millis(100)));
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let started = Instant::now();
+    assert_eq!(c.convert(b"fine", &[], T).unwrap()[0].name, "ok");
+    assert!(started.elapsed() < Duration::from_millis(100));
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_gigabyte_allocation_hits_the_memory_limit_not_the_board() {
+    let mut s = script(
+        "if (payload[0] === 0x62) { var a = []; for (var i = 0; i < 1024; i++) a.push(new Array(1 << 17).fill(i)); return {deviceName: 'big', attributes: {n: a.length}}; }\nreturn {deviceName: 'ok'};",
+    );
+    s.config.timeout = Duration::from_secs(20);
+    let mut c = Converter::new("c", &s.config, None).unwrap();
+    let before = rss_kib();
+    let err = c.convert(b"big", &[], T).unwrap_err();
+    assert_eq!(err, ConvertError::OutOfMemory(ByteSize::mib(16)));
+    let grown_mib = rss_kib().saturating_sub(before) / 1024;
+    assert!(grown_mib < 64, "RSS grew by {grown_mib} MiB");
+    assert_eq!(c.convert(b"ok", &[], T).unwrap()[0].name, "ok");
+}
+
+#[test]
+fn deep_recursion_is_a_clear_error_and_the_next_record_converts() {
+    let (_s, mut c) = converter(
+        "function f(n) { return n === 0 ? 0 : 1 + f(n - 1); }\nif (payload.length) f(1e7);\nreturn {deviceName: 'ok'};",
+    );
+    let err = c.convert(b"deep", &[], T).unwrap_err();
+    assert!(
+        err.to_string().to_lowercase().contains("stack"),
+        "unexpected: {err}"
+    );
+    assert_eq!(c.convert(b"", &[], T).unwrap()[0].name, "ok");
+}
+
+#[test]
+fn scripts_have_no_file_network_or_process_access() {
+    let (_s, mut c) = converter(
+        "return {deviceName: 'probe', attributes: {names: ['require', 'std', 'os', 'process', 'fetch', 'XMLHttpRequest', 'WebSocket', 'Deno', 'import'].filter(function (n) { return typeof globalThis[n] !== 'undefined'; })}};",
+    );
+    assert_eq!(raw(&mut c, b"").unwrap()["attributes"]["names"], json!([]));
+    let (_s, mut c) =
+        converter("return import('os').then(function () { return {deviceName: 'x'}; });");
+    // A promise is not a result; and no module can be loaded anyway.
+    assert!(c.convert(b"", &[], T).is_err());
+}
