@@ -133,10 +133,7 @@ impl Engine {
                     meta.set(*k, *v)?;
                 }
                 let out: Value = f.call((payload, meta))?;
-                Ok(ctx
-                    .json_stringify(out)?
-                    .map(|s| s.to_string())
-                    .transpose()?)
+                ctx.json_stringify(out)?.map(|s| s.to_string()).transpose()
             };
             run().map_err(|e| classify(&ctx, e, interrupted.get()))
         });
