@@ -76,6 +76,20 @@ pub struct ConverterConfig {
     pub metadata: BTreeMap<String, String>,
 }
 
+impl ConverterConfig {
+    /// Default settings for a script given on the command line.
+    pub fn for_script(script: PathBuf) -> ConverterConfig {
+        ConverterConfig {
+            script,
+            timeout: default_converter_timeout(),
+            memory_limit: default_converter_memory(),
+            debug: DebugMode::Off,
+            debug_max_bytes: default_debug_max_bytes(),
+            metadata: BTreeMap::new(),
+        }
+    }
+}
+
 fn default_converter_timeout() -> Duration {
     Duration::from_millis(100)
 }

@@ -6,7 +6,7 @@
 //! backoff (duplicates are possible and carry the same `edgegate-seq`). A fatal producer error
 //! replaces the producer and does the same.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,9 +16,10 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::buffer::{Buffer, BufferError, ReadChunk};
 use crate::config::Config;
-use crate::kafka::{ClientEvent, Delivery, Outcome, Sink, SinkError};
+use crate::converter::{Conversion, ConvertError, Converters, ConvertersGone};
+use crate::kafka::{ClientEvent, Delivery, Out, Outcome, Sink, SinkError};
 use crate::metrics::{DropReason, Metrics};
-use crate::record::now_ms;
+use crate::record::{now_ms, Record};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForwarderError {
@@ -28,6 +29,9 @@ pub enum ForwarderError {
     /// The buffer failed underneath; fatal, the disk needs attention.
     #[error(transparent)]
     Buffer(#[from] BufferError),
+    /// The converter thread died; fatal, the process restarts and resends from the buffer.
+    #[error(transparent)]
+    Converter(#[from] ConvertersGone),
 }
 
 /// Kafka link state as the operator sees it; every change is logged once.
@@ -68,23 +72,41 @@ struct InFlightChunk {
 }
 
 /// Logs at most once a minute, with how many were suppressed.
+#[derive(Default)]
 struct RateLimitedLog {
     last: Option<Instant>,
     suppressed: u64,
 }
 
 impl RateLimitedLog {
-    fn warn(&mut self, what: &str, detail: &str) {
+    fn warn_for(&mut self, what: &str, converter: &str, detail: &str) {
+        if self.due() {
+            tracing::warn!(converter, suppressed = self.suppressed, detail, "{what}");
+            self.reset();
+        }
+    }
+
+    fn due(&mut self) -> bool {
         if self
             .last
             .is_some_and(|t| t.elapsed() < Duration::from_secs(60))
         {
             self.suppressed += 1;
-            return;
+            return false;
         }
-        tracing::warn!(suppressed = self.suppressed, detail, "{what}");
+        true
+    }
+
+    fn reset(&mut self) {
         self.last = Some(Instant::now());
         self.suppressed = 0;
+    }
+
+    fn warn(&mut self, what: &str, detail: &str) {
+        if self.due() {
+            tracing::warn!(suppressed = self.suppressed, detail, "{what}");
+            self.reset();
+        }
     }
 }
 
@@ -106,13 +128,17 @@ struct Forwarder {
     backoff: Backoff,
     last_progress: Instant,
     rejected_log: RateLimitedLog,
+    converters: Converters,
+    /// One log line per converter per minute for records it failed on.
+    converter_logs: HashMap<Arc<str>, RateLimitedLog>,
 }
 
-/// Forwards buffered records to Kafka until `shutdown`, then lets in-flight deliveries finish for
-/// `kafka.shutdown_timeout`.
+/// Forwards buffered records to Kafka, through their source's converter where one is configured,
+/// until `shutdown`, then lets in-flight deliveries finish for `kafka.shutdown_timeout`.
 pub async fn run(
     config: Arc<Config>,
     buffer: Buffer,
+    converters: Converters,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<(), ForwarderError> {
@@ -130,10 +156,9 @@ pub async fn run(
         rewind: None,
         backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(30)),
         last_progress: Instant::now(),
-        rejected_log: RateLimitedLog {
-            last: None,
-            suppressed: 0,
-        },
+        rejected_log: RateLimitedLog::default(),
+        converters,
+        converter_logs: HashMap::new(),
     };
     loop {
         let (sink, (mut deliveries, mut events)) = Sink::new(&f.config)?;
@@ -231,7 +256,7 @@ impl Forwarder {
                     self.check_stall();
                 }
                 chunk = self.buffer.next_chunk(), if self.can_send() => {
-                    self.send_chunk(sink, chunk?, shutdown).await;
+                    self.send_chunk(sink, chunk?, shutdown).await?;
                 }
             }
             if self.rewind.is_some() && self.outstanding == 0 {
@@ -243,7 +268,12 @@ impl Forwarder {
         }
     }
 
-    async fn send_chunk(&mut self, sink: &Sink, chunk: ReadChunk, shutdown: &CancellationToken) {
+    async fn send_chunk(
+        &mut self,
+        sink: &Sink,
+        chunk: ReadChunk,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ForwarderError> {
         let cutoff = self
             .buffer
             .max_age()
@@ -255,41 +285,46 @@ impl Forwarder {
             bytes: chunk.info.bytes as usize,
             failed: false,
         };
-        for record in &chunk.records {
+        let (chunk, conversions) = if self.converters.applies_to(&chunk) {
+            self.converters.convert(chunk).await?
+        } else {
+            (chunk, Vec::new())
+        };
+        for (i, record) in chunk.records.iter().enumerate() {
             if cutoff.is_some_and(|c| record.captured_ms < c) {
                 self.metrics.count_dropped(DropReason::MaxAge, 1);
                 continue;
             }
-            loop {
-                match sink.send(record) {
-                    Ok(()) => {
-                        entry.unconfirmed += 1;
-                        self.outstanding += 1;
-                        break;
-                    }
-                    Err(SinkError::QueueFull) => {
-                        // Only when record bytes exceed librdkafka's byte limit; wait briefly.
-                        if !sleep_or_shutdown(Duration::from_millis(5), shutdown).await {
-                            entry.failed = true;
+            let sent = match conversions.get(i).unwrap_or(&Conversion::Raw) {
+                Conversion::Raw => {
+                    self.send_one(sink, record, Out::Raw, &mut entry, shutdown)
+                        .await
+                }
+                Conversion::Entities {
+                    converter,
+                    entities,
+                } => {
+                    let mut sent = true;
+                    for (index, e) in entities.iter().enumerate() {
+                        let out = Out::Entity {
+                            converter,
+                            index,
+                            key: &e.key,
+                            value: &e.value,
+                        };
+                        sent = self.send_one(sink, record, out, &mut entry, shutdown).await;
+                        if !sent {
                             break;
                         }
                     }
-                    Err(SinkError::Retry(reason)) => {
-                        // Stop here; the rest of the chunk is resent after the rewind.
-                        self.link.set(Link::Down(reason.clone()));
-                        self.rewind.get_or_insert(reason);
-                        entry.failed = true;
-                        break;
-                    }
-                    Err(e) => {
-                        self.metrics.count_dropped(DropReason::RejectedByKafka, 1);
-                        self.rejected_log
-                            .warn("record rejected by kafka producer; dropped", &e.to_string());
-                        break;
-                    }
+                    sent
                 }
-            }
-            if entry.failed {
+                Conversion::Failed { converter, error } => {
+                    self.send_failed(sink, record, converter, error, &mut entry, shutdown)
+                        .await
+                }
+            };
+            if !sent {
                 break;
             }
         }
@@ -302,6 +337,80 @@ impl Forwarder {
         if self.in_flight.back().is_some_and(|c| c.failed) {
             self.rewind
                 .get_or_insert_with(|| "shutdown while sending".into());
+        }
+        Ok(())
+    }
+
+    /// A record its converter failed on: to the dead-letter topic, or counted and dropped.
+    async fn send_failed(
+        &mut self,
+        sink: &Sink,
+        record: &Record,
+        converter: &Arc<str>,
+        error: &ConvertError,
+        entry: &mut InFlightChunk,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let message = error.to_string();
+        let dead_letter = self.config.kafka.dead_letter_topic.is_some();
+        let what = if dead_letter {
+            "converter failed on a record; sent to the dead-letter topic"
+        } else {
+            "converter failed on a record; dropped (no kafka.dead_letter_topic)"
+        };
+        self.converter_logs
+            .entry(converter.clone())
+            .or_default()
+            .warn_for(what, converter, &message);
+        if !dead_letter {
+            self.metrics.count_dropped(DropReason::ConverterFailed, 1);
+            return true;
+        }
+        let out = Out::DeadLetter {
+            converter,
+            error: &message,
+        };
+        self.send_one(sink, record, out, entry, shutdown).await
+    }
+
+    /// Hands one Kafka record to the producer. False when the rest of the chunk must wait for a
+    /// rewind (the link failed, or shutdown came while the producer queue was full).
+    async fn send_one(
+        &mut self,
+        sink: &Sink,
+        record: &Record,
+        out: Out<'_>,
+        entry: &mut InFlightChunk,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        loop {
+            match sink.send(record, out) {
+                Ok(()) => {
+                    entry.unconfirmed += 1;
+                    self.outstanding += 1;
+                    return true;
+                }
+                Err(SinkError::QueueFull) => {
+                    // Only when record bytes exceed librdkafka's byte limit; wait briefly.
+                    if !sleep_or_shutdown(Duration::from_millis(5), shutdown).await {
+                        entry.failed = true;
+                        return false;
+                    }
+                }
+                Err(SinkError::Retry(reason)) => {
+                    // Stop here; the rest of the chunk is resent after the rewind.
+                    self.link.set(Link::Down(reason.clone()));
+                    self.rewind.get_or_insert(reason);
+                    entry.failed = true;
+                    return false;
+                }
+                Err(e) => {
+                    self.metrics.count_dropped(DropReason::RejectedByKafka, 1);
+                    self.rejected_log
+                        .warn("record rejected by kafka producer; dropped", &e.to_string());
+                    return true;
+                }
+            }
         }
     }
 

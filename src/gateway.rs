@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{self, AdminError};
 use crate::buffer::{self, Buffer, BufferError};
 use crate::config::{Config, ConfigError, SourceConfig};
+use crate::converter::{self, Converters};
 use crate::forwarder::{self, ForwarderError};
 use crate::kafka;
 use crate::metrics::Metrics;
@@ -56,6 +57,7 @@ pub fn validate(config: &Config, path: &Path) -> Result<(), ConfigError> {
         message,
     };
     kafka::check_guarantees(config).map_err(|(k, m)| invalid(k, m))?;
+    converter::load_all(config, None).map_err(|(k, e)| invalid(k, e.to_string()))?;
     check_data_dir(&config.gateway.data_dir).map_err(|m| invalid("gateway.data_dir".into(), m))
 }
 
@@ -91,7 +93,11 @@ fn check_data_dir(dir: &Path) -> Result<(), String> {
 /// Runs every stage until `shutdown` is cancelled (or a stage fails fatally), then stops them in
 /// order: sources stop intake and ack what became durable, the buffer commits what it holds, the
 /// forwarder waits for in-flight deliveries.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), GatewayError> {
+pub async fn run(
+    config: Config,
+    config_path: &Path,
+    shutdown: CancellationToken,
+) -> Result<(), GatewayError> {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
     let ready = Arc::new(AtomicBool::new(false));
@@ -113,10 +119,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
         next_seq = stats.next_seq,
         "buffer open"
     );
+    let converters =
+        Converters::start(&config, metrics.clone()).map_err(|(key, e)| ConfigError::Invalid {
+            path: config_path.to_owned(),
+            key,
+            line: None,
+            message: e.to_string(),
+        })?;
     let buffer_task = tokio::spawn(buffer::run(buffer.clone(), intake, shutdown.clone()));
     let mut forwarder_task = tokio::spawn(forwarder::run(
         config.clone(),
         buffer.clone(),
+        converters,
         metrics.clone(),
         shutdown.clone(),
     ));

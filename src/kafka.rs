@@ -206,7 +206,24 @@ pub fn check_guarantees(config: &Config) -> Result<(), (String, String)> {
 pub struct Sink {
     producer: ThreadedProducer<SinkContext>,
     topic: String,
+    dead_letter_topic: Option<String>,
     gateway_id: String,
+}
+
+/// What one Kafka record made from a buffered record carries.
+#[derive(Debug, Clone, Copy)]
+pub enum Out<'a> {
+    /// The raw payload, keyed by the MQTT topic.
+    Raw,
+    /// Entity `index` of the record's converter result, keyed by device or asset name.
+    Entity {
+        converter: &'a str,
+        index: usize,
+        key: &'a str,
+        value: &'a [u8],
+    },
+    /// The raw payload on the dead-letter topic, with the converter's error.
+    DeadLetter { converter: &'a str, error: &'a str },
 }
 
 pub type Receivers = (
@@ -224,15 +241,17 @@ impl Sink {
         let sink = Sink {
             producer,
             topic: config.kafka.topic.clone(),
+            dead_letter_topic: config.kafka.dead_letter_topic.clone(),
             gateway_id: config.gateway.id.clone(),
         };
         Ok((sink, (drx, erx)))
     }
 
-    /// Hands one record to librdkafka; its outcome arrives later as a [`Delivery`].
-    pub fn send(&self, record: &Record) -> Result<(), SinkError> {
+    /// Hands one Kafka record made from `record` to librdkafka; its outcome arrives later as a
+    /// [`Delivery`] carrying the record's sequence number.
+    pub fn send(&self, record: &Record, out: Out<'_>) -> Result<(), SinkError> {
         let seq = record.seq.to_string();
-        let mut headers = OwnedHeaders::new_with_capacity(3 + record.meta.len())
+        let mut headers = OwnedHeaders::new_with_capacity(5 + record.meta.len())
             .insert(header("edgegate-gateway", &self.gateway_id))
             .insert(header("edgegate-seq", &seq))
             .insert(header("edgegate-source", &record.source));
@@ -246,12 +265,39 @@ impl Sink {
                 key = Some(v.as_str());
             }
         }
+        let mut topic = self.topic.as_str();
+        let mut payload = record.payload.as_slice();
+        let index;
+        match out {
+            Out::Raw => {}
+            Out::Entity {
+                converter,
+                index: i,
+                key: k,
+                value,
+            } => {
+                index = i.to_string();
+                headers = headers
+                    .insert(header("edgegate-converter", converter))
+                    .insert(header("edgegate-entity", &index));
+                key = Some(k);
+                payload = value;
+            }
+            Out::DeadLetter { converter, error } => {
+                headers = headers
+                    .insert(header("edgegate-converter", converter))
+                    .insert(header("edgegate-error", error));
+                topic = self.dead_letter_topic.as_deref().ok_or_else(|| {
+                    SinkError::Rejected("no kafka.dead_letter_topic configured".into())
+                })?;
+            }
+        }
         let opaque = Box::new(Opaque {
             seq: record.seq,
             captured_ms: record.captured_ms,
         });
-        let mut message = BaseRecord::with_opaque_to(&self.topic, opaque)
-            .payload(record.payload.as_slice())
+        let mut message = BaseRecord::with_opaque_to(topic, opaque)
+            .payload(payload)
             .timestamp(record.captured_ms as i64)
             .headers(headers);
         if let Some(key) = key {
@@ -279,21 +325,34 @@ impl Sink {
             .map(|(code, reason)| format!("{code}: {reason}"))
     }
 
-    /// Makes sure the topic exists, creating it when `create_topic` is set. Blocking.
+    /// Makes sure the topic (and the dead-letter topic) exist, creating them when
+    /// `create_topic` is set. Blocking.
     pub fn ensure_topic(&self, config: &Config, timeout: Duration) -> Result<(), SinkError> {
+        for topic in std::iter::once(&self.topic).chain(&self.dead_letter_topic) {
+            self.ensure_one_topic(config, topic, timeout)?;
+        }
+        Ok(())
+    }
+
+    fn ensure_one_topic(
+        &self,
+        config: &Config,
+        topic: &str,
+        timeout: Duration,
+    ) -> Result<(), SinkError> {
         let topic_err = |message: String| SinkError::Topic {
-            topic: self.topic.clone(),
+            topic: topic.to_owned(),
             message,
         };
         let metadata = self
             .producer
             .client()
-            .fetch_metadata(Some(&self.topic), timeout)
+            .fetch_metadata(Some(topic), timeout)
             .map_err(|e| topic_err(e.to_string()))?;
         let exists = metadata
             .topics()
             .iter()
-            .any(|t| t.name() == self.topic && t.error().is_none() && !t.partitions().is_empty());
+            .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
         if exists {
             return Ok(());
         }
@@ -302,7 +361,7 @@ impl Sink {
                 "does not exist and kafka.create_topic is false".into(),
             ));
         }
-        create_topic(config, &self.topic, timeout).map_err(topic_err)
+        create_topic(config, topic, timeout).map_err(topic_err)
     }
 }
 

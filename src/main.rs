@@ -2,8 +2,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use edgegate::config::Config;
+use edgegate::config::{Config, ConverterConfig};
+use edgegate::converter::{script_metadata, Converter};
 use edgegate::gateway;
+use edgegate::record::now_ms;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -32,6 +34,40 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Run a decoder on one payload, like ThingsBoard's "Test decoder function". Prints
+    /// {"output": …, "error": …}; exits 0 on success, 1 on a script error, 2 on bad arguments.
+    Convert(ConvertArgs),
+}
+
+#[derive(clap::Args)]
+struct ConvertArgs {
+    /// The decoder script (the body of `function Decoder(payload, metadata)`).
+    #[arg(long, required_unless_present = "config", conflicts_with = "config")]
+    script: Option<PathBuf>,
+    /// Take the script and its settings from this configuration file…
+    #[arg(long, short, requires = "converter")]
+    config: Option<PathBuf>,
+    /// …from its `[converters.<NAME>]` table.
+    #[arg(long, requires = "config")]
+    converter: Option<String>,
+    /// File holding the payload, or - for standard input.
+    #[arg(long)]
+    payload: PathBuf,
+    /// The payload file holds base64 text; decode it first.
+    #[arg(long)]
+    base64: bool,
+    /// Extra metadata for the script, as key=value; repeatable.
+    #[arg(long = "metadata", value_name = "KEY=VALUE", value_parser = key_value)]
+    metadata: Vec<(String, String)>,
+    /// Print the script's own return value, unnormalized, as ThingsBoard shows it.
+    #[arg(long)]
+    raw: bool,
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -50,12 +86,13 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Convert(args) => convert(args),
         Command::Run { config, log_format } => {
             let Ok(cfg) = load(&config) else {
                 return ExitCode::from(2);
             };
             init_logging(cfg.log.level.as_deref(), log_format);
-            run(cfg)
+            run(cfg, config)
         }
     }
 }
@@ -82,7 +119,7 @@ fn init_logging(level: Option<&str>, format: LogFormat) {
     }
 }
 
-fn run(config: Config) -> ExitCode {
+fn run(config: Config, path: PathBuf) -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -93,7 +130,7 @@ fn run(config: Config) -> ExitCode {
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_on_signal(shutdown.clone()));
-        gateway::run(config, shutdown).await
+        gateway::run(config, &path, shutdown).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -118,4 +155,96 @@ async fn stop_on_signal(shutdown: CancellationToken) {
         _ = int.recv() => tracing::info!("SIGINT received"),
     }
     shutdown.cancel();
+}
+
+fn convert(args: ConvertArgs) -> ExitCode {
+    let usage = |message: String| {
+        eprintln!("edgegate convert: {message}");
+        ExitCode::from(2)
+    };
+    let payload = match read_payload(&args.payload, args.base64) {
+        Ok(p) => p,
+        Err(message) => return usage(message),
+    };
+    let (name, settings, gateway_id) = match (&args.script, &args.config, &args.converter) {
+        (Some(script), _, _) => {
+            let name = script
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "decoder".into());
+            (
+                name,
+                ConverterConfig::for_script(script.clone()),
+                String::new(),
+            )
+        }
+        (None, Some(path), Some(name)) => {
+            let config = match Config::load(path) {
+                Ok(c) => c,
+                Err(e) => return usage(e.to_string()),
+            };
+            let Some(settings) = config.converters.get(name) else {
+                return usage(format!("{}: no [converters.{name}] table", path.display()));
+            };
+            (name.clone(), settings.clone(), config.gateway.id.clone())
+        }
+        _ => return usage("give --script, or --config with --converter".into()),
+    };
+    if let Err(e) = std::fs::metadata(&settings.script) {
+        return usage(format!("{}: {e}", settings.script.display()));
+    }
+    let (output, error) = match Converter::new(&name, &settings, None) {
+        Err(e) => (None, Some(e.to_string())),
+        Ok(mut converter) => {
+            let static_meta = converter.static_metadata().to_vec();
+            let mut meta = script_metadata(&static_meta, &name, &gateway_id, &args.metadata);
+            if gateway_id.is_empty() {
+                meta.retain(|(k, _)| *k != "gatewayId");
+            }
+            let result = if args.raw {
+                converter.run_raw(&payload, &meta)
+            } else {
+                converter
+                    .convert(&payload, &meta, now_ms())
+                    .map(|entities| entities.into_iter().map(|e| e.value).collect())
+            };
+            match result {
+                Ok(v) => (Some(v), None),
+                Err(e) => (None, Some(e.to_string())),
+            }
+        }
+    };
+    let failed = error.is_some();
+    let report = serde_json::json!({ "output": output, "error": error });
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&report).unwrap_or_default()
+    );
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn read_payload(path: &Path, base64: bool) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    let read = if path.as_os_str() == "-" {
+        std::io::stdin().read_to_end(&mut bytes)
+    } else {
+        std::fs::File::open(path).and_then(|mut f| f.read_to_end(&mut bytes))
+    };
+    read.map_err(|e| format!("{}: {e}", path.display()))?;
+    if !base64 {
+        return Ok(bytes);
+    }
+    use base64::Engine as _;
+    let text: Vec<u8> = bytes
+        .into_iter()
+        .filter(|b| !b.is_ascii_whitespace())
+        .collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|e| format!("{}: not base64: {e}", path.display()))
 }
