@@ -219,3 +219,137 @@ fn unreachable_mqtt_broker_is_logged_and_retried_until_it_appears() {
     gw.wait_for("mqtt subscribed", Duration::from_secs(10));
     assert_eq!(gw.terminate(), Some(0));
 }
+
+fn with_converter(dir: &Path, script: &str, source_converter: &str) -> std::path::PathBuf {
+    std::fs::write(dir.join("decoder.js"), script).unwrap();
+    write(
+        dir,
+        &format!(
+            "{GOOD}converter = \"{source_converter}\"\n\n[converters.tb]\nscript = \"decoder.js\"\nmetadata = {{ site = \"north\" }}\n"
+        ),
+    )
+}
+
+#[test]
+fn check_reports_a_script_syntax_error_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = with_converter(dir.path(), "var a = 1;\n\nvar b = ;\nreturn a;\n", "tb");
+    let script = dir.path().join("decoder.js").display().to_string();
+    assert_rejected(
+        &config,
+        &["converters.tb", &format!("{script}:3:"), "SyntaxError"],
+    );
+}
+
+#[test]
+fn a_source_naming_a_missing_converter_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = with_converter(dir.path(), "return null;", "nope");
+    assert_rejected(&config, &["sources.plant.converter", "converters.nope"]);
+    let config = write(
+        dir.path(),
+        &format!("{GOOD}\n[converters.tb]\nscript = \"missing.js\"\n"),
+    );
+    assert_rejected(&config, &["converters.tb", "missing.js", "cannot read"]);
+}
+
+fn convert(args: &[&str], stdin: &[u8]) -> (Option<i32>, serde_json::Value, String) {
+    use std::io::Write;
+    let mut child = edgegate()
+        .arg("convert")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (
+        out.status.code(),
+        json,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn convert_runs_the_seed_decoder_like_thingsboards_test_function() {
+    let seed = "tests/fixtures/seed-decoder.js";
+    let (code, out, err) = convert(
+        &[
+            "--script",
+            seed,
+            "--payload",
+            "tests/fixtures/seed-payload.json",
+        ],
+        b"",
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out["error"], serde_json::Value::Null);
+    assert_eq!(out["output"][0]["deviceName"], "SN-111");
+    assert_eq!(
+        out["output"][0]["telemetry"][1]["values"]["temperature"],
+        27.06
+    );
+    // --raw: the script's own value; the seed decoder leaves undefined fields out.
+    let (code, out, _) = convert(
+        &["--script", seed, "--payload", "-", "--raw"],
+        br#"{"deviceName":"A","telemetry":{"t":1}}"#,
+    );
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        out["output"],
+        serde_json::json!({"deviceName": "A", "telemetry": {"t": 1}})
+    );
+}
+
+#[test]
+fn convert_takes_base64_metadata_and_a_configured_converter() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = with_converter(
+        dir.path(),
+        "return {deviceName: metadata.site + '-' + metadata.topic, attributes: {p: payload}};",
+        "tb",
+    );
+    let config = config.display().to_string();
+    let (code, out, err) = convert(
+        &[
+            "--config",
+            &config,
+            "--converter",
+            "tb",
+            "--payload",
+            "-",
+            "--base64",
+            "--metadata",
+            "topic=t/1",
+        ],
+        b"AP8=\n",
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out["output"][0]["deviceName"], "north-t/1");
+    assert_eq!(
+        out["output"][0]["attributes"]["p"],
+        serde_json::json!([0, 255])
+    );
+}
+
+#[test]
+fn convert_exits_1_on_script_errors_and_2_on_bad_arguments() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("bad.js");
+    std::fs::write(&script, "throw new RangeError('nope');").unwrap();
+    let script = script.display().to_string();
+    let (code, out, _) = convert(&["--script", &script, "--payload", "-"], b"x");
+    assert_eq!(code, Some(1));
+    assert_eq!(out["output"], serde_json::Value::Null);
+    assert!(out["error"].as_str().unwrap().contains("RangeError: nope"));
+    let (code, _, err) = convert(&["--script", &script, "--payload", "/nonexistent"], b"");
+    assert_eq!(code, Some(2), "{err}");
+    let (code, _, err) = convert(&["--script", &script, "--payload", "-", "--base64"], b"%%%");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("base64"), "{err}");
+    let (code, _, _) = convert(&["--payload", "-"], b"");
+    assert_eq!(code, Some(2));
+}

@@ -1,0 +1,279 @@
+//! Converters end to end through real brokers: mosquitto → edgegate (QuickJS) → Tansu.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::*;
+
+const SEED_DECODER: &str = include_str!("fixtures/seed-decoder.js");
+const SEED_PAYLOAD: &str = include_str!("fixtures/seed-payload.json");
+
+/// A decoder that misbehaves on request: the payload names what to do.
+const MOODY_DECODER: &str = r#"
+var cmd = decodeToString(payload);
+if (cmd === 'throw') throw new Error('device sent garbage');
+if (cmd === 'loop') { while (true) {} }
+if (cmd === 'oom') { var a = []; for (var i = 0; i < 1024; i++) a.push(new Array(1 << 17).fill(i)); }
+if (cmd === 'deep') { var f = function (n) { return 1 + f(n + 1); }; f(0); }
+if (cmd === 'number') return 42;
+if (cmd === 'undefined') return undefined;
+if (cmd === 'skip') return null;
+return { deviceName: 'dev-' + cmd, telemetry: { n: parseInt(cmd, 10) } };
+"#;
+
+fn kafka_with_proxy() -> (Tansu, Proxy) {
+    let proxy_port = free_port();
+    let kafka = Tansu::start_advertising(free_port(), proxy_port);
+    let proxy = Proxy::start(proxy_port, kafka.port);
+    (kafka, proxy)
+}
+
+/// A gateway config whose `plant` source goes through converter `tb` running `script`.
+fn converter_config(
+    dir: &Path,
+    mqtt_port: u16,
+    bootstrap: &str,
+    script: &str,
+    kafka_extra: &str,
+    converter_extra: &str,
+) -> PathBuf {
+    std::fs::write(dir.join("decoder.js"), script).unwrap();
+    let config = write_config(
+        dir,
+        mqtt_port,
+        bootstrap,
+        "uplink",
+        &format!(
+            "converter = \"tb\"\n\n[converters.tb]\nscript = \"decoder.js\"\n{converter_extra}\n"
+        ),
+    );
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "topic = \"uplink\"",
+        &format!("topic = \"uplink\"\n{kafka_extra}"),
+    );
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+fn json_of(m: &KafkaMessage) -> Value {
+    serde_json::from_slice(&m.payload).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_decoder_output_reaches_kafka_and_keeps_capture_time_through_an_outage() {
+    let mqtt = Mosquitto::start();
+    let (kafka, proxy) = kafka_with_proxy();
+    let dir = tempfile::tempdir().unwrap();
+    let config = converter_config(
+        dir.path(),
+        mqtt.port,
+        &kafka.bootstrap(),
+        SEED_DECODER,
+        "",
+        "",
+    );
+    let gw = Gateway::start(&config);
+    gw.wait_for("mqtt subscribed", Duration::from_secs(10));
+    let publisher = Publisher::connect(mqtt.port, "dev").await;
+    publisher
+        .publish("sensors/sn-111", SEED_PAYLOAD.as_bytes().to_vec())
+        .await;
+    publisher.wait_acked(1, Duration::from_secs(10)).await;
+    let first = consume(&kafka.bootstrap(), "uplink", 1, Duration::from_secs(30));
+    assert_eq!(first.len(), 1, "log:\n{}", gw.log());
+    let m = &first[0];
+    assert_eq!(m.key.as_deref(), Some(&b"SN-111"[..]));
+    assert_eq!(
+        json_of(m),
+        json!({"deviceName": "SN-111", "deviceType": "default", "attributes": {"model": "Model A"},
+               "telemetry": [{"ts": 1607731932000u64, "values": {"battery": 3.99, "temperature": 27.05}},
+                             {"ts": 1607775132000u64, "values": {"battery": 3.98, "temperature": 27.06}}]})
+    );
+    assert_eq!(m.header("edgegate-converter"), "tb");
+    assert_eq!(m.header("edgegate-entity"), "0");
+    assert_eq!(m.header("edgegate-gateway"), "gw-test");
+    assert_eq!(m.header("edgegate-topic"), "sensors/sn-111");
+
+    // Link down: a reading without ts is captured now and forwarded much later.
+    proxy.set(ProxyMode::Cut);
+    let published_at = now_ms();
+    publisher
+        .publish(
+            "sensors/sn-222",
+            br#"{"deviceName":"SN-222","telemetry":{"temperature":-3.5}}"#.to_vec(),
+        )
+        .await;
+    publisher.wait_acked(2, Duration::from_secs(10)).await;
+    gw.wait_for("kafka link down", Duration::from_secs(30));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let restored_at = now_ms();
+    proxy.set(ProxyMode::Up);
+    let msgs = consume(&kafka.bootstrap(), "uplink", 2, Duration::from_secs(60));
+    let m = msgs
+        .iter()
+        .find(|m| m.key.as_deref() == Some(&b"SN-222"[..]))
+        .unwrap_or_else(|| panic!("SN-222 missing; log:\n{}", gw.log()));
+    let ts = json_of(m)["telemetry"][0]["ts"].as_u64().unwrap();
+    assert!(
+        ts >= published_at.saturating_sub(1000) && ts < restored_at,
+        "ts {ts} is not the capture time (published {published_at}, link back {restored_at})"
+    );
+    assert_eq!(
+        m.timestamp,
+        Some(ts as i64),
+        "record timestamp = capture time"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_records_go_to_the_dead_letter_topic_and_the_rest_keeps_flowing() {
+    let mqtt = Mosquitto::start();
+    let kafka = Tansu::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = converter_config(
+        dir.path(),
+        mqtt.port,
+        &kafka.bootstrap(),
+        MOODY_DECODER,
+        "dead_letter_topic = \"uplink.dlq\"",
+        "timeout = \"200ms\"",
+    );
+    let gw = Gateway::start(&config);
+    gw.wait_for("mqtt subscribed", Duration::from_secs(10));
+    let publisher = Publisher::connect(mqtt.port, "dev").await;
+    let bad = ["throw", "loop", "oom", "deep", "number", "undefined"];
+    let mut sent = 0;
+    let started = Instant::now();
+    for (i, cmd) in bad.iter().enumerate() {
+        publisher
+            .publish("sensors/x", cmd.as_bytes().to_vec())
+            .await;
+        publisher.publish("sensors/x", b"skip".to_vec()).await;
+        publisher
+            .publish("sensors/x", i.to_string().into_bytes())
+            .await;
+        sent += 3;
+    }
+    publisher.wait_acked(sent, Duration::from_secs(10)).await;
+
+    let good = consume(
+        &kafka.bootstrap(),
+        "uplink",
+        bad.len(),
+        Duration::from_secs(60),
+    );
+    // Keyed by device name, so spread over partitions: compare as a set.
+    let mut names: Vec<String> = good
+        .iter()
+        .map(|m| String::from_utf8_lossy(m.key.as_deref().unwrap_or_default()).into_owned())
+        .collect();
+    names.sort();
+    let expected: Vec<String> = (0..bad.len()).map(|i| format!("dev-{i}")).collect();
+    assert_eq!(names, expected, "log:\n{}", gw.log());
+    // Each bad record costs at most its timeout: the good ones are not held up behind them.
+    assert!(started.elapsed() < Duration::from_secs(30));
+
+    let dead = consume(
+        &kafka.bootstrap(),
+        "uplink.dlq",
+        bad.len(),
+        Duration::from_secs(30),
+    );
+    let payloads: Vec<String> = dead
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+        .collect();
+    assert_eq!(
+        payloads, bad,
+        "dead letters carry the raw payload, in order"
+    );
+    let error = |i: usize| dead[i].header("edgegate-error").to_owned();
+    assert!(error(0).contains("device sent garbage"), "{}", error(0));
+    assert!(error(1).contains("timed out"), "{}", error(1));
+    assert!(error(2).contains("memory limit"), "{}", error(2));
+    assert!(error(3).to_lowercase().contains("stack"), "{}", error(3));
+    assert!(error(4).contains("returned a number"), "{}", error(4));
+    assert!(error(5).contains("undefined"), "{}", error(5));
+    assert!(dead.iter().all(|m| m.header("edgegate-converter") == "tb"));
+    assert!(dead.iter().all(|m| !m.header("edgegate-seq").is_empty()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_dead_letter_topic_failures_are_counted_logged_once_and_debugged() {
+    let mqtt = Mosquitto::start();
+    let kafka = Tansu::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = converter_config(
+        dir.path(),
+        mqtt.port,
+        &kafka.bootstrap(),
+        MOODY_DECODER,
+        "",
+        "debug = \"failures\"",
+    );
+    let text = std::fs::read_to_string(&config).unwrap();
+    let admin_port = free_port();
+    std::fs::write(
+        &config,
+        format!("[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n{text}"),
+    )
+    .unwrap();
+    let gw = Gateway::start(&config);
+    gw.wait_for("mqtt subscribed", Duration::from_secs(10));
+    let publisher = Publisher::connect(mqtt.port, "dev").await;
+    for _ in 0..5 {
+        publisher.publish("sensors/x", b"throw".to_vec()).await;
+    }
+    publisher.publish("sensors/x", b"7".to_vec()).await;
+    publisher.wait_acked(6, Duration::from_secs(10)).await;
+    let good = consume(&kafka.bootstrap(), "uplink", 1, Duration::from_secs(30));
+    assert_eq!(good.len(), 1);
+    assert_eq!(good[0].key.as_deref(), Some(&b"dev-7"[..]));
+
+    let metrics = http_get(admin_port, "/metrics");
+    assert!(
+        metrics.contains("edgegate_converter_errors_total{converter=\"tb\",kind=\"exception\"} 5"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("edgegate_records_dropped_total{reason=\"converter_failed\"} 5"),
+        "{metrics}"
+    );
+    assert_eq!(gw.count("converter failed on a record"), 1, "{}", gw.log());
+
+    let debug = std::fs::read_to_string(dir.path().join("data/debug/tb.jsonl")).unwrap();
+    let events: Vec<Value> = debug
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 5, "only failures are recorded:\n{debug}");
+    assert_eq!(events[0]["in"], "throw");
+    assert_eq!(events[0]["metadata"]["topic"], "sensors/x");
+    assert!(events[0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("device sent garbage"));
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
