@@ -101,17 +101,24 @@ fn disk_bytes(dir: &Path) -> u64 {
 // ---------- load generation and counting ----------
 
 /// The test suite's publisher with a wide window, plus timed payloads and pacing.
-struct Load(Publisher);
+struct Load(Publisher, Option<Vec<u8>>);
 
 impl Load {
     async fn connect(port: u16, id: &str) -> Load {
-        Load(Publisher::connect_with(port, id, 1000, 10_000).await)
+        Load(Publisher::connect_with(port, id, 1000, 10_000).await, None)
+    }
+
+    /// Publishes `payload` instead of timed payloads (no latency samples then).
+    fn with_payload(mut self, payload: Option<Vec<u8>>) -> Load {
+        self.1 = payload;
+        self
     }
 
     async fn publish(&self, n: u64, topics: u64) {
         for i in 0..n {
             let topic = format!("sensors/dev{}", i % topics);
-            self.0.publish(&topic, timed_payload()).await;
+            let payload = self.1.clone().unwrap_or_else(timed_payload);
+            self.0.publish(&topic, payload).await;
         }
     }
 
@@ -324,7 +331,21 @@ async fn through_process(
     topic: &str,
     n: u64,
 ) -> Row {
-    let load = Load::connect(broker.port, &format!("load-{topic}")).await;
+    through_process_with(name, pid, broker, bootstrap, topic, n, None).await
+}
+
+async fn through_process_with(
+    name: &str,
+    pid: u32,
+    broker: &Mosquitto,
+    bootstrap: &str,
+    topic: &str,
+    n: u64,
+    payload: Option<Vec<u8>>,
+) -> Row {
+    let load = Load::connect(broker.port, &format!("load-{topic}"))
+        .await
+        .with_payload(payload);
     let tail = Tail::start(bootstrap, topic);
     let before = proc_sample(pid);
     let t = Instant::now();
@@ -382,7 +403,7 @@ fn edgegate_config(
             cache = std::env::var("LOADTEST_CACHE").unwrap_or_else(|_| "8MiB".into()),
             // Extra [kafka] lines for experiments, e.g. max_in_flight_bytes = "1MiB".
             kafka_extra = std::env::var("LOADTEST_KAFKA").unwrap_or_default(),
-        ),
+        ) + &std::env::var("LOADTEST_SOURCE").unwrap_or_default(),
     )
     .expect("config");
     path
@@ -622,6 +643,87 @@ async fn edgegate_only(n: u64) {
     let _ = gw.wait();
 }
 
+const SEED_DECODER: &str = "tests/fixtures/seed-decoder.js";
+const SEED_PAYLOAD: &str = "tests/fixtures/seed-payload.json";
+
+/// The seed decoder on the seed payload in this process, on one thread: records/s and µs/record.
+fn converter_in_process(n: u64) {
+    use edgegate::config::ConverterConfig;
+    use edgegate::converter::Converter;
+    let settings = ConverterConfig::for_script(SEED_DECODER.into());
+    let mut converter = Converter::new("seed", &settings, None).expect("seed decoder");
+    let payload = std::fs::read(SEED_PAYLOAD).expect("seed payload");
+    let meta = [
+        ("integrationName", "plant"),
+        ("topic", "sensors/sn-111"),
+        ("gatewayId", "bench"),
+    ];
+    for _ in 0..1000 {
+        let _ = converter.convert(&payload, &meta, 0);
+    }
+    let t = Instant::now();
+    let mut bytes = 0;
+    for i in 0..n {
+        let entities = converter.convert(&payload, &meta, i).expect("converts");
+        // As the forwarder does: encode the normalized entity for Kafka.
+        for e in entities {
+            bytes += serde_json::to_vec(&e.value).map_or(0, |v| v.len());
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "| seed decoder, in process, one thread | {n} | {secs:.2} | {:.0} | {:.1} µs/record | {} B out per record |",
+        n as f64 / secs,
+        secs * 1e6 / n as f64,
+        bytes / n.max(1) as usize
+    );
+}
+
+/// Raw forwarding vs the seed decoder, same payload, same brokers, one after the other.
+async fn converter_e2e(n: u64) {
+    let payload = std::fs::read(SEED_PAYLOAD).expect("seed payload");
+    let kafka = Tansu::start();
+    let broker = Mosquitto::start();
+    let decoder = std::fs::canonicalize(SEED_DECODER).expect("seed decoder");
+    for (label, source_extra) in [
+        ("raw forwarding", String::new()),
+        (
+            "seed decoder",
+            format!(
+                "converter = \"tb\"\n[converters.tb]\nscript = \"{}\"\n",
+                decoder.display()
+            ),
+        ),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let topic = format!("bench-{}", label.replace(' ', "-"));
+        kafka.create_topic(&topic, 1);
+        std::env::set_var("LOADTEST_SOURCE", &source_extra);
+        let config = edgegate_config(
+            dir.path(),
+            broker.port,
+            &kafka.bootstrap(),
+            &topic,
+            free_port(),
+        );
+        let mut gw = start_edgegate(&config);
+        let name = format!("edgegate, {label}, seed payload");
+        let row = through_process_with(
+            &name,
+            gw.id(),
+            &broker,
+            &kafka.bootstrap(),
+            &topic,
+            n,
+            Some(payload.clone()),
+        )
+        .await;
+        row.print();
+        let _ = gw.kill();
+        let _ = gw.wait();
+    }
+}
+
 fn chrono_free_date() -> String {
     std::process::Command::new("date")
         .arg("-u")
@@ -687,6 +789,19 @@ fn main() {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(1_000_000);
             runtime.block_on(backlog(n));
+        }
+        Some("converter") => {
+            let n = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(200_000);
+            println!(
+                "| path | records | seconds | records/s | CPU-s / 100k | peak RSS MB | note |"
+            );
+            println!("|---|---|---|---|---|---|---|");
+            converter_in_process(n * 2);
+            runtime.block_on(converter_e2e(n));
+        }
+        Some("converter-micro") => {
+            let n = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(400_000);
+            converter_in_process(n);
         }
         Some("bridge") => {
             let port = args.get(1).and_then(|p| p.parse().ok()).expect("MQTT_PORT");
