@@ -171,7 +171,7 @@ fn compile<'js>(
 /// ThingsBoard's payload quirk: valid UTF-8 arrives as the UTF-16 code units of its text (so
 /// `String.fromCharCode.apply` gives the text back), anything else as raw bytes.
 fn payload_array<'js>(ctx: &Ctx<'js>, payload: &[u8]) -> rquickjs::Result<Array<'js>> {
-    let int = |v: i32| qjs::JS_MKVAL(qjs::JS_TAG_INT as i32, v);
+    let int = |v: i32| qjs::JS_MKVAL(qjs::JS_TAG_INT, v);
     let values: Vec<qjs::JSValue> = match std::str::from_utf8(payload) {
         Ok(text) if !payload.is_ascii() => text.encode_utf16().map(|u| int(i32::from(u))).collect(),
         _ => payload.iter().map(|b| int(i32::from(*b))).collect(),
@@ -182,7 +182,7 @@ fn payload_array<'js>(ctx: &Ctx<'js>, payload: &[u8]) -> rquickjs::Result<Array<
     // count, so QuickJS taking "ownership" of the copied values needs nothing from us.
     let raw = unsafe { qjs::JS_NewArrayFrom(ctx.as_raw().as_ptr(), count, values.as_ptr()) };
     // SAFETY: reading the tag of a value just returned by QuickJS.
-    if unsafe { qjs::JS_VALUE_GET_TAG(raw) } == qjs::JS_TAG_EXCEPTION as i32 {
+    if unsafe { qjs::JS_VALUE_GET_TAG(raw) } == qjs::JS_TAG_EXCEPTION {
         return Err(rquickjs::Error::Exception);
     }
     // SAFETY: `raw` is a new, owned array value of this context.
