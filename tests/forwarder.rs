@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use edgegate::buffer::{self, Buffer};
 use edgegate::config::Config;
+use edgegate::converter::Converters;
 use edgegate::forwarder;
 use edgegate::metrics::{DropReason, Metrics};
 use edgegate::record::{now_ms, NewRecord, SourceType};
@@ -53,7 +54,8 @@ async fn forward(bootstrap: &str, n: u32) -> Harness {
     drop(writer);
     let f = tokio::spawn({
         let (b, m, s) = (buffer.clone(), metrics.clone(), shutdown.clone());
-        async move { forwarder::run(config, b, m, s).await.unwrap() }
+        let converters = Converters::start(&config, m.clone()).unwrap();
+        async move { forwarder::run(config, b, converters, m, s).await.unwrap() }
     });
     Harness {
         buffer,
