@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::converter::DebugMode;
+use crate::sources::framing::Framing;
 
 /// Why a configuration could not be used. Every variant is fatal: print it and exit with status 2.
 #[derive(Debug, thiserror::Error)]
@@ -258,12 +259,14 @@ impl fmt::Debug for Secret {
 #[derive(Debug, Clone)]
 pub enum SourceConfig {
     Mqtt(MqttSourceConfig),
+    Serial(SerialSourceConfig),
 }
 
 impl SourceConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             SourceConfig::Mqtt(_) => "mqtt",
+            SourceConfig::Serial(_) => "serial",
         }
     }
 
@@ -271,6 +274,7 @@ impl SourceConfig {
     pub fn converter(&self) -> Option<&str> {
         match self {
             SourceConfig::Mqtt(m) => m.converter.as_deref(),
+            SourceConfig::Serial(s) => s.converter.as_deref(),
         }
     }
 }
@@ -319,6 +323,122 @@ pub struct MqttSourceConfig {
     /// Name of a `[converters.<name>]` table; without it the raw payload is forwarded.
     #[serde(default)]
     pub converter: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Parity {
+    #[default]
+    None,
+    Odd,
+    Even,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FlowControl {
+    #[default]
+    None,
+    /// XON/XOFF.
+    Software,
+    /// RTS/CTS.
+    Hardware,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialSourceConfig {
+    /// The device, e.g. /dev/ttyUSB0 or a stable /dev/serial/by-id/… symlink.
+    pub path: PathBuf,
+    #[serde(default = "default_baud")]
+    pub baud_rate: u32,
+    #[serde(default = "default_data_bits")]
+    pub data_bits: u8,
+    #[serde(default)]
+    pub parity: Parity,
+    #[serde(default = "default_stop_bits")]
+    pub stop_bits: u8,
+    #[serde(default)]
+    pub flow_control: FlowControl,
+    /// How the byte stream is cut into records; `"line"` by default.
+    #[serde(default = "default_framing")]
+    pub framing: Framing,
+    /// Longer frames are discarded and counted; the reader resynchronises at the next boundary.
+    #[serde(default = "default_max_frame")]
+    pub max_frame_bytes: ByteSize,
+    /// Name of a `[converters.<name>]` table; without it the raw frame is forwarded.
+    #[serde(default)]
+    pub converter: Option<String>,
+    /// Static identity for devices whose frames carry none (metadata deviceName/deviceType).
+    #[serde(default)]
+    pub device_name: Option<String>,
+    #[serde(default)]
+    pub device_type: Option<String>,
+    /// Frames read but not yet durable; when reached, reading stops (the UART carries the rest).
+    #[serde(default = "default_max_pending")]
+    pub max_pending: usize,
+    #[serde(default = "default_reconnect_min", with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    #[serde(default = "default_reconnect_max", with = "humantime_serde")]
+    pub reconnect_max: Duration,
+}
+
+impl SerialSourceConfig {
+    /// Bits on the wire per character: start, data, parity, stop.
+    pub fn bits_per_char(&self) -> u32 {
+        1 + u32::from(self.data_bits)
+            + u32::from(self.parity != Parity::None)
+            + u32::from(self.stop_bits)
+    }
+}
+
+fn default_baud() -> u32 {
+    9600
+}
+fn default_data_bits() -> u8 {
+    8
+}
+fn default_stop_bits() -> u8 {
+    1
+}
+fn default_framing() -> Framing {
+    Framing::Line
+}
+fn default_max_frame() -> ByteSize {
+    ByteSize::kib(64)
+}
+
+fn validate_serial(
+    s: &SerialSourceConfig,
+    prefix: &str,
+    buffer: &BufferConfig,
+) -> Result<(), (String, String)> {
+    let key = |k: &str| format!("{prefix}.{k}");
+    if s.path.as_os_str().is_empty() {
+        return Err((key("path"), "must not be empty".into()));
+    }
+    if s.baud_rate == 0 {
+        return Err((key("baud_rate"), "must be above 0".into()));
+    }
+    if !(5..=8).contains(&s.data_bits) {
+        return Err((key("data_bits"), "must be 5, 6, 7 or 8".into()));
+    }
+    if !(1..=2).contains(&s.stop_bits) {
+        return Err((key("stop_bits"), "must be 1 or 2".into()));
+    }
+    if s.max_pending == 0 {
+        return Err((key("max_pending"), "must be at least 1".into()));
+    }
+    let max = s.max_frame_bytes.as_u64();
+    if max == 0 || max * 4 > buffer.max_bytes.as_u64() {
+        return Err((
+            key("max_frame_bytes"),
+            "must be above 0 and at most a quarter of buffer.max_bytes".into(),
+        ));
+    }
+    s.framing
+        .validate(max as usize)
+        .map_err(|m| (key("framing"), m))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -463,8 +583,11 @@ impl Config {
             }
         }
         for (name, source) in &self.sources {
-            let SourceConfig::Mqtt(m) = source;
-            validate_mqtt(m, &format!("sources.{name}"), &self.buffer)?;
+            let prefix = format!("sources.{name}");
+            match source {
+                SourceConfig::Mqtt(m) => validate_mqtt(m, &prefix, &self.buffer)?,
+                SourceConfig::Serial(s) => validate_serial(s, &prefix, &self.buffer)?,
+            }
             if let Some(c) = source.converter() {
                 if !self.converters.contains_key(c) {
                     return Err((
@@ -574,13 +697,27 @@ fn parse_source(raw: toml::Table, prefix: &str) -> Result<SourceConfig, (String,
     let kind = match raw.remove("type") {
         Some(toml::Value::String(s)) => s,
         Some(_) => return Err((format!("{prefix}.type"), "must be a string".into())),
-        None => return Err((format!("{prefix}.type"), "missing (one of: mqtt)".into())),
+        None => {
+            return Err((
+                format!("{prefix}.type"),
+                "missing (one of: mqtt, serial)".into(),
+            ))
+        }
     };
     match kind.as_str() {
         "mqtt" => deserialize_at(toml::Value::Table(raw), prefix).map(SourceConfig::Mqtt),
+        "serial" => {
+            // `framing = "idle"` is shorthand for `framing = { mode = "idle" }`.
+            if let Some(toml::Value::String(mode)) = raw.get("framing").cloned() {
+                let mut table = toml::Table::new();
+                table.insert("mode".into(), toml::Value::String(mode));
+                raw.insert("framing".into(), toml::Value::Table(table));
+            }
+            deserialize_at(toml::Value::Table(raw), prefix).map(SourceConfig::Serial)
+        }
         other => Err((
             format!("{prefix}.type"),
-            format!("unknown source type {other:?} (one of: mqtt)"),
+            format!("unknown source type {other:?} (one of: mqtt, serial)"),
         )),
     }
 }
@@ -591,7 +728,14 @@ fn deserialize_at<T: DeserializeOwned>(
     prefix: &str,
 ) -> Result<T, (String, String)> {
     serde_path_to_error::deserialize(value).map_err(|e| {
-        let inner = e.inner().to_string();
+        let text = e.inner().to_string();
+        // toml repeats the path on a second line ("in `framing.mode`"); the key names it already.
+        let inner = text
+            .split("\nin `")
+            .next()
+            .unwrap_or(&text)
+            .trim()
+            .to_owned();
         let mut key = e.path().to_string();
         // For an unknown field the path names the table; name the offending key itself.
         if let Some(field) = unknown_field_name(&inner) {
@@ -678,7 +822,9 @@ topics = ["sensors/#", { filter = "cmd/+", qos = 0 }]
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.buffer.max_bytes, ByteSize::gib(1));
         assert_eq!(c.buffer.when_full, WhenFull::Block);
-        let SourceConfig::Mqtt(m) = &c.sources["plant"];
+        let SourceConfig::Mqtt(m) = &c.sources["plant"] else {
+            panic!("not mqtt")
+        };
         assert_eq!(m.qos, 1);
         assert_eq!(m.topics.len(), 2);
         assert_eq!(c.mqtt_client_id("plant", m), "edgegate-gw-01-plant");

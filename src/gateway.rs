@@ -15,6 +15,18 @@ use crate::forwarder::{self, ForwarderError};
 use crate::kafka;
 use crate::metrics::Metrics;
 use crate::sources::mqtt::{self, MqttError, SourceContext};
+use crate::sources::serial::{self, SerialContext, SerialError, SerialPorts};
+
+/// A source that stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// An MQTT source cannot start (TLS files); fix its configuration.
+    #[error(transparent)]
+    Mqtt(#[from] MqttError),
+    /// A serial source stopped; it only does so at shutdown.
+    #[error(transparent)]
+    Serial(#[from] SerialError),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -26,7 +38,7 @@ pub enum GatewayError {
     Buffer(#[from] BufferError),
     /// A source cannot start: exit 2.
     #[error(transparent)]
-    Mqtt(#[from] MqttError),
+    Source(#[from] SourceError),
     /// The admin endpoint cannot listen: exit 2.
     #[error(transparent)]
     Admin(#[from] AdminError),
@@ -40,7 +52,7 @@ impl GatewayError {
     pub fn exit_code(&self) -> i32 {
         match self {
             GatewayError::Config(_)
-            | GatewayError::Mqtt(_)
+            | GatewayError::Source(_)
             | GatewayError::Admin(_)
             | GatewayError::Buffer(BufferError::DataDir { .. } | BufferError::Locked(_)) => 2,
             _ => 1,
@@ -135,15 +147,28 @@ pub async fn run(
         shutdown.clone(),
     ));
     let mut sources = JoinSet::new();
+    let mut serial_ports = SerialPorts::new();
     for (name, source) in &config.sources {
-        let SourceConfig::Mqtt(m) = source;
-        let ctx = SourceContext {
-            name: Arc::from(name.as_str()),
-            client_id: config.mqtt_client_id(name, m),
-            writer: writer.clone(),
-            metrics: metrics.clone(),
-        };
-        sources.spawn(mqtt::run(m.clone(), ctx, shutdown.clone()));
+        let source_name: Arc<str> = Arc::from(name.as_str());
+        match source {
+            SourceConfig::Mqtt(m) => {
+                let ctx = SourceContext {
+                    name: source_name,
+                    client_id: config.mqtt_client_id(name, m),
+                    writer: writer.clone(),
+                    metrics: metrics.clone(),
+                };
+                let task = mqtt::run(m.clone(), ctx, shutdown.clone());
+                sources.spawn(async move { task.await.map_err(SourceError::from) });
+            }
+            SourceConfig::Serial(s) => {
+                let (ctx, handle) =
+                    SerialContext::new(source_name, writer.clone(), metrics.clone());
+                serial_ports.insert(name.clone(), handle);
+                let task = serial::run(s.clone(), ctx, shutdown.clone());
+                sources.spawn(async move { task.await.map_err(SourceError::from) });
+            }
+        }
     }
     drop(writer);
     ready.store(true, Ordering::Relaxed);

@@ -261,7 +261,8 @@ impl Sink {
                 key: &meta_header_name(k),
                 value: Some(v.as_bytes()),
             });
-            if k == "topic" {
+            // Raw records are keyed by where they came from, which keeps each device in order.
+            if k == "topic" || (k == "port" && key.is_none()) {
                 key = Some(v.as_str());
             }
         }

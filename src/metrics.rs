@@ -23,6 +23,12 @@ pub struct ConverterErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SerialDiscardLabels {
+    pub source: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: String,
 }
@@ -65,6 +71,8 @@ pub struct Metrics {
     pub source_connected: Family<SourceLabels, Gauge>,
     /// Records a converter failed on (dead-lettered or dropped), per converter and kind.
     pub converter_errors: Family<ConverterErrorLabels, Counter>,
+    /// Serial bytes that never became a record: oversize frames, frames cut by an unplug.
+    pub serial_discarded: Family<SerialDiscardLabels, Counter>,
     /// Capture to Kafka confirmation, seconds.
     pub delivery_latency: Histogram,
     registry: Registry,
@@ -83,6 +91,7 @@ impl Metrics {
             kafka_link_up: Gauge::default(),
             source_connected: Family::default(),
             converter_errors: Family::default(),
+            serial_discarded: Family::default(),
             delivery_latency: Histogram::new([
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0, 3600.0,
             ]),
@@ -133,6 +142,11 @@ impl Metrics {
             "converter_errors",
             "Records a converter failed on, per converter and kind (exception, timeout, out_of_memory, invalid_result)",
             m.converter_errors.clone(),
+        );
+        r.register(
+            "serial_frames_discarded",
+            "Serial frames discarded, per source and reason (oversize, incomplete)",
+            m.serial_discarded.clone(),
         );
         r.register(
             "delivery_latency_seconds",
@@ -192,6 +206,15 @@ impl Metrics {
                     .get()
             })
             .sum()
+    }
+
+    pub fn count_serial_discarded(&self, source: &str, reason: &str, n: u64) {
+        self.serial_discarded
+            .get_or_create(&SerialDiscardLabels {
+                source: source.into(),
+                reason: reason.into(),
+            })
+            .inc_by(n);
     }
 
     pub fn source_in(&self, source: &str) -> Counter {

@@ -353,3 +353,34 @@ fn convert_exits_1_on_script_errors_and_2_on_bad_arguments() {
     let (code, _, _) = convert(&["--payload", "-"], b"");
     assert_eq!(code, Some(2));
 }
+
+fn serial_source(settings: &str) -> String {
+    format!("{GOOD}\n[sources.rs485]\ntype = \"serial\"\n{settings}\n")
+}
+
+#[test]
+fn bad_serial_settings_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        &serial_source("path = \"/dev/ttyUSB0\"\nframing = \"carrier-pigeon\""),
+    );
+    assert_rejected(
+        &config,
+        &["sources.rs485.framing", "carrier-pigeon", ":17:"],
+    );
+    let config = write(
+        dir.path(),
+        &serial_source("path = \"/dev/ttyUSB0\"\nframing = { mode = \"fixed\", size = 0 }"),
+    );
+    assert_rejected(&config, &["sources.rs485.framing", "size above 0"]);
+    let config = write(dir.path(), &serial_source("baud_rate = 9600"));
+    assert_rejected(&config, &["sources.rs485", "path"]);
+    let config = write(
+        dir.path(),
+        &serial_source(
+            "path = \"/dev/ttyUSB0\"\nframing = { mode = \"delimiter\", delimiter_hex = \"zz\" }",
+        ),
+    );
+    assert_rejected(&config, &["sources.rs485.framing", "not hex"]);
+}

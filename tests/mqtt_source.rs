@@ -24,7 +24,9 @@ fn source_config_with(port: u16, extra: &str) -> edgegate::config::MqttSourceCon
          [sources.s]\ntype = \"mqtt\"\nport = {port}\ntopics = [\"sensors/#\"]\nclient_id = \"durable-test\"\n{extra}"
     );
     let config = Config::parse(&text, Path::new("t.toml")).unwrap();
-    let SourceConfig::Mqtt(m) = config.sources["s"].clone();
+    let SourceConfig::Mqtt(m) = config.sources["s"].clone() else {
+        panic!("not mqtt")
+    };
     m
 }
 

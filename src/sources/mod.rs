@@ -1,1 +1,3 @@
+pub mod framing;
 pub mod mqtt;
+pub mod serial;

@@ -699,3 +699,85 @@ pub fn assert_complete_in_order(
         assert_eq!(dups, 0, "duplicates when nothing failed");
     }
 }
+
+/// A pseudo-terminal pair: the gateway opens the slave (a real tty) by path, the test plays the
+/// device on the master. Dropping it is unplugging the device.
+pub struct Pty {
+    pub master: std::fs::File,
+    pub slave_path: PathBuf,
+}
+
+impl Pty {
+    pub fn open() -> Pty {
+        use std::os::fd::FromRawFd;
+        let (mut master, mut slave) = (0, 0);
+        let mut name = [0 as libc::c_char; 128];
+        // SAFETY: openpty writes two fds and a NUL-terminated name into buffers we own.
+        let rc = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                name.as_mut_ptr(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+        // Raw mode before anyone writes, so the line discipline neither echoes nor rewrites bytes;
+        // then close our slave end: the gateway opens it by path.
+        // SAFETY: `slave` is an open tty fd; termios is a plain C struct.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            libc::tcgetattr(slave, &mut t);
+            libc::cfmakeraw(&mut t);
+            libc::tcsetattr(slave, libc::TCSANOW, &t);
+            libc::close(slave);
+        }
+        // SAFETY: `name` was NUL-terminated by openpty.
+        let slave_path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+            .to_string_lossy()
+            .into_owned()
+            .into();
+        Pty {
+            // SAFETY: `master` is an fd we own from here on.
+            master: unsafe { std::fs::File::from_raw_fd(master) },
+            slave_path,
+        }
+    }
+
+    /// Points `link` (the configured device path) at this terminal, like udev's by-id links.
+    pub fn link_as(&self, link: &Path) {
+        let _ = std::fs::remove_file(link);
+        std::os::unix::fs::symlink(&self.slave_path, link).unwrap();
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        self.master.write_all(bytes).unwrap();
+        self.master.flush().unwrap();
+    }
+
+    /// Reads what the gateway wrote to the device, waiting up to `timeout` for `n` bytes.
+    pub fn receive(&mut self, n: usize, timeout: Duration) -> Vec<u8> {
+        use std::io::Read;
+        use std::os::fd::AsRawFd;
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        while out.len() < n && Instant::now() < deadline {
+            let mut pfd = libc::pollfd {
+                fd: self.master.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut pfd, 1, 50) } > 0 {
+                let mut buf = [0u8; 256];
+                match self.master.read(&mut buf) {
+                    Ok(k) => out.extend_from_slice(&buf[..k]),
+                    Err(_) => break,
+                }
+            }
+        }
+        out
+    }
+}

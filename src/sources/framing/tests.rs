@@ -1,0 +1,171 @@
+use super::*;
+
+fn framer(f: Framing, max: usize) -> Framer {
+    f.validate(max).unwrap();
+    Framer::new(&f, max)
+}
+
+/// Feeds `input` one byte at a time and all at once; both must give `want`.
+fn frames_both_ways(f: Framing, max: usize, input: &[u8]) -> (Vec<Vec<u8>>, u64) {
+    let mut whole = framer(f.clone(), max);
+    let all = whole.push(input);
+    let mut bytewise = framer(f, max);
+    let mut frames = Vec::new();
+    let mut oversize = 0;
+    for b in input {
+        let out = bytewise.push(std::slice::from_ref(b));
+        frames.extend(out.frames);
+        oversize += out.oversize;
+    }
+    assert_eq!((all.frames.clone(), all.oversize), (frames, oversize));
+    (all.frames, all.oversize)
+}
+
+fn v(items: &[&[u8]]) -> Vec<Vec<u8>> {
+    items.iter().map(|i| i.to_vec()).collect()
+}
+
+#[test]
+fn line_strips_cr_skips_empty_lines_and_keeps_the_partial_line() {
+    let (frames, oversize) = frames_both_ways(
+        Framing::Line,
+        64,
+        b"t=21.5\r\n\r\n\nh=40\nrest-with\rcr\npartial",
+    );
+    assert_eq!(frames, v(&[b"t=21.5", b"h=40", b"rest-with\rcr"]));
+    assert_eq!(oversize, 0);
+}
+
+#[test]
+fn line_discards_an_oversize_line_and_resyncs_at_the_next_lf() {
+    let mut input = b"ok1\n".to_vec();
+    input.extend(std::iter::repeat_n(b'x', 100));
+    input.extend(b"\nok2\n");
+    let (frames, oversize) = frames_both_ways(Framing::Line, 16, &input);
+    assert_eq!(frames, v(&[b"ok1", b"ok2"]));
+    assert_eq!(oversize, 1);
+}
+
+#[test]
+fn delimiter_as_text_or_hex_including_a_partial_match_inside_a_frame() {
+    let text = Framing::Delimiter {
+        delimiter: Some("##".into()),
+        delimiter_hex: None,
+    };
+    let (frames, _) = frames_both_ways(text, 64, b"a#b##c###d##");
+    assert_eq!(frames, v(&[b"a#b", b"c", b"#d"]));
+    let hex = Framing::Delimiter {
+        delimiter: None,
+        delimiter_hex: Some("0x7E 7F".into()),
+    };
+    let (frames, _) = frames_both_ways(hex, 64, &[1, 0x7e, 2, 0x7e, 0x7f, 3, 0x7e, 0x7f]);
+    assert_eq!(frames, v(&[&[1, 0x7e, 2], &[3]]));
+}
+
+#[test]
+fn delimiter_oversize_frame_is_dropped_up_to_its_delimiter() {
+    let f = Framing::Delimiter {
+        delimiter: None,
+        delimiter_hex: Some("0d0a".into()),
+    };
+    let mut input = vec![b'n'; 50];
+    input.extend(b"\r\nfine\r\n");
+    let (frames, oversize) = frames_both_ways(f, 8, &input);
+    assert_eq!(frames, v(&[b"fine"]));
+    assert_eq!(oversize, 1);
+}
+
+#[test]
+fn fixed_frames_from_pieces_and_from_one_read() {
+    let input: Vec<u8> = (0u8..30).collect();
+    let (frames, _) = frames_both_ways(Framing::Fixed { size: 12 }, 64, &input);
+    assert_eq!(frames, vec![input[..12].to_vec(), input[12..24].to_vec()]);
+}
+
+#[test]
+fn length_prefixed_big_and_little_endian_with_offset_and_adjust() {
+    // Start byte, 2-byte BE length, body: the frame keeps its header.
+    let f = Framing::LengthPrefixed {
+        length_bytes: 2,
+        endian: Endian::Big,
+        offset: 1,
+        length_adjust: 0,
+    };
+    let input = [0xAA, 0, 3, 1, 2, 3, 0xAA, 0, 1, 9, 0xAA, 0];
+    let (frames, _) = frames_both_ways(f, 64, &input);
+    assert_eq!(frames, v(&[&[0xAA, 0, 3, 1, 2, 3], &[0xAA, 0, 1, 9]]));
+    // 4-byte LE length that also counts a 2-byte CRC trailer.
+    let f = Framing::LengthPrefixed {
+        length_bytes: 4,
+        endian: Endian::Little,
+        offset: 0,
+        length_adjust: 2,
+    };
+    let input = [1, 0, 0, 0, 7, 0xC1, 0xC2];
+    let (frames, _) = frames_both_ways(f, 64, &input);
+    assert_eq!(frames, v(&[&input]));
+}
+
+#[test]
+fn length_prefixed_oversize_frame_is_skipped_exactly() {
+    let f = Framing::LengthPrefixed {
+        length_bytes: 1,
+        endian: Endian::Big,
+        offset: 0,
+        length_adjust: 0,
+    };
+    let mut input = vec![200];
+    input.extend(vec![0x55; 200]);
+    input.extend([2, 7, 8]);
+    let (frames, oversize) = frames_both_ways(f, 32, &input);
+    assert_eq!(frames, v(&[&[2, 7, 8]]));
+    assert_eq!(oversize, 1);
+}
+
+#[test]
+fn idle_frames_end_at_silence_and_a_split_frame_becomes_two() {
+    let mut f = framer(Framing::Idle { gap: None }, 16);
+    assert!(f.push(&[1, 2]).frames.is_empty());
+    assert!(f.push(&[3]).frames.is_empty());
+    assert!(f.has_partial());
+    assert_eq!(f.idle().frames, v(&[&[1, 2, 3]]));
+    assert!(!f.has_partial());
+    assert!(f.idle().frames.is_empty(), "silence alone is no frame");
+    // Oversize: dropped at the next silence, then framing resumes.
+    f.push(&[9; 10]);
+    f.push(&[9; 10]);
+    let out = f.idle();
+    assert_eq!((out.frames.len(), out.oversize), (0, 1));
+    f.push(&[4]);
+    assert_eq!(f.idle().frames, v(&[&[4]]));
+}
+
+#[test]
+fn bad_settings_are_refused() {
+    assert!(Framing::Fixed { size: 0 }.validate(64).is_err());
+    assert!(Framing::Fixed { size: 65 }.validate(64).is_err());
+    let both = Framing::Delimiter {
+        delimiter: Some("a".into()),
+        delimiter_hex: Some("61".into()),
+    };
+    assert!(both.validate(64).is_err());
+    let odd = Framing::Delimiter {
+        delimiter: None,
+        delimiter_hex: Some("7".into()),
+    };
+    assert!(odd.validate(64).is_err());
+    let width = Framing::LengthPrefixed {
+        length_bytes: 3,
+        endian: Endian::Big,
+        offset: 0,
+        length_adjust: 0,
+    };
+    assert!(width.validate(64).is_err());
+}
+
+#[test]
+fn modbus_gap_is_three_and_a_half_characters() {
+    // 9600 baud, 11 bits per character: 4.01 ms.
+    assert_eq!(default_idle_gap(9600, 11).as_micros(), 4010);
+    assert_eq!(default_idle_gap(115_200, 10), Duration::from_micros(1750));
+}
