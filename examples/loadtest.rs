@@ -724,6 +724,97 @@ async fn converter_e2e(n: u64) {
     }
 }
 
+/// `ports` serial devices (pseudo-terminals) streaming line frames at 115200 baud (11,520 bytes/s
+/// each) for `secs` seconds: edgegate's CPU share, RSS over idle, and frame-to-Kafka latency.
+async fn serial(ports: usize, secs: u64) {
+    const FRAME: usize = 48;
+    let kafka = Tansu::start();
+    kafka.create_topic("bench-serial", 1);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut devices = Vec::new();
+    let mut sources = String::new();
+    for i in 0..ports {
+        let pty = Pty::open();
+        let link = dir.path().join(format!("ttyBENCH{i}"));
+        pty.link_as(&link);
+        devices.push(pty);
+        sources += &format!(
+            "[sources.port{i}]\ntype = \"serial\"\npath = \"{}\"\nbaud_rate = 115200\n",
+            link.display()
+        );
+    }
+    let admin = free_port();
+    let config = dir.path().join("edgegate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\nid = \"bench\"\ndata_dir = \"{}\"\n[kafka]\nbootstrap_servers = \"{}\"\ntopic = \"bench-serial\"\n\
+             [admin]\nlisten = \"127.0.0.1:{admin}\"\n{sources}",
+            dir.path().join("data").display(),
+            kafka.bootstrap()
+        ),
+    )
+    .expect("config");
+    let mut gw = start_edgegate(&config);
+    let idle = proc_sample(gw.id());
+    let tail = Tail::start(&kafka.bootstrap(), "bench-serial");
+    let before = proc_sample(gw.id());
+    let started = Instant::now();
+    let bytes_per_tick = 115_200.0 / 10.0 / 100.0; // 10 bits per character, 10 ms ticks
+    let mut owed = vec![0.0f64; ports];
+    let mut frames = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    while started.elapsed() < Duration::from_secs(secs) {
+        tick.tick().await;
+        for (i, dev) in devices.iter_mut().enumerate() {
+            owed[i] += bytes_per_tick;
+            while owed[i] >= FRAME as f64 {
+                let mut frame = format!("{:020}|port{i}|", now_micros()).into_bytes();
+                frame.resize(FRAME - 1, b'x');
+                frame.push(b'\n');
+                dev.send(&frame);
+                owed[i] -= FRAME as f64;
+                frames += 1;
+            }
+        }
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let after = proc_sample(gw.id());
+    let arrived = wait_kafka(&tail, frames, Duration::from_secs(60)).count;
+    let lat = tail.sorted_latencies();
+    println!("### {ports} serial ports at 115200 baud, {secs} s, {FRAME}-byte line frames\n");
+    println!("| measure | value |\n|---|---|");
+    println!(
+        "| frames written / in Kafka | {frames} / {arrived} ({:.0} frames/s, {:.0} bytes/s) |",
+        frames as f64 / wall,
+        frames as f64 * FRAME as f64 / wall
+    );
+    println!(
+        "| edgegate CPU while streaming | {:.1}% of one core |",
+        (after.cpu_s - before.cpu_s) / wall * 100.0
+    );
+    println!(
+        "| edgegate RSS idle (ports open) / after streaming | {:.1} MB / {:.1} MB (+{:.1} MB) |",
+        idle.rss_mb,
+        after.rss_mb,
+        after.rss_mb - idle.rss_mb
+    );
+    println!(
+        "| frame → Kafka latency p50 / p99 / max | {:.1} / {:.1} / {:.1} ms ({} samples) |",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        lat.last().map_or(0.0, |v| *v as f64 / 1000.0),
+        lat.len()
+    );
+    println!(
+        "| gateway counters: in / out | {} / {} |",
+        metric(admin, "edgegate_records_in_total"),
+        metric(admin, "edgegate_records_out_total")
+    );
+    let _ = gw.kill();
+    let _ = gw.wait();
+}
+
 fn chrono_free_date() -> String {
     std::process::Command::new("date")
         .arg("-u")
@@ -802,6 +893,11 @@ fn main() {
         Some("converter-micro") => {
             let n = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(400_000);
             converter_in_process(n);
+        }
+        Some("serial") => {
+            let ports = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(16);
+            let secs = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(30);
+            runtime.block_on(serial(ports, secs));
         }
         Some("bridge") => {
             let port = args.get(1).and_then(|p| p.parse().ok()).expect("MQTT_PORT");

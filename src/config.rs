@@ -138,6 +138,9 @@ pub struct BufferConfig {
     /// sled's page cache; small boards want it small.
     #[serde(default = "default_cache_bytes")]
     pub cache_bytes: ByteSize,
+    /// A small commit waits this long for more records, so a trickle shares one flush.
+    #[serde(default = "default_commit_linger", with = "humantime_serde")]
+    pub commit_linger: Duration,
 }
 
 impl Default for BufferConfig {
@@ -147,6 +150,7 @@ impl Default for BufferConfig {
             when_full: default_when_full(),
             max_age: None,
             cache_bytes: default_cache_bytes(),
+            commit_linger: default_commit_linger(),
         }
     }
 }
@@ -156,6 +160,9 @@ fn default_max_bytes() -> ByteSize {
 }
 fn default_when_full() -> WhenFull {
     WhenFull::Block
+}
+fn default_commit_linger() -> Duration {
+    Duration::from_millis(10)
 }
 fn default_cache_bytes() -> ByteSize {
     ByteSize::mib(8)
