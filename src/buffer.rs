@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{BufferConfig, WhenFull};
 use crate::metrics::{DropReason, Metrics};
 use crate::record::{self, now_ms, NewRecord, Record, CHUNK_FORMAT};
+use crate::watchdog::Stage;
 
 /// sled's segment size (its default). Measured with a 1,000,000-record backlog: 64 KiB segments
 /// push most chunks into blob files (disk 1.72x payload instead of 1.94x) but raise RSS after
@@ -769,6 +770,8 @@ async fn write_durably(
     value: Vec<u8>,
     next_seq: u64,
 ) -> Result<Vec<u8>, BufferError> {
+    let metrics = buffer.shared.metrics.clone();
+    let _running = metrics.health.begin(Stage::BufferCommit);
     let joined = tokio::task::spawn_blocking(move || {
         let shared = &buffer.shared;
         let mut batch = sled::Batch::default();

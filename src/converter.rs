@@ -316,8 +316,10 @@ struct Job {
 
 /// The converter thread, as the forwarder sees it.
 pub struct Converters {
+    // Dropping the sender ends the thread after its current job. It is not joined: a script
+    // stuck until its timeout must not hold up shutdown.
     jobs: Option<std::sync::mpsc::Sender<Job>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _thread: Option<std::thread::JoinHandle<()>>,
     by_source: HashMap<String, usize>,
 }
 
@@ -347,7 +349,7 @@ impl Converters {
         if by_source.is_empty() {
             return Ok(Converters {
                 jobs: None,
-                thread: None,
+                _thread: None,
                 by_source,
             });
         }
@@ -388,7 +390,7 @@ impl Converters {
         });
         let converters = Converters {
             jobs: Some(tx),
-            thread: Some(thread),
+            _thread: Some(thread),
             by_source,
         };
         loaded.map(|()| converters)
@@ -416,15 +418,6 @@ impl Converters {
         jobs.send(Job { chunk, reply })
             .map_err(|_| ConvertersGone)?;
         answer.await.map_err(|_| ConvertersGone)
-    }
-}
-
-impl Drop for Converters {
-    fn drop(&mut self) {
-        self.jobs = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

@@ -16,6 +16,7 @@ use crate::kafka;
 use crate::metrics::Metrics;
 use crate::sources::mqtt::{self, MqttError, SourceContext};
 use crate::sources::serial::{self, SerialContext, SerialError, SerialPorts};
+use crate::watchdog;
 
 /// A source that stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +174,18 @@ pub async fn run(
     drop(writer);
     ready.store(true, Ordering::Relaxed);
     tracing::info!(sources = config.sources.len(), gateway = %config.gateway.id, "edgegate ready");
+    watchdog::notify_ready(&format!(
+        "{} sources, {} records buffered",
+        config.sources.len(),
+        stats.records
+    ));
+    let watchdog_task = watchdog::interval().map(|interval| {
+        tracing::info!(
+            interval_ms = interval.as_millis() as u64,
+            "systemd watchdog enabled"
+        );
+        tokio::spawn(watchdog::run(metrics.clone(), interval, shutdown.clone()))
+    });
 
     let mut failure: Option<GatewayError> = None;
     tokio::select! {
@@ -183,6 +196,10 @@ pub async fn run(
         }
     }
     tracing::info!("shutting down");
+    watchdog::notify_stopping();
+    if let Some(task) = watchdog_task {
+        task.abort();
+    }
     while let Some(joined) = sources.join_next().await {
         if let Ok(Err(e)) = joined {
             failure.get_or_insert(e.into());

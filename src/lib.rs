@@ -15,3 +15,4 @@ pub mod kafka;
 pub mod metrics;
 pub mod record;
 pub mod sources;
+pub mod watchdog;

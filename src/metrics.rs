@@ -11,6 +11,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::watchdog::Health;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
     pub source: String,
@@ -75,6 +77,8 @@ pub struct Metrics {
     pub serial_discarded: Family<SerialDiscardLabels, Counter>,
     /// Capture to Kafka confirmation, seconds.
     pub delivery_latency: Histogram,
+    /// Which pipeline operations are running, and since when; feeds the systemd watchdog.
+    pub health: Health,
     registry: Registry,
 }
 
@@ -96,6 +100,7 @@ impl Metrics {
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0, 3600.0,
             ]),
             registry: Registry::default(),
+            health: Health::default(),
         };
         let r = &mut registry;
         r.register(

@@ -497,6 +497,7 @@ pub struct Gateway {
     child: Option<Child>,
     pub lines: Arc<Mutex<Vec<String>>>,
     pub config: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 pub fn edgegate() -> Command {
@@ -506,10 +507,19 @@ pub fn edgegate() -> Command {
 
 impl Gateway {
     pub fn start(config: &Path) -> Gateway {
+        Gateway::start_with_env(config, &[])
+    }
+
+    /// Starts with extra environment variables (NOTIFY_SOCKET, WATCHDOG_USEC, …).
+    pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Gateway {
         let mut g = Gateway {
             child: None,
             lines: Arc::new(Mutex::new(Vec::new())),
             config: config.to_owned(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         g.restart();
         g
@@ -521,6 +531,7 @@ impl Gateway {
             .arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -1,0 +1,98 @@
+//! systemd integration through a real NOTIFY_SOCKET: READY=1 after start, WATCHDOG=1 pings while
+//! the pipeline is healthy, and no pings once the forwarder is stalled.
+
+mod support;
+
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// A converter that hangs the forwarder on request (with a timeout far above the watchdog's).
+const HANG: &str =
+    "if (decodeToString(payload) === 'hang') { while (true) {} }\nreturn {deviceName: 'd'};";
+
+struct NotifySocket {
+    socket: UnixDatagram,
+    pub path: std::path::PathBuf,
+}
+
+impl NotifySocket {
+    fn bind(dir: &std::path::Path) -> NotifySocket {
+        let path = dir.join("notify.sock");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        NotifySocket { socket, path }
+    }
+
+    /// Every datagram received during `window`.
+    fn messages_for(&self, window: Duration) -> Vec<String> {
+        let deadline = Instant::now() + window;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 1024];
+        while Instant::now() < deadline {
+            if let Ok(n) = self.socket.recv(&mut buf) {
+                out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        out
+    }
+
+    fn wait_for(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 1024];
+        while Instant::now() < deadline {
+            if let Ok(n) = self.socket.recv(&mut buf) {
+                if String::from_utf8_lossy(&buf[..n]).contains(needle) {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+}
+
+fn pings(messages: &[String]) -> usize {
+    messages.iter().filter(|m| m.contains("WATCHDOG=1")).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_then_pings_which_stop_while_the_forwarder_is_stalled() {
+    let mqtt = Mosquitto::start();
+    let kafka = Tansu::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("hang.js"), HANG).unwrap();
+    let config = write_config(
+        dir.path(),
+        mqtt.port,
+        &kafka.bootstrap(),
+        "uplink",
+        "converter = \"hang\"\n[converters.hang]\nscript = \"hang.js\"\ntimeout = \"120s\"\n",
+    );
+    let notify = NotifySocket::bind(dir.path());
+    let socket = notify.path.display().to_string();
+    let mut gw = Gateway::start_with_env(
+        &config,
+        &[("NOTIFY_SOCKET", &socket), ("WATCHDOG_USEC", "1000000")],
+    );
+    assert!(
+        notify.wait_for("READY=1", Duration::from_secs(15)),
+        "no READY=1; log:\n{}",
+        gw.log()
+    );
+    gw.wait_for("mqtt subscribed", Duration::from_secs(10));
+    let healthy = notify.messages_for(Duration::from_secs(2));
+    assert!(pings(&healthy) >= 3, "healthy pipeline, pings: {healthy:?}");
+
+    // One record the converter hangs on: the forwarder waits for it and stops making progress.
+    let publisher = Publisher::connect(mqtt.port, "dev").await;
+    publisher.publish("sensors/x", b"hang".to_vec()).await;
+    gw.wait_for("watchdog: stage stalled", Duration::from_secs(10));
+    let _ = notify.messages_for(Duration::from_millis(600));
+    let stalled = notify.messages_for(Duration::from_secs(3));
+    assert_eq!(pings(&stalled), 0, "pings while stalled: {stalled:?}");
+    assert!(gw.log().contains("stage=\"converter\""), "{}", gw.log());
+    gw.kill9();
+}
