@@ -96,3 +96,66 @@ async fn ready_then_pings_which_stop_while_the_forwarder_is_stalled() {
     assert!(gw.log().contains("stage=\"converter\""), "{}", gw.log());
     gw.kill9();
 }
+
+/// `systemd-analyze`, if this machine has it (Debian's `systemd` package).
+fn systemd_analyze() -> Option<std::process::Command> {
+    let ok = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ok.then(|| std::process::Command::new("systemd-analyze"))
+}
+
+#[test]
+fn the_unit_file_verifies_and_scores_at_most_2_5() {
+    let Some(_) = systemd_analyze() else {
+        panic!("systemd-analyze is required (apt-get install systemd)");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let unit = dir.path().join("edgegate.service");
+    let text = std::fs::read_to_string("systemd/edgegate.service").unwrap();
+    // verify insists that ExecStart exists: point it at the binary under test.
+    std::fs::write(
+        &unit,
+        text.replace("/usr/bin/edgegate", env!("CARGO_BIN_EXE_edgegate")),
+    )
+    .unwrap();
+    let out = systemd_analyze()
+        .unwrap()
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
+
+    let out = systemd_analyze()
+        .unwrap()
+        .args(["security", "--offline=true"])
+        .arg(&unit)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let score: f64 = stdout
+        .lines()
+        .find_map(|l| l.split("exposure level for edgegate.service: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no score in:\n{stdout}"));
+    assert!(score <= 2.5, "exposure {score} > 2.5:\n{stdout}");
+    for required in [
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "StateDirectory=edgegate",
+        "ConfigurationDirectory=edgegate",
+        "SupplementaryGroups=dialout",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "RestrictAddressFamilies=",
+        "DeviceAllow=char-ttyUSB rw",
+        "MemoryMax=",
+    ] {
+        assert!(text.contains(required), "unit lacks {required}");
+    }
+}
