@@ -151,6 +151,12 @@ impl State {
         Some(c)
     }
 
+    fn insert_front(&mut self, c: ChunkInfo) {
+        self.bytes += u64::from(c.bytes);
+        self.records += u64::from(c.count);
+        self.chunks.push_front(c);
+    }
+
     /// Removes unread chunks from the oldest on while `evict` says so.
     fn evict_unread(
         &mut self,
@@ -789,6 +795,8 @@ async fn write_durably(
         )))
     })
 }
+
+pub mod tools;
 
 #[cfg(test)]
 mod tests;

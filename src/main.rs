@@ -2,6 +2,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use edgegate::buffer::tools::ToolError;
+use edgegate::buffer::Buffer;
 use edgegate::config::{Config, ConverterConfig};
 use edgegate::converter::{script_metadata, Converter};
 use edgegate::gateway;
@@ -37,6 +39,35 @@ enum Command {
     /// Run a decoder on one payload, like ThingsBoard's "Test decoder function". Prints
     /// {"output": …, "error": …}; exits 0 on success, 1 on a script error, 2 on bad arguments.
     Convert(ConvertArgs),
+    /// Inspect or edit the disk buffer while the service is stopped.
+    Buffer {
+        #[command(subcommand)]
+        action: BufferAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum BufferAction {
+    /// Records, bytes, oldest and newest capture time.
+    Stats {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every buffered record as a JSON line (base64 payload, metadata), oldest first, to stdout.
+    Export {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Remove buffered records: all of them, or those captured longer ago than --older-than.
+    Purge {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// For example "7d" or "12h".
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Option<std::time::Duration>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -87,6 +118,7 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Convert(args) => convert(args),
+        Command::Buffer { action } => buffer_tool(action),
         Command::Run { config, log_format } => {
             let Ok(cfg) = load(&config) else {
                 return ExitCode::from(2);
@@ -132,6 +164,9 @@ fn run(config: Config, path: PathBuf) -> ExitCode {
         tokio::spawn(stop_on_signal(shutdown.clone()));
         gateway::run(config, &path, shutdown).await
     });
+    // Everything durable is flushed by now; a blocking Kafka metadata request against an
+    // unreachable broker must not hold up the exit for its full timeout.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -247,4 +282,105 @@ fn read_payload(path: &Path, base64: bool) -> Result<Vec<u8>, String> {
     base64::engine::general_purpose::STANDARD
         .decode(text)
         .map_err(|e| format!("{}: not base64: {e}", path.display()))
+}
+
+fn buffer_tool(action: BufferAction) -> ExitCode {
+    let path = match &action {
+        BufferAction::Stats { config, .. }
+        | BufferAction::Export { config }
+        | BufferAction::Purge { config, .. } => config.clone(),
+    };
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("edgegate: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let metrics = std::sync::Arc::new(edgegate::metrics::Metrics::new());
+    let buffer = match Buffer::open(&config.gateway.data_dir, &config.buffer, metrics) {
+        Ok((buffer, _, _)) => buffer,
+        Err(e) => {
+            eprintln!("edgegate buffer: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match action {
+        BufferAction::Stats { json, .. } => {
+            print_stats(&buffer, json);
+            Ok(())
+        }
+        BufferAction::Export { .. } => {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            match buffer.export(&mut out) {
+                Ok(n) => {
+                    eprintln!("exported {n} records");
+                    Ok(())
+                }
+                // The reader went away (`| head`): not an error.
+                Err(ToolError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        BufferAction::Purge { older_than, .. } => {
+            let cutoff = older_than.map(|d| now_ms().saturating_sub(d.as_millis() as u64));
+            buffer
+                .purge(cutoff)
+                .map(|p| {
+                    println!(
+                        "purged {} records ({} bytes); {} remain",
+                        p.records,
+                        p.bytes,
+                        buffer.stats().records
+                    )
+                })
+                .map_err(|e| e.to_string())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edgegate buffer: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn print_stats(buffer: &Buffer, json: bool) {
+    let s = buffer.stats();
+    let time = |ms: Option<u64>| {
+        ms.map(|ms| {
+            let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+            humantime::format_rfc3339_millis(t).to_string()
+        })
+    };
+    if json {
+        let v = serde_json::json!({
+            "records": s.records,
+            "bytes": s.bytes,
+            "chunks": s.chunks,
+            "oldest_ms": s.oldest_ms,
+            "newest_ms": s.newest_ms,
+            "oldest": time(s.oldest_ms),
+            "newest": time(s.newest_ms),
+            "next_seq": s.next_seq,
+            "disk_bytes": buffer.disk_bytes(),
+        });
+        println!("{v}");
+        return;
+    }
+    println!("records:    {}", s.records);
+    println!("bytes:      {}", s.bytes);
+    println!("chunks:     {}", s.chunks);
+    println!(
+        "oldest:     {}",
+        time(s.oldest_ms).unwrap_or_else(|| "-".into())
+    );
+    println!(
+        "newest:     {}",
+        time(s.newest_ms).unwrap_or_else(|| "-".into())
+    );
+    println!("next seq:   {}", s.next_seq);
+    println!("disk bytes: {}", buffer.disk_bytes());
 }
