@@ -815,6 +815,95 @@ async fn serial(ports: usize, secs: u64) {
     let _ = gw.wait();
 }
 
+/// Start-to-READY=1 (systemd notify) with an empty buffer and with `n` buffered records, plus
+/// idle RSS; the buffer is filled in-process, Kafka is unreachable (READY must not wait for it).
+fn ready(n: u64) {
+    use edgegate::buffer::{self, Buffer};
+    use edgegate::record::{now_ms, NewRecord, SourceType};
+    println!("### Start to READY=1\n\n| buffered records | start → READY=1 | RSS 2 s after READY |\n|---|---|---|");
+    for records in [0, n] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("edgegate.toml");
+        std::fs::write(
+            &config_path,
+            format!(
+                "[gateway]\nid = \"bench\"\ndata_dir = \"{}\"\n[buffer]\nmax_bytes = \"2GiB\"\n\
+                 [kafka]\nbootstrap_servers = \"127.0.0.1:{}\"\ntopic = \"t\"\n",
+                dir.path().join("data").display(),
+                free_port()
+            ),
+        )
+        .expect("config");
+        if records > 0 {
+            let config = edgegate::config::Config::load(&config_path).expect("config");
+            let rt = tokio::runtime::Runtime::new().expect("runtime");
+            rt.block_on(async {
+                let metrics = Arc::new(edgegate::metrics::Metrics::new());
+                let (buf, writer, intake) =
+                    Buffer::open(&config.gateway.data_dir, &config.buffer, metrics)
+                        .expect("buffer");
+                let shutdown = tokio_util::sync::CancellationToken::new();
+                let committer = tokio::spawn(buffer::run(buf.clone(), intake, shutdown.clone()));
+                let source: Arc<str> = Arc::from("plant");
+                let mut pending = std::collections::VecDeque::new();
+                for i in 0..records {
+                    let record = NewRecord {
+                        captured_ms: now_ms(),
+                        source: source.clone(),
+                        source_type: SourceType::Mqtt,
+                        meta: vec![("topic".into(), format!("sensors/dev{}", i % 4))],
+                        payload: timed_payload(),
+                    };
+                    pending.push_back(writer.submit(record).await.expect("submit"));
+                    if pending.len() > 10_000 {
+                        let _ = pending.pop_front().expect("pending").await;
+                    }
+                }
+                for p in pending {
+                    let _ = p.await;
+                }
+                drop(writer);
+                let _ = committer.await;
+                assert_eq!(buf.stats().records, records);
+            });
+        }
+        let socket_path = dir.path().join("notify.sock");
+        let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("socket");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        let binary =
+            std::env::var("LOADTEST_EDGEGATE").unwrap_or_else(|_| "target/release/edgegate".into());
+        let started = Instant::now();
+        let mut child = std::process::Command::new(binary)
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .env("NOTIFY_SOCKET", &socket_path)
+            .env("RUST_LOG", "warn")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("edgegate");
+        let mut buf = [0u8; 512];
+        let ready_after = loop {
+            match socket.recv(&mut buf) {
+                Ok(k) if String::from_utf8_lossy(&buf[..k]).contains("READY=1") => {
+                    break started.elapsed()
+                }
+                Ok(_) => {}
+                Err(e) => panic!("no READY=1: {e}"),
+            }
+        };
+        std::thread::sleep(Duration::from_secs(2));
+        let rss = proc_sample(child.id()).rss_mb;
+        println!(
+            "| {records} | {:.0} ms | {rss:.1} MB |",
+            ready_after.as_secs_f64() * 1000.0
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 fn chrono_free_date() -> String {
     std::process::Command::new("date")
         .arg("-u")
@@ -898,6 +987,13 @@ fn main() {
             let ports = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(16);
             let secs = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(30);
             runtime.block_on(serial(ports, secs));
+        }
+        Some("ready") => {
+            let n = args
+                .get(1)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1_000_000);
+            ready(n);
         }
         Some("bridge") => {
             let port = args.get(1).and_then(|p| p.parse().ok()).expect("MQTT_PORT");
