@@ -196,8 +196,7 @@ impl Converter {
             self.engine = None;
         }
         match result {
-            Ok(Some(json)) => serde_json::from_str(&json)
-                .map_err(|e| ConvertError::InvalidResult(format!("not JSON: {e}"))),
+            Ok(Some(json)) => Ok(json),
             Ok(None) => Err(ConvertError::InvalidResult(
                 "the decoder returned undefined; return an object, an array of objects, or null"
                     .into(),

@@ -1,3 +1,4 @@
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -145,9 +146,12 @@ fn init_logging(level: Option<&str>, format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(false);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+    // Under systemd, stderr goes to the journal, which stamps every line itself.
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    match (format, journald) {
+        (LogFormat::Text, false) => builder.init(),
+        (LogFormat::Text, true) => builder.without_time().init(),
+        (LogFormat::Json, _) => builder.json().init(),
     }
 }
 
@@ -251,7 +255,9 @@ fn convert(args: ConvertArgs) -> ExitCode {
     };
     let failed = error.is_some();
     let report = serde_json::json!({ "output": output, "error": error });
-    println!(
+    // A closed pipe (`| head`) is the reader's choice, not a failure worth a panic.
+    let _ = writeln!(
+        std::io::stdout(),
         "{}",
         serde_json::to_string_pretty(&report).unwrap_or_default()
     );

@@ -113,19 +113,19 @@ impl Engine {
         })
     }
 
-    /// Runs the decoder and returns `JSON.stringify` of its result, `None` for `undefined` (or
-    /// anything else JSON cannot represent, such as a function).
+    /// Runs the decoder and returns its result as `JSON.stringify` would see it, `None` for
+    /// `undefined` (or anything else JSON cannot represent, such as a function).
     pub fn call(
         &mut self,
         payload: &[u8],
         metadata: &[(&str, &str)],
-    ) -> Result<Option<String>, EngineError> {
+    ) -> Result<Option<serde_json::Value>, EngineError> {
         self.interrupted.set(false);
         self.deadline.set(Some(Instant::now() + self.timeout));
         let decoder = self.decoder.clone();
         let interrupted = self.interrupted.clone();
         let result = self.context.with(|ctx| {
-            let run = || -> rquickjs::Result<Option<String>> {
+            let run = || -> rquickjs::Result<Option<serde_json::Value>> {
                 let f = decoder.restore(&ctx)?;
                 let payload = payload_array(&ctx, payload)?;
                 let meta = Object::new(ctx.clone())?;
@@ -133,7 +133,18 @@ impl Engine {
                     meta.set(*k, *v)?;
                 }
                 let out: Value = f.call((payload, meta))?;
-                ctx.json_stringify(out)?.map(|s| s.to_string()).transpose()
+                if let Some(json) = read_json(&out, 0) {
+                    return Ok(json);
+                }
+                // toJSON, boxed values, proxies, cycles: JSON.stringify's own rules.
+                let Some(text) = ctx.json_stringify(out)? else {
+                    return Ok(None);
+                };
+                serde_json::from_str(&text.to_string()?)
+                    .map(Some)
+                    .map_err(|e| {
+                        rquickjs::Error::new_from_js_message("JSON", "value", e.to_string())
+                    })
             };
             run().map_err(|e| classify(&ctx, e, interrupted.get()))
         });
@@ -188,6 +199,64 @@ fn payload_array<'js>(ctx: &Ctx<'js>, payload: &[u8]) -> rquickjs::Result<Array<
     // SAFETY: `raw` is a new, owned array value of this context.
     let value = unsafe { Value::from_raw(ctx.clone(), raw) };
     Array::from_value(value)
+}
+
+/// Deepest result structure read directly; deeper (or cyclic) results go through JSON.stringify.
+const MAX_DEPTH: u32 = 64;
+
+/// Reads a plain result (objects, arrays, strings, numbers, booleans, null) the way
+/// `JSON.stringify` would, without printing and re-parsing it: the costliest step of a small
+/// decoder. `None` when the value needs JSON.stringify's full rules; `Some(None)` for what it
+/// omits (undefined, functions, symbols).
+fn read_json(v: &Value<'_>, depth: u32) -> Option<Option<serde_json::Value>> {
+    use rquickjs::Type;
+    use serde_json::Value as J;
+    Some(Some(match v.type_of() {
+        Type::Undefined
+        | Type::Uninitialized
+        | Type::Function
+        | Type::Constructor
+        | Type::Symbol => return Some(None),
+        Type::Null => J::Null,
+        Type::Bool => J::Bool(v.as_bool()?),
+        Type::Int => J::from(v.as_int()?),
+        Type::Float => number(v.as_float()?),
+        Type::String => J::String(v.as_string()?.to_string().ok()?),
+        Type::Array if depth < MAX_DEPTH => {
+            let array = v.as_array()?;
+            let mut items = Vec::with_capacity(array.len());
+            for item in array.iter::<Value>() {
+                items.push(read_json(&item.ok()?, depth + 1)?.unwrap_or(J::Null));
+            }
+            J::Array(items)
+        }
+        Type::Object if depth < MAX_DEPTH => {
+            let object = v.as_object()?;
+            if object.get::<_, Value>("toJSON").ok()?.is_function() {
+                return None;
+            }
+            let mut map = serde_json::Map::new();
+            for prop in object.props::<String, Value>() {
+                let (key, value) = prop.ok()?;
+                if let Some(value) = read_json(&value, depth + 1)? {
+                    map.insert(key, value);
+                }
+            }
+            J::Object(map)
+        }
+        _ => return None,
+    }))
+}
+
+/// A JS number as JSON.stringify prints it: integral values without a fraction, NaN and
+/// infinities as null.
+fn number(f: f64) -> serde_json::Value {
+    const SAFE: f64 = 9_007_199_254_740_992.0; // 2^53
+    if f.fract() == 0.0 && f.abs() < SAFE {
+        serde_json::Value::from(f as i64)
+    } else {
+        serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, serde_json::Value::Number)
+    }
 }
 
 fn classify(ctx: &Ctx<'_>, e: rquickjs::Error, interrupted: bool) -> EngineError {

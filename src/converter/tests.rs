@@ -281,3 +281,28 @@ fn scripts_have_no_file_network_or_process_access() {
     // A promise is not a result; and no module can be loaded anyway.
     assert!(c.convert(b"", &[], T).is_err());
 }
+
+#[test]
+fn results_read_directly_match_json_stringify() {
+    // `deviceName` carries the script's own JSON.stringify of the rest, for comparison.
+    let (_s, mut c) = converter(
+        r#"
+        var r = { i: 1, big: 1607731932000, f: 3.99, neg0: -0, nan: NaN, inf: -Infinity,
+                  s: "°C \"q\"", b: false, n: null, u: undefined, fn: function () {},
+                  arr: [1, undefined, function () {}, [2, [3]], {x: 1}], nested: { a: { b: [] } } };
+        if (payload.length) r.when = new Date(0); // toJSON: JSON.stringify's own path
+        return { deviceName: JSON.stringify(r), attributes: r };
+        "#,
+    );
+    for payload in [&b""[..], b"d"] {
+        let out = raw(&mut c, payload).unwrap();
+        let expected: Value = serde_json::from_str(out["deviceName"].as_str().unwrap()).unwrap();
+        assert_eq!(out["attributes"], expected);
+        assert_eq!(out["attributes"]["big"], json!(1607731932000u64));
+    }
+    let (_s, mut c) = converter("var a = {deviceName: 'x'}; a.self = a; return a;");
+    assert!(raw(&mut c, b"")
+        .unwrap_err()
+        .to_string()
+        .contains("TypeError"));
+}
