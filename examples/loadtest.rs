@@ -643,7 +643,7 @@ async fn edgegate_only(n: u64) {
     let _ = gw.wait();
 }
 
-const SEED_DECODER: &str = "tests/fixtures/seed-decoder.js";
+const SEED_DECODER: &str = "config/decoders/thingsboard.js";
 const SEED_PAYLOAD: &str = "tests/fixtures/seed-payload.json";
 
 /// The seed decoder on the seed payload in this process, on one thread: records/s and µs/record.

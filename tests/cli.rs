@@ -275,7 +275,7 @@ fn convert(args: &[&str], stdin: &[u8]) -> (Option<i32>, serde_json::Value, Stri
 
 #[test]
 fn convert_runs_the_seed_decoder_like_thingsboards_test_function() {
-    let seed = "tests/fixtures/seed-decoder.js";
+    let seed = "config/decoders/thingsboard.js";
     let (code, out, err) = convert(
         &[
             "--script",

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use support::*;
 
-const SEED_DECODER: &str = include_str!("fixtures/seed-decoder.js");
+const SEED_DECODER: &str = include_str!("../config/decoders/thingsboard.js");
 const SEED_PAYLOAD: &str = include_str!("fixtures/seed-payload.json");
 
 /// A decoder that misbehaves on request: the payload names what to do.
@@ -58,6 +58,28 @@ fn converter_config(
     config
 }
 
+/// The gateway running `converter_config(...)`, subscribed, and a device publisher.
+async fn start_gateway(
+    dir: &Path,
+    mqtt: &Mosquitto,
+    bootstrap: &str,
+    script: &str,
+    kafka_extra: &str,
+    converter_extra: &str,
+) -> (Gateway, Publisher) {
+    let config = converter_config(
+        dir,
+        mqtt.port,
+        bootstrap,
+        script,
+        kafka_extra,
+        converter_extra,
+    );
+    let gw = Gateway::start(&config);
+    gw.wait_for("mqtt subscribed", Duration::from_secs(10));
+    (gw, Publisher::connect(mqtt.port, "dev").await)
+}
+
 fn json_of(m: &KafkaMessage) -> Value {
     serde_json::from_slice(&m.payload).unwrap()
 }
@@ -67,17 +89,8 @@ async fn seed_decoder_output_reaches_kafka_and_keeps_capture_time_through_an_out
     let mqtt = Mosquitto::start();
     let (kafka, proxy) = kafka_with_proxy();
     let dir = tempfile::tempdir().unwrap();
-    let config = converter_config(
-        dir.path(),
-        mqtt.port,
-        &kafka.bootstrap(),
-        SEED_DECODER,
-        "",
-        "",
-    );
-    let gw = Gateway::start(&config);
-    gw.wait_for("mqtt subscribed", Duration::from_secs(10));
-    let publisher = Publisher::connect(mqtt.port, "dev").await;
+    let (gw, publisher) =
+        start_gateway(dir.path(), &mqtt, &kafka.bootstrap(), SEED_DECODER, "", "").await;
     publisher
         .publish("sensors/sn-111", SEED_PAYLOAD.as_bytes().to_vec())
         .await;
@@ -133,17 +146,15 @@ async fn failing_records_go_to_the_dead_letter_topic_and_the_rest_keeps_flowing(
     let mqtt = Mosquitto::start();
     let kafka = Tansu::start();
     let dir = tempfile::tempdir().unwrap();
-    let config = converter_config(
+    let (gw, publisher) = start_gateway(
         dir.path(),
-        mqtt.port,
+        &mqtt,
         &kafka.bootstrap(),
         MOODY_DECODER,
         "dead_letter_topic = \"uplink.dlq\"",
         "timeout = \"200ms\"",
-    );
-    let gw = Gateway::start(&config);
-    gw.wait_for("mqtt subscribed", Duration::from_secs(10));
-    let publisher = Publisher::connect(mqtt.port, "dev").await;
+    )
+    .await;
     let bad = ["throw", "loop", "oom", "deep", "number", "undefined"];
     let mut sent = 0;
     let started = Instant::now();

@@ -5,7 +5,7 @@ use serde_json::{json, Value};
 
 use super::*;
 
-const SEED_DECODER: &str = include_str!("../../tests/fixtures/seed-decoder.js");
+const SEED_DECODER: &str = include_str!("../../config/decoders/thingsboard.js");
 const SEED_PAYLOAD: &str = include_str!("../../tests/fixtures/seed-payload.json");
 const T: u64 = 1_700_000_000_000;
 
