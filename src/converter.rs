@@ -64,6 +64,57 @@ pub enum ConvertError {
     /// The script returned something that is not a ThingsBoard uplink result.
     #[error("invalid result: {0}")]
     InvalidResult(String),
+    /// The converter timed out on several records in a row and is paused, so that it does not
+    /// hold up every other device; the record is handled like any other failure.
+    #[error("converter suspended for {0:?} after {BREAKER_TIMEOUTS} timeouts in a row")]
+    Suspended(Duration),
+}
+
+/// Timeouts in a row that suspend a converter, and for how long.
+pub const BREAKER_TIMEOUTS: u32 = 3;
+const BREAKER_PAUSE: Duration = Duration::from_secs(30);
+
+/// Stops a converter that times out on every record from costing its full timeout each time:
+/// one forwarder serves every device, so that would stall them all.
+#[derive(Debug, Default)]
+struct Breaker {
+    timeouts_in_a_row: u32,
+    open_until: Option<std::time::Instant>,
+}
+
+impl Breaker {
+    fn check(&mut self, name: &str) -> Result<(), ConvertError> {
+        match self.open_until {
+            Some(until) if std::time::Instant::now() < until => {
+                Err(ConvertError::Suspended(BREAKER_PAUSE))
+            }
+            Some(_) => {
+                // Half open: one more timeout suspends it again at once.
+                tracing::info!(converter = name, "converter resumed after its pause");
+                self.open_until = None;
+                self.timeouts_in_a_row = BREAKER_TIMEOUTS - 1;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn record(&mut self, name: &str, timed_out: bool) {
+        if !timed_out {
+            self.timeouts_in_a_row = 0;
+            return;
+        }
+        self.timeouts_in_a_row += 1;
+        if self.timeouts_in_a_row >= BREAKER_TIMEOUTS {
+            tracing::warn!(
+                converter = name,
+                pause_s = BREAKER_PAUSE.as_secs(),
+                "converter timed out {} times in a row; suspended, its records fail at once",
+                self.timeouts_in_a_row
+            );
+            self.open_until = Some(std::time::Instant::now() + BREAKER_PAUSE);
+        }
+    }
 }
 
 impl ConvertError {
@@ -74,6 +125,7 @@ impl ConvertError {
             ConvertError::Timeout(_) => "timeout",
             ConvertError::OutOfMemory(_) => "out_of_memory",
             ConvertError::InvalidResult(_) => "invalid_result",
+            ConvertError::Suspended(_) => "suspended",
         }
     }
 }
@@ -111,6 +163,7 @@ pub struct Converter {
     static_metadata: Vec<(String, String)>,
     engine: Option<Engine>,
     debug: DebugLog,
+    breaker: Breaker,
 }
 
 impl Converter {
@@ -148,6 +201,7 @@ impl Converter {
                 .collect(),
             engine: None,
             debug,
+            breaker: Breaker::default(),
         };
         converter.engine()?;
         Ok(converter)
@@ -188,6 +242,7 @@ impl Converter {
         metadata: &[(&str, &str)],
     ) -> Result<serde_json::Value, ConvertError> {
         let limits = self.limits;
+        self.breaker.check(&self.name)?;
         let engine = self
             .engine()
             .map_err(|e| ConvertError::Exception(e.to_string()))?;
@@ -195,6 +250,8 @@ impl Converter {
         if result.as_ref().is_err_and(EngineError::poisons_runtime) {
             self.engine = None;
         }
+        let timed_out = matches!(result, Err(EngineError::Timeout));
+        self.breaker.record(&self.name, timed_out);
         match result {
             Ok(Some(json)) => Ok(json),
             Ok(None) => Err(ConvertError::InvalidResult(

@@ -145,7 +145,7 @@ impl Metrics {
         );
         r.register(
             "converter_errors",
-            "Records a converter failed on, per converter and kind (exception, timeout, out_of_memory, invalid_result)",
+            "Records a converter failed on, per converter and kind (exception, timeout, out_of_memory, invalid_result, suspended)",
             m.converter_errors.clone(),
         );
         r.register(
@@ -200,17 +200,23 @@ impl Metrics {
     }
 
     pub fn converter_errors_total(&self, converter: &str) -> u64 {
-        ["exception", "timeout", "out_of_memory", "invalid_result"]
-            .into_iter()
-            .map(|kind| {
-                self.converter_errors
-                    .get_or_create(&ConverterErrorLabels {
-                        converter: converter.into(),
-                        kind: kind.into(),
-                    })
-                    .get()
-            })
-            .sum()
+        [
+            "exception",
+            "timeout",
+            "out_of_memory",
+            "invalid_result",
+            "suspended",
+        ]
+        .into_iter()
+        .map(|kind| {
+            self.converter_errors
+                .get_or_create(&ConverterErrorLabels {
+                    converter: converter.into(),
+                    kind: kind.into(),
+                })
+                .get()
+        })
+        .sum()
     }
 
     pub fn count_serial_discarded(&self, source: &str, reason: &str, n: u64) {

@@ -306,3 +306,51 @@ fn results_read_directly_match_json_stringify() {
         .to_string()
         .contains("TypeError"));
 }
+
+#[test]
+fn a_converter_timing_out_again_and_again_is_suspended_then_retried() {
+    let (_s, mut c) =
+        converter("if (payload[0] === 0x6c) { while (true) {} } return {deviceName: 'ok'};");
+    for _ in 0..BREAKER_TIMEOUTS {
+        assert!(matches!(
+            c.convert(b"loop", &[], T),
+            Err(ConvertError::Timeout(_))
+        ));
+    }
+    // Suspended: fails at once, without running, good records included.
+    let started = Instant::now();
+    assert!(matches!(
+        c.convert(b"fine", &[], T),
+        Err(ConvertError::Suspended(_))
+    ));
+    assert!(started.elapsed() < Duration::from_millis(20));
+    // After the pause one record runs again; a good one closes the breaker for good.
+    c.breaker.open_until = Some(Instant::now());
+    assert_eq!(c.convert(b"fine", &[], T).unwrap()[0].name, "ok");
+    assert!(matches!(
+        c.convert(b"loop", &[], T),
+        Err(ConvertError::Timeout(_))
+    ));
+    assert!(
+        c.convert(b"fine", &[], T).is_ok(),
+        "one timeout after recovery must not suspend"
+    );
+}
+
+#[test]
+fn a_timeout_right_after_the_pause_suspends_again_at_once() {
+    let (_s, mut c) =
+        converter("if (payload[0] === 0x6c) { while (true) {} } return {deviceName: 'ok'};");
+    for _ in 0..BREAKER_TIMEOUTS {
+        let _ = c.convert(b"loop", &[], T);
+    }
+    c.breaker.open_until = Some(Instant::now());
+    assert!(matches!(
+        c.convert(b"loop", &[], T),
+        Err(ConvertError::Timeout(_))
+    ));
+    assert!(matches!(
+        c.convert(b"fine", &[], T),
+        Err(ConvertError::Suspended(_))
+    ));
+}
