@@ -322,19 +322,9 @@ fn rdkafka_ceiling(kafka: &Tansu, n: u64) -> Row {
     }
 }
 
-/// A child process (the naive bridge or edgegate) measured while it moves `n` messages.
+/// A child process (the naive bridge or edgegate) measured while it moves `n` messages; with
+/// `payload`, that payload instead of timed ones.
 async fn through_process(
-    name: &str,
-    pid: u32,
-    broker: &Mosquitto,
-    bootstrap: &str,
-    topic: &str,
-    n: u64,
-) -> Row {
-    through_process_with(name, pid, broker, bootstrap, topic, n, None).await
-}
-
-async fn through_process_with(
     name: &str,
     pid: u32,
     broker: &Mosquitto,
@@ -569,6 +559,7 @@ async fn all(n: u64, backlog_n: u64) {
         &kafka.bootstrap(),
         "bench-bridge",
         n,
+        None,
     )
     .await;
     row.print();
@@ -629,7 +620,7 @@ async fn edgegate_row(
     let gw = start_edgegate(&config);
     let idle = proc_sample(gw.id());
     let name = "edgegate (durable acks, sled, acks=all)";
-    let row = through_process(name, gw.id(), broker, &bootstrap, topic, n).await;
+    let row = through_process(name, gw.id(), broker, &bootstrap, topic, n, None).await;
     (row, gw, idle, dir)
 }
 
@@ -708,7 +699,7 @@ async fn converter_e2e(n: u64) {
         );
         let mut gw = start_edgegate(&config);
         let name = format!("edgegate, {label}, seed payload");
-        let row = through_process_with(
+        let row = through_process(
             &name,
             gw.id(),
             &broker,

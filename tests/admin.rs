@@ -2,32 +2,13 @@
 
 mod support;
 
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use support::*;
 
-fn get(port: u16, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, text)
-}
-
 /// The sum of every sample of `name` (all label sets).
 fn metric(port: u16, name: &str) -> f64 {
-    get(port, "/metrics")
+    http_get(port, "/metrics")
         .1
         .lines()
         .filter(|l| l.starts_with(name) && !l.starts_with('#'))
@@ -60,8 +41,8 @@ async fn metrics_move_with_traffic_and_with_the_uplink() {
     let config = write_config(dir.path(), mqtt.port, &kafka.bootstrap(), "uplink", &extra);
     let gw = Gateway::start(&config);
     gw.wait_for("mqtt subscribed", Duration::from_secs(10));
-    assert_eq!(get(admin, "/healthz").0, 200);
-    assert_eq!(get(admin, "/readyz").0, 200);
+    assert_eq!(http_get(admin, "/healthz").0, 200);
+    assert_eq!(http_get(admin, "/readyz").0, 200);
 
     let publisher = Publisher::connect(mqtt.port, "scrape").await;
     for n in 0..100 {

@@ -244,7 +244,7 @@ async fn without_a_dead_letter_topic_failures_are_counted_logged_once_and_debugg
     assert_eq!(good.len(), 1);
     assert_eq!(good[0].key.as_deref(), Some(&b"dev-7"[..]));
 
-    let metrics = http_get(admin_port, "/metrics");
+    let (_, metrics) = http_get(admin_port, "/metrics");
     assert!(
         metrics.contains("edgegate_converter_errors_total{converter=\"tb\",kind=\"exception\"} 5"),
         "{metrics}"
@@ -267,19 +267,6 @@ async fn without_a_dead_letter_topic_failures_are_counted_logged_once_and_debugg
         .as_str()
         .unwrap()
         .contains("device sent garbage"));
-}
-
-fn http_get(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 fn now_ms() -> u64 {
