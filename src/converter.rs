@@ -160,7 +160,8 @@ pub struct Converter {
     path: PathBuf,
     source: String,
     limits: Limits,
-    static_metadata: Vec<(String, String)>,
+    /// Shared so a record's metadata can borrow it while the script runs (`&mut self`).
+    static_metadata: Arc<[(String, String)]>,
     engine: Option<Engine>,
     debug: DebugLog,
     breaker: Breaker,
@@ -212,27 +213,25 @@ impl Converter {
     }
 
     fn engine(&mut self) -> Result<&mut Engine, ConverterError> {
-        if self.engine.is_none() {
-            let filename = self.path.display().to_string();
-            let engine = Engine::new(&self.source, &filename, self.limits).map_err(|e| {
-                ConverterError::Compile {
-                    path: self.path.clone(),
-                    line: e.line,
-                    message: e.message,
-                }
-            })?;
-            self.engine = Some(engine);
-        }
-        self.engine.as_mut().ok_or_else(|| ConverterError::Compile {
-            path: self.path.clone(),
-            line: None,
-            message: "javascript engine unavailable".into(),
-        })
+        let engine = match self.engine.take() {
+            Some(engine) => engine,
+            None => {
+                let filename = self.path.display().to_string();
+                Engine::new(&self.source, &filename, self.limits).map_err(|e| {
+                    ConverterError::Compile {
+                        path: self.path.clone(),
+                        line: e.line,
+                        message: e.message,
+                    }
+                })?
+            }
+        };
+        Ok(self.engine.insert(engine))
     }
 
     /// The converter's own `metadata` table.
-    pub fn static_metadata(&self) -> &[(String, String)] {
-        &self.static_metadata
+    pub fn static_metadata(&self) -> Arc<[(String, String)]> {
+        self.static_metadata.clone()
     }
 
     /// Runs the script and returns its own result, unnormalized (`edgegate convert --raw`).
@@ -279,13 +278,10 @@ impl Converter {
 
     /// Converts one buffered record, records a debug event, and encodes the entities.
     fn convert_record(&mut self, record: &Record, gateway_id: &str) -> Conversion {
-        // The metadata borrows the static table; lend it out while the script runs.
-        let static_meta = std::mem::take(&mut self.static_metadata);
+        let static_meta = self.static_metadata.clone();
         let meta = script_metadata(&static_meta, &record.source, gateway_id, &record.meta);
         let result = self.convert(&record.payload, &meta, record.captured_ms);
         self.record_debug(record, &meta, &result);
-        drop(meta);
-        self.static_metadata = static_meta;
         match result {
             Ok(entities) => Conversion::Entities {
                 converter: self.name.clone(),

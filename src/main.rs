@@ -235,7 +235,7 @@ fn convert(args: ConvertArgs) -> ExitCode {
     let (output, error) = match Converter::new(&name, &settings, None) {
         Err(e) => (None, Some(e.to_string())),
         Ok(mut converter) => {
-            let static_meta = converter.static_metadata().to_vec();
+            let static_meta = converter.static_metadata();
             let mut meta = script_metadata(&static_meta, &name, &gateway_id, &args.metadata);
             if gateway_id.is_empty() {
                 meta.retain(|(k, _)| *k != "gatewayId");

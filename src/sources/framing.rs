@@ -4,6 +4,7 @@
 //! Every mode is bounded by `max_frame_bytes`: an oversize frame is discarded (counted by the
 //! caller) and the framer resynchronises at the next frame boundary without buffering the excess.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -69,7 +70,8 @@ pub struct Framer {
 #[derive(Debug)]
 enum Mode {
     Delimited {
-        delimiter: Vec<u8>,
+        /// Shared so cutting can read it while the partial frame changes.
+        delimiter: Arc<[u8]>,
         strip_cr: bool,
     },
     Fixed(usize),
@@ -146,7 +148,7 @@ impl Framer {
     pub fn new(framing: &Framing, max_frame_bytes: usize) -> Framer {
         let mode = match framing {
             Framing::Line => Mode::Delimited {
-                delimiter: b"\n".to_vec(),
+                delimiter: Arc::from(&b"\n"[..]),
                 strip_cr: true,
             },
             Framing::Delimiter {
@@ -154,7 +156,8 @@ impl Framer {
                 delimiter_hex,
             } => Mode::Delimited {
                 delimiter: Framing::delimiter_bytes(delimiter, delimiter_hex)
-                    .unwrap_or_else(|_| b"\n".to_vec()),
+                    .unwrap_or_else(|_| b"\n".to_vec())
+                    .into(),
                 strip_cr: false,
             },
             Framing::Fixed { size } => Mode::Fixed(*size),
@@ -228,16 +231,12 @@ impl Framer {
         let Mode::Delimited {
             delimiter,
             strip_cr,
-        } = &mut self.mode
+        } = &self.mode
         else {
             return &[];
         };
-        let (delimiter, strip_cr) = (std::mem::take(delimiter), *strip_cr);
-        let rest = self.cut_delimited(bytes, &delimiter, strip_cr, out);
-        if let Mode::Delimited { delimiter: d, .. } = &mut self.mode {
-            *d = delimiter;
-        }
-        rest
+        let (delimiter, strip_cr) = (delimiter.clone(), *strip_cr);
+        self.cut_delimited(bytes, &delimiter, strip_cr, out)
     }
 
     fn cut_delimited<'a>(

@@ -147,7 +147,7 @@ pub async fn run(
         path: path.clone(),
         metrics: ctx.metrics.clone(),
     };
-    let mut reader = FrameReader::new(&config);
+    let mut reader = FrameReader::new(&config, &ctx);
     let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
     loop {
         let reason = match open(&config) {
@@ -220,10 +220,12 @@ struct FrameReader {
     max_pending: usize,
     pending: VecDeque<PendingAppend>,
     store_failures: u64,
+    /// This source's records-in counter, looked up once rather than per frame.
+    received: prometheus_client::metrics::counter::Counter,
 }
 
 impl FrameReader {
-    fn new(config: &SerialSourceConfig) -> FrameReader {
+    fn new(config: &SerialSourceConfig, ctx: &SerialContext) -> FrameReader {
         let max = config.max_frame_bytes.as_u64() as usize;
         let idle_gap = match &config.framing {
             Framing::Idle { gap } => Some(
@@ -247,6 +249,7 @@ impl FrameReader {
             max_pending: config.max_pending,
             pending: VecDeque::new(),
             store_failures: 0,
+            received: ctx.metrics.source_in(&ctx.name),
         }
     }
 
@@ -327,7 +330,7 @@ impl FrameReader {
             };
             match submitted {
                 Ok(append) => {
-                    ctx.metrics.source_in(&ctx.name).inc();
+                    self.received.inc();
                     self.pending.push_back(append);
                 }
                 Err(_) => return false,
