@@ -75,8 +75,36 @@ impl ConnState {
 /// A received message waiting for durability before its PUBACK.
 struct PendingAck {
     append: PendingAppend,
-    /// The message without its payload: what `ack` needs (packet id, QoS).
-    header: Publish,
+    ack: AckId,
+}
+
+/// What an acknowledgement needs. Kept instead of the message's header (topic included): when
+/// the broker's window is wide, tens of thousands of acks can wait here, and they must stay small.
+#[derive(Clone, Copy)]
+struct AckId {
+    pkid: u16,
+    qos: QoS,
+}
+
+impl AckId {
+    fn of(publish: &Publish) -> AckId {
+        AckId {
+            pkid: publish.pkid,
+            qos: publish.qos,
+        }
+    }
+
+    /// The message as `try_ack` wants it; an empty topic and payload allocate nothing.
+    fn as_publish(self) -> Publish {
+        Publish {
+            dup: false,
+            qos: self.qos,
+            retain: false,
+            topic: String::new(),
+            pkid: self.pkid,
+            payload: Default::default(),
+        }
+    }
 }
 
 /// Acknowledgements in arrival order: waiting for durability, then waiting to be queued.
@@ -86,7 +114,7 @@ struct PendingAck {
 /// and kept here when the channel is full.
 struct Acks {
     pending: VecDeque<PendingAck>,
-    unsent: VecDeque<Publish>,
+    unsent: VecDeque<AckId>,
     store_failures: u64,
     source: Arc<str>,
 }
@@ -120,17 +148,21 @@ impl Acks {
                 false
             }
         };
-        if ack && p.header.qos != QoS::AtMostOnce {
-            self.unsent.push_back(p.header);
+        if ack && p.ack.qos != QoS::AtMostOnce {
+            self.unsent.push_back(p.ack);
         }
     }
 
     fn queue_unsent(&mut self, client: &AsyncClient) {
-        while let Some(header) = self.unsent.front() {
-            if client.try_ack(header).is_err() {
+        while let Some(ack) = self.unsent.front() {
+            if client.try_ack(&ack.as_publish()).is_err() {
                 return;
             }
             self.unsent.pop_front();
+        }
+        // A burst can leave a large, empty queue behind; give the memory back.
+        if self.unsent.is_empty() && self.unsent.capacity() > 4096 {
+            self.unsent.shrink_to(1024);
         }
     }
 }
@@ -179,10 +211,7 @@ pub async fn run(
                 }
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
-                let header = Publish {
-                    payload: Default::default(),
-                    ..publish.clone()
-                };
+                let ack = AckId::of(&publish);
                 let record = NewRecord {
                     captured_ms: now_ms(),
                     source: ctx.name.clone(),
@@ -197,7 +226,7 @@ pub async fn run(
                 };
                 let Ok(append) = submitted else { break };
                 received.inc();
-                acks.pending.push_back(PendingAck { append, header });
+                acks.pending.push_back(PendingAck { append, ack });
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
                 log_suback(&ctx.name, &ack.return_codes, &filters)
