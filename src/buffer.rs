@@ -2,7 +2,7 @@
 //! only after Kafka confirmed it.
 //!
 //! Storage layout in one sled tree (one atomic batch per commit):
-//! - `c` + first_seq (big-endian) -> a chunk: [`CHUNK_FORMAT`] then the encoded records;
+//! - `c` + first_seq (big-endian) -> a chunk written by [`ChunkWriter`];
 //! - `i` + first_seq -> [`ChunkInfo`] (count, bytes, capture times), so opening reads no payloads;
 //! - `m` `next_seq` -> the next sequence number, so numbers never repeat across restarts.
 //!
@@ -23,20 +23,25 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{BufferConfig, WhenFull};
 use crate::metrics::{DropReason, Metrics};
-use crate::record::{self, now_ms, NewRecord, Record, CHUNK_FORMAT};
+use crate::record::{self, now_ms, ChunkWriter, NewRecord, Record};
 use crate::watchdog::Stage;
 
-/// sled's segment size (its default). Measured with a 1,000,000-record backlog: 64 KiB segments
-/// push most chunks into blob files (disk 1.72x payload instead of 1.94x) but raise RSS after
-/// ingest from 61 MB to 81-95 MB, so memory wins. See BENCHMARKS.md.
+/// sled's segment size (its default).
 const SEGMENT_SIZE: usize = 512 * 1024;
+/// Upper bound of one chunk value; a commit larger than this is written as several chunks (in the
+/// same atomic batch). sled 0.34 writes a page whose serialized size exceeds a quarter of a segment
+/// as a separate blob file, and its page cache counts such a page by the size of the pointer, not
+/// of the data: blob pages are never evicted and RSS grows with the backlog (measured: 320 MB for
+/// 1M records). A leaf holds at most 17 items, so chunks this small keep every leaf inline and
+/// inside `cache_capacity`. Only a single record larger than this makes a bigger chunk.
+const CHUNK_MAX_BYTES: usize = (SEGMENT_SIZE / 4 - 1024) / 17 - 64;
 /// A commit merges into the unread tail chunk while the result stays below this size.
-const MERGE_LIMIT: usize = 16 * 1024;
+const MERGE_LIMIT: usize = CHUNK_MAX_BYTES;
 /// Upper bounds of one group commit.
-const COMMIT_MAX_RECORDS: usize = 8192;
-const COMMIT_MAX_BYTES: usize = 4 * 1024 * 1024;
+const COMMIT_MAX_RECORDS: usize = 4096;
+const COMMIT_MAX_BYTES: usize = 1024 * 1024;
 /// Records submitted and not yet committed; sources wait when it is full.
-const INTAKE_CAPACITY: usize = 16 * 1024;
+const INTAKE_CAPACITY: usize = 4096;
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(2);
 /// A commit of fewer records than this waits `buffer.commit_linger` for company first.
 const LINGER_BELOW_RECORDS: usize = 64;
@@ -131,8 +136,8 @@ struct State {
     next_seq: u64,
     /// First sequence number not yet handed to the forwarder.
     read_cursor: u64,
-    /// The encoded value of `chunks.back()` while it may still be merged into.
-    tail: Option<(u64, Vec<u8>)>,
+    /// The writer of `chunks.back()` while it may still be merged into.
+    tail: Option<(u64, ChunkWriter)>,
 }
 
 impl State {
@@ -583,45 +588,89 @@ fn extend_batch(batch: &mut Vec<Append>, rx: &mut mpsc::Receiver<Append>) {
     }
 }
 
-/// The encoded records of one commit.
+/// The records of one commit, encoded as chunks of at most [`CHUNK_MAX_BYTES`] (a bigger record
+/// gets a chunk of its own).
 struct Encoded {
     appends: Vec<Append>,
-    body: Vec<u8>,
-    first_ms: u64,
-    last_ms: u64,
+    chunks: Vec<ChunkWriter>,
+}
+
+impl Encoded {
+    fn bytes(&self) -> usize {
+        self.chunks.iter().map(ChunkWriter::len).sum()
+    }
 }
 
 fn encode_batch(batch: Vec<Append>, max_bytes: u64) -> Option<Encoded> {
-    let mut body = Vec::new();
-    let mut appends = Vec::with_capacity(batch.len());
-    let (mut first_ms, mut last_ms) = (u64::MAX, 0);
+    let mut enc = Encoded {
+        appends: Vec::with_capacity(batch.len()),
+        chunks: Vec::new(),
+    };
     for a in batch {
-        let start = body.len();
-        record::encode_into(&a.record, &mut body);
-        if (body.len() - start) as u64 > max_bytes / 2 {
-            body.truncate(start);
+        let bound = record::encoded_size_bound(&a.record);
+        if bound as u64 > max_bytes / 2 {
             let _ = a
                 .done
                 .send(Err(BufferError::TooLarge(a.record.payload.len())));
             continue;
         }
-        first_ms = first_ms.min(a.record.captured_ms);
-        last_ms = last_ms.max(a.record.captured_ms);
-        appends.push(a);
+        match enc.chunks.last_mut() {
+            Some(chunk) if chunk.len() + bound <= CHUNK_MAX_BYTES => chunk.push(&a.record),
+            _ => {
+                let mut chunk = ChunkWriter::new(a.record.captured_ms);
+                chunk.push(&a.record);
+                enc.chunks.push(chunk);
+            }
+        }
+        enc.appends.push(a);
     }
-    (!appends.is_empty()).then_some(Encoded {
-        appends,
-        body,
+    (!enc.appends.is_empty()).then_some(enc)
+}
+
+/// Numbers the commit's chunks from `first_seq`, or appends its records to the tail chunk
+/// `plan_write` chose to merge into.
+fn number_chunks(
+    enc: Encoded,
+    first_seq: u64,
+    merge_into: Option<(ChunkInfo, ChunkWriter)>,
+) -> (Vec<Append>, Vec<(ChunkInfo, ChunkWriter)>) {
+    let chunks = match merge_into {
+        Some((old, mut tail)) => {
+            for a in &enc.appends {
+                tail.push(&a.record);
+            }
+            vec![(chunk_info(old.first_seq, &tail), tail)]
+        }
+        None => {
+            let mut seq = first_seq;
+            let mut numbered = Vec::with_capacity(enc.chunks.len());
+            for chunk in enc.chunks {
+                let info = chunk_info(seq, &chunk);
+                seq = info.end_seq();
+                numbered.push((info, chunk));
+            }
+            numbered
+        }
+    };
+    (enc.appends, chunks)
+}
+
+fn chunk_info(first_seq: u64, chunk: &ChunkWriter) -> ChunkInfo {
+    let (first_ms, last_ms) = chunk.time_range();
+    ChunkInfo {
+        first_seq,
+        count: chunk.count(),
+        bytes: chunk.len() as u32,
         first_ms,
         last_ms,
-    })
+    }
 }
 
 /// What one commit writes, decided under the state lock.
 struct Plan {
     first_seq: u64,
     /// The chunk merged into: its info (already hidden from the forwarder) and value.
-    merge_into: Option<(ChunkInfo, Vec<u8>)>,
+    merge_into: Option<(ChunkInfo, ChunkWriter)>,
 }
 
 async fn commit(buffer: &Buffer, batch: Vec<Append>, shutdown: &CancellationToken) {
@@ -635,45 +684,26 @@ async fn commit(buffer: &Buffer, batch: Vec<Append>, shutdown: &CancellationToke
     };
     let count = enc.appends.len() as u32;
     let merged_info = plan.merge_into.as_ref().map(|(i, _)| *i);
-    let (info, value) = match plan.merge_into {
-        Some((old, mut value)) => {
-            value.extend_from_slice(&enc.body);
-            let info = ChunkInfo {
-                count: old.count + count,
-                bytes: value.len() as u32,
-                first_ms: old.first_ms.min(enc.first_ms),
-                last_ms: old.last_ms.max(enc.last_ms),
-                ..old
-            };
-            (info, value)
-        }
-        None => {
-            let mut value = Vec::with_capacity(enc.body.len() + 1);
-            value.push(CHUNK_FORMAT);
-            value.extend_from_slice(&enc.body);
-            let info = ChunkInfo {
-                first_seq: plan.first_seq,
-                count,
-                bytes: value.len() as u32,
-                first_ms: enc.first_ms,
-                last_ms: enc.last_ms,
-            };
-            (info, value)
-        }
-    };
+    let (appends, chunks) = number_chunks(enc, plan.first_seq, plan.merge_into);
     let next_seq = plan.first_seq + u64::from(count);
-    let written = write_durably(buffer.clone(), info, value, next_seq).await;
+    let written = write_durably(buffer.clone(), chunks, next_seq).await;
     let mut s = buffer.state();
     match written {
-        Ok(value) => {
+        Ok(chunks) => {
             // plan_write took a merged chunk out of the totals; the new info includes it.
-            s.bytes += u64::from(info.bytes);
-            s.records += u64::from(info.count);
-            s.chunks.push_back(info);
-            s.tail = (value.len() < MERGE_LIMIT).then_some((info.first_seq, value));
+            for (info, _) in &chunks {
+                s.bytes += u64::from(info.bytes);
+                s.records += u64::from(info.count);
+                s.chunks.push_back(*info);
+            }
+            s.tail = chunks
+                .into_iter()
+                .last()
+                .filter(|(_, chunk)| chunk.len() < MERGE_LIMIT)
+                .map(|(info, chunk)| (info.first_seq, chunk));
             drop(s);
             shared.data_ready.notify_one();
-            for (i, a) in enc.appends.into_iter().enumerate() {
+            for (i, a) in appends.into_iter().enumerate() {
                 let _ = a.done.send(Ok(plan.first_seq + i as u64));
             }
         }
@@ -687,7 +717,7 @@ async fn commit(buffer: &Buffer, batch: Vec<Append>, shutdown: &CancellationToke
             drop(s);
             tracing::error!(error = %e, records = count, "buffer commit failed; not acknowledged");
             let msg = e.to_string();
-            fail_all(enc.appends, || {
+            fail_all(appends, || {
                 BufferError::Storage(sled::Error::Io(std::io::Error::other(msg.clone())))
             });
         }
@@ -705,7 +735,7 @@ fn fail_all(appends: Vec<Append>, err: impl Fn() -> BufferError) {
 async fn reserve(buffer: &Buffer, enc: &Encoded, shutdown: &CancellationToken) -> Option<Plan> {
     let shared = &buffer.shared;
     let max = shared.config.max_bytes.as_u64();
-    let need = enc.body.len() as u64 + 1;
+    let need = enc.bytes() as u64;
     loop {
         let freed = shared.space_freed.notified();
         {
@@ -741,11 +771,12 @@ async fn reserve(buffer: &Buffer, enc: &Encoded, shutdown: &CancellationToken) -
 fn plan_write(s: &mut State, enc: &Encoded) -> Plan {
     let first_seq = s.next_seq;
     let mergeable = match (s.chunks.back(), &s.tail) {
-        (Some(back), Some((tail_seq, value))) => {
+        (Some(back), Some((tail_seq, tail))) => {
             *tail_seq == back.first_seq
                 && back.end_seq() == first_seq
                 && back.first_seq >= s.read_cursor
-                && value.len() + enc.body.len() <= MERGE_LIMIT
+                && enc.chunks.len() == 1
+                && tail.len() + enc.bytes() <= MERGE_LIMIT
         }
         _ => false,
     };
@@ -768,25 +799,26 @@ fn plan_write(s: &mut State, enc: &Encoded) -> Plan {
     }
 }
 
-/// Writes the chunk, its index entry and the sequence high-water mark atomically, then fsyncs.
-/// Gives the value back so it can stay the mergeable tail.
+/// Writes the chunks, their index entries and the sequence high-water mark atomically, then
+/// fsyncs. Gives the chunks back so the last one can stay the mergeable tail.
 async fn write_durably(
     buffer: Buffer,
-    info: ChunkInfo,
-    value: Vec<u8>,
+    chunks: Vec<(ChunkInfo, ChunkWriter)>,
     next_seq: u64,
-) -> Result<Vec<u8>, BufferError> {
+) -> Result<Vec<(ChunkInfo, ChunkWriter)>, BufferError> {
     let metrics = buffer.shared.metrics.clone();
     let _running = metrics.health.begin(Stage::BufferCommit);
     let joined = tokio::task::spawn_blocking(move || {
         let shared = &buffer.shared;
         let mut batch = sled::Batch::default();
-        batch.insert(&chunk_key(info.first_seq), value.as_slice());
-        batch.insert(&info_key(info.first_seq), &info.to_bytes());
+        for (info, chunk) in &chunks {
+            batch.insert(&chunk_key(info.first_seq), chunk.value());
+            batch.insert(&info_key(info.first_seq), &info.to_bytes());
+        }
         batch.insert(NEXT_SEQ_KEY, &next_seq.to_le_bytes());
         shared.tree.apply_batch(batch)?;
         shared.db.flush()?;
-        Ok(value)
+        Ok(chunks)
     })
     .await;
     joined.unwrap_or_else(|e| {

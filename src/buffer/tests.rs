@@ -88,9 +88,42 @@ async fn small_sequential_commits_are_merged_into_few_chunks() {
     }
     let stats = h.buffer.stats();
     assert_eq!(stats.records, 500);
-    // 500 x ~130 bytes in 16 KiB chunks: a handful, not 500.
+    // 500 x ~110 bytes in ~7.5 KiB chunks: a handful, not 500.
     assert!(stats.chunks <= 8, "{} chunks", stats.chunks);
     assert_eq!(seqs(&h.drain_unread()), (0..500).collect::<Vec<_>>());
+    h.close().await;
+}
+
+#[tokio::test]
+async fn a_large_commit_is_cut_into_chunks_sled_keeps_inline() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(dir.path(), BufferConfig::default());
+    // sled writes a leaf (up to 17 items) bigger than a quarter segment as an uncached blob.
+    let inline_limit = SEGMENT_SIZE / 4 / 17;
+    // Submitted together, so they share one group commit; one record is bigger than a chunk.
+    let mut pending = Vec::new();
+    for i in 0..300 {
+        let size = if i == 150 { 3 * inline_limit } else { 1000 };
+        pending.push(h.writer.submit(rec(i, size)).await.unwrap());
+    }
+    for p in pending {
+        p.durable().await.unwrap();
+    }
+    let chunks = h.drain_unread();
+    assert_eq!(seqs(&chunks), (0..300).collect::<Vec<_>>());
+    assert!(
+        chunks.len() >= 300 * 1000 / inline_limit,
+        "{} chunks",
+        chunks.len()
+    );
+    for c in &chunks {
+        let oversize_record = c.records.iter().any(|r| r.payload.len() > inline_limit);
+        if oversize_record {
+            assert_eq!(c.records.len(), 1, "an oversize record shares its chunk");
+        } else {
+            assert!(c.info.bytes as usize <= inline_limit, "{:?}", c.info);
+        }
+    }
     h.close().await;
 }
 
@@ -260,7 +293,7 @@ async fn corrupt_chunks_are_quarantined_and_skipped() {
     h.buffer
         .shared
         .tree
-        .insert(chunk_key(0), &[CHUNK_FORMAT, 0xff, 0xff][..])
+        .insert(chunk_key(0), &[record::CHUNK_FORMAT, 0xff, 0xff][..])
         .unwrap();
     assert!(h.buffer.try_next_chunk().unwrap().is_none());
     assert_eq!(h.metrics.dropped(DropReason::Corrupt), 1);

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use base64::Engine as _;
 use serde::Serialize;
 
-use super::{chunk_key, info_key, Buffer, BufferError, ChunkInfo, CHUNK_FORMAT};
-use crate::record::{self, NewRecord, Record};
+use super::{chunk_info, chunk_key, info_key, Buffer, BufferError, ChunkInfo};
+use crate::record::{self, ChunkWriter, NewRecord, Record};
 
 /// What `buffer purge` removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -99,30 +99,16 @@ impl Buffer {
             return Ok(Purged::default());
         }
         let kept = &records[drop_n..];
-        let mut body = vec![CHUNK_FORMAT];
+        let mut chunk = ChunkWriter::new(kept.first().map_or(info.first_ms, |r| r.captured_ms));
         for r in kept {
-            record::encode_into(&new_record(r), &mut body);
+            chunk.push(&new_record(r));
         }
-        let new_info = ChunkInfo {
-            first_seq: info.first_seq + drop_n as u64,
-            count: kept.len() as u32,
-            bytes: body.len() as u32,
-            first_ms: kept
-                .iter()
-                .map(|r| r.captured_ms)
-                .min()
-                .unwrap_or(info.first_ms),
-            last_ms: kept
-                .iter()
-                .map(|r| r.captured_ms)
-                .max()
-                .unwrap_or(info.last_ms),
-        };
+        let new_info = chunk_info(info.first_seq + drop_n as u64, &chunk);
         let mut batch = sled::Batch::default();
         batch.remove(&chunk_key(info.first_seq));
         batch.remove(&info_key(info.first_seq));
         if !kept.is_empty() {
-            batch.insert(&chunk_key(new_info.first_seq), body.as_slice());
+            batch.insert(&chunk_key(new_info.first_seq), chunk.value());
             batch.insert(&info_key(new_info.first_seq), &new_info.to_bytes());
         }
         self.shared.tree.apply_batch(batch)?;
@@ -135,7 +121,7 @@ impl Buffer {
         }
         Ok(Purged {
             records: drop_n as u64,
-            bytes: u64::from(info.bytes).saturating_sub(body.len() as u64),
+            bytes: u64::from(info.bytes).saturating_sub(chunk.len() as u64),
         })
     }
 }
