@@ -430,7 +430,8 @@ fn metric(admin: u16, name: &str) -> f64 {
     body.lines()
         .filter(|l| l.starts_with(name))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        // Not `sum()`: an empty float sum is -0, which printed as "-0 dropped".
+        .fold(0.0, |total, v| total + v)
 }
 
 async fn backlog(n: u64) {
