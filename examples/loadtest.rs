@@ -385,12 +385,14 @@ fn edgegate_config(
     std::fs::write(
         &path,
         format!(
-            "[gateway]\nid = \"bench\"\ndata_dir = \"{}\"\n[buffer]\nmax_bytes = \"2GiB\"\ncache_bytes = \"{cache}\"\n\
+            "[gateway]\nid = \"bench\"\ndata_dir = \"{}\"\n[buffer]\nmax_bytes = \"2GiB\"\ncache_bytes = \"{cache}\"\n{buffer_extra}\n\
              [kafka]\nbootstrap_servers = \"{bootstrap}\"\ntopic = \"{topic}\"\n{kafka_extra}\n\
              [admin]\nlisten = \"127.0.0.1:{admin}\"\n\
              [sources.plant]\ntype = \"mqtt\"\nport = {mqtt_port}\ntopics = [\"sensors/#\"]\nclient_id = \"bench-{topic}\"\n",
             dir.join("data").display(),
             cache = std::env::var("LOADTEST_CACHE").unwrap_or_else(|_| "8MiB".into()),
+            // Extra [buffer] lines, e.g. commit_linger = "50ms".
+            buffer_extra = std::env::var("LOADTEST_BUFFER").unwrap_or_default(),
             // Extra [kafka] lines for experiments, e.g. max_in_flight_bytes = "1MiB".
             kafka_extra = std::env::var("LOADTEST_KAFKA").unwrap_or_default(),
         ) + &std::env::var("LOADTEST_SOURCE").unwrap_or_default(),
@@ -740,10 +742,12 @@ async fn serial(ports: usize, secs: u64) {
     std::fs::write(
         &config,
         format!(
-            "[gateway]\nid = \"bench\"\ndata_dir = \"{}\"\n[kafka]\nbootstrap_servers = \"{}\"\ntopic = \"bench-serial\"\n\
+            "[gateway]\nid = \"bench\"\ndata_dir = \"{}\"\n[buffer]\n{buffer_extra}\n\
+             [kafka]\nbootstrap_servers = \"{}\"\ntopic = \"bench-serial\"\n\
              [admin]\nlisten = \"127.0.0.1:{admin}\"\n{sources}",
             dir.path().join("data").display(),
-            kafka.bootstrap()
+            kafka.bootstrap(),
+            buffer_extra = std::env::var("LOADTEST_BUFFER").unwrap_or_default(),
         ),
     )
     .expect("config");
