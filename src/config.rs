@@ -201,7 +201,7 @@ pub struct KafkaConfig {
     /// Records handed to librdkafka and not yet confirmed; the rest waits in the disk buffer.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
-    /// Bytes handed to librdkafka and not yet confirmed; bounds the producer's memory.
+    /// Memory handed to librdkafka and not yet confirmed (record bytes plus a per-record cost).
     #[serde(default = "default_max_in_flight_bytes")]
     pub max_in_flight_bytes: ByteSize,
     /// No delivery confirmation for this long while records are in flight marks the link down.
