@@ -76,6 +76,8 @@ struct InFlightChunk {
     unconfirmed: u32,
     bytes: usize,
     failed: bool,
+    /// The stored chunks to release once every record is confirmed.
+    parts: Vec<u64>,
 }
 
 /// Logs at most once a minute, with how many were suppressed.
@@ -291,6 +293,7 @@ impl Forwarder {
             unconfirmed: 0,
             bytes: chunk.info.bytes as usize + chunk.info.count as usize * IN_FLIGHT_RECORD_COST,
             failed: false,
+            parts: chunk.parts.clone(),
         };
         let (chunk, conversions) = if self.converters.applies_to(&chunk) {
             let metrics = self.metrics.clone();
@@ -468,7 +471,7 @@ impl Forwarder {
             if front.unconfirmed > 0 || front.failed {
                 break;
             }
-            if let Err(e) = self.buffer.release(front.first_seq) {
+            if let Err(e) = self.buffer.release_parts(&front.parts) {
                 tracing::error!(error = %e, "releasing a delivered chunk failed; it will be resent");
                 break;
             }

@@ -86,7 +86,7 @@ impl Harness {
                 .await
                 .unwrap_or_else(|_| panic!("only {} of {n} records: {out:?}", out.len()))
                 .unwrap();
-            self.buffer.release(chunk.info.first_seq).unwrap();
+            self.buffer.release_parts(&chunk.parts).unwrap();
             out.extend(chunk.records);
         }
         out

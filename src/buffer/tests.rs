@@ -72,7 +72,7 @@ async fn appended_records_come_back_in_order_and_release_removes_them() {
     assert_eq!(chunks[0].records[0].payload, rec(0, 200).payload);
     assert_eq!(h.buffer.stats().records, 100);
     for c in &chunks {
-        h.buffer.release(c.info.first_seq).unwrap();
+        h.buffer.release_parts(&c.parts).unwrap();
     }
     assert_eq!(h.buffer.stats().records, 0);
     assert_eq!(h.buffer.stats().bytes, 0);
@@ -109,21 +109,28 @@ async fn a_large_commit_is_cut_into_chunks_sled_keeps_inline() {
     for p in pending {
         p.durable().await.unwrap();
     }
-    let chunks = h.drain_unread();
-    assert_eq!(seqs(&chunks), (0..300).collect::<Vec<_>>());
+    let stored: Vec<ChunkInfo> = h.buffer.state().chunks.iter().copied().collect();
     assert!(
-        chunks.len() >= 300 * 1000 / inline_limit,
+        stored.len() >= 300 * 1000 / inline_limit,
         "{} chunks",
-        chunks.len()
+        stored.len()
     );
-    for c in &chunks {
-        let oversize_record = c.records.iter().any(|r| r.payload.len() > inline_limit);
-        if oversize_record {
-            assert_eq!(c.records.len(), 1, "an oversize record shares its chunk");
-        } else {
-            assert!(c.info.bytes as usize <= inline_limit, "{:?}", c.info);
-        }
+    for c in &stored {
+        assert!(c.count == 1 || c.bytes as usize <= inline_limit, "{c:?}");
     }
+    // Read back joined into units of work, in order.
+    let read = h.drain_unread();
+    assert_eq!(seqs(&read), (0..300).collect::<Vec<_>>());
+    assert!(read.len() < stored.len());
+    let parts: Vec<u64> = read.iter().flat_map(|r| r.parts.clone()).collect();
+    assert_eq!(
+        parts,
+        stored.iter().map(|c| c.first_seq).collect::<Vec<_>>()
+    );
+    for r in &read {
+        h.buffer.release_parts(&r.parts).unwrap();
+    }
+    assert_eq!(h.buffer.stats().records, 0);
     h.close().await;
 }
 
@@ -149,7 +156,7 @@ async fn undelivered_records_survive_reopen_and_sequence_never_repeats() {
     }
     // Deliver everything: the high-water mark must still survive.
     for c in h.drain_unread() {
-        h.buffer.release(c.info.first_seq).unwrap();
+        h.buffer.release_parts(&c.parts).unwrap();
     }
     for i in 10..15 {
         h.writer.append(rec(i, 50)).await.unwrap();
@@ -233,7 +240,7 @@ async fn block_waits_for_space_and_loses_nothing() {
     while got.len() < n as usize && tokio::time::Instant::now() < deadline {
         for c in h.drain_unread() {
             got.extend(c.records.iter().map(|r| r.seq));
-            h.buffer.release(c.info.first_seq).unwrap();
+            h.buffer.release_parts(&c.parts).unwrap();
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
