@@ -133,14 +133,15 @@ fn main() -> ExitCode {
 
 /// glibc gives threads their own heap arenas (up to 8 per core) and keeps freed memory in each.
 /// With sled's, librdkafka's and tokio's threads that cost 15-25 MB of RSS during a 1M-record
-/// drain; one arena measured 43-50 MB peak instead of 68-74 MB at the same speed (BENCHMARKS.md).
+/// drain: 68-74 MB peak with the default, 56 MB with two arenas, 43-50 MB with one. One arena
+/// slows the converter (QuickJS allocates per object) by 10-15%, two do not (BENCHMARKS.md).
 /// `MALLOC_ARENA_MAX` in the environment still wins.
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
         // SAFETY: mallopt only tunes the allocator; it runs before any other thread exists.
         unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 1);
+            libc::mallopt(libc::M_ARENA_MAX, 2);
         }
     }
 }
