@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{BufferConfig, WhenFull};
 use crate::metrics::{DropReason, Metrics};
-use crate::record::{self, now_ms, ChunkWriter, NewRecord, Record};
+use crate::record::{self, now_ms, ChunkWriter, NewRecord, Record, SourceType};
 use crate::watchdog::Stage;
 
 /// sled's segment size (its default).
@@ -629,19 +629,35 @@ pub async fn run(buffer: Buffer, mut intake: Intake, shutdown: CancellationToken
             }
         };
         let mut batch = collect_batch(first, &mut intake.rx);
-        let linger = buffer.shared.config.commit_linger;
-        if batch.len() < LINGER_BELOW_RECORDS && !linger.is_zero() {
-            // A trickle (serial devices, quiet MQTT): let a few ms of records share one flush.
-            // Each sled flush wakes all of sled's idle IO threads, about 1 ms of CPU.
-            tokio::time::sleep(linger).await;
-            extend_batch(&mut batch, &mut intake.rx);
-        }
+        linger(&buffer.shared.config, &mut batch, &mut intake.rx).await;
         commit(&buffer, batch, &shutdown).await;
     }
     if let Err(e) = buffer.flush() {
         tracing::error!(error = %e, "final buffer flush failed");
     }
     buffer.update_gauges();
+}
+
+/// Lets a trickle (serial devices, quiet MQTT) share one flush: each sled flush wakes all of sled's
+/// idle IO threads, about 1 ms of CPU. A commit still holding serial frames only after
+/// `commit_linger` waits until `serial_commit_linger`, as no device waits for their durability
+/// (an MQTT message arriving in that time waits with them).
+async fn linger(config: &BufferConfig, batch: &mut Vec<Append>, rx: &mut mpsc::Receiver<Append>) {
+    let small = |batch: &Vec<Append>| batch.len() < LINGER_BELOW_RECORDS;
+    if small(batch) && !config.commit_linger.is_zero() {
+        tokio::time::sleep(config.commit_linger).await;
+        extend_batch(batch, rx);
+    }
+    let serial_only = batch
+        .iter()
+        .all(|a| a.record.source_type == SourceType::Serial);
+    let more = config
+        .serial_commit_linger
+        .saturating_sub(config.commit_linger);
+    if serial_only && small(batch) && !more.is_zero() {
+        tokio::time::sleep(more).await;
+        extend_batch(batch, rx);
+    }
 }
 
 fn collect_batch(first: Append, rx: &mut mpsc::Receiver<Append>) -> Vec<Append> {

@@ -141,6 +141,10 @@ pub struct BufferConfig {
     /// A small commit waits this long for more records, so a trickle shares one flush.
     #[serde(default = "default_commit_linger", with = "humantime_serde")]
     pub commit_linger: Duration,
+    /// How long a small commit of serial frames only waits in all. No device waits for their
+    /// durability (serial has no acks), so they can share flushes longer than MQTT messages.
+    #[serde(default = "default_serial_commit_linger", with = "humantime_serde")]
+    pub serial_commit_linger: Duration,
 }
 
 impl Default for BufferConfig {
@@ -151,6 +155,7 @@ impl Default for BufferConfig {
             max_age: None,
             cache_bytes: default_cache_bytes(),
             commit_linger: default_commit_linger(),
+            serial_commit_linger: default_serial_commit_linger(),
         }
     }
 }
@@ -163,6 +168,9 @@ fn default_when_full() -> WhenFull {
 }
 fn default_commit_linger() -> Duration {
     Duration::from_millis(10)
+}
+fn default_serial_commit_linger() -> Duration {
+    Duration::from_millis(50)
 }
 fn default_cache_bytes() -> ByteSize {
     ByteSize::mib(8)

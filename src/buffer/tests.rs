@@ -313,3 +313,25 @@ async fn corrupt_chunks_are_quarantined_and_skipped() {
         .is_some());
     h.close().await;
 }
+
+#[tokio::test]
+async fn serial_only_commits_linger_longer_than_acknowledged_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = BufferConfig {
+        commit_linger: Duration::ZERO,
+        serial_commit_linger: Duration::from_millis(400),
+        ..BufferConfig::default()
+    };
+    let h = open(dir.path(), config);
+    let started = std::time::Instant::now();
+    h.writer.append(rec(0, 10)).await.unwrap();
+    let mqtt = started.elapsed();
+    let mut frame = rec(1, 10);
+    frame.source_type = SourceType::Serial;
+    let started = std::time::Instant::now();
+    h.writer.append(frame).await.unwrap();
+    let serial = started.elapsed();
+    assert!(serial >= Duration::from_millis(400), "{serial:?}");
+    assert!(mqtt < Duration::from_millis(400), "{mqtt:?}");
+    h.close().await;
+}
