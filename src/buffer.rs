@@ -269,6 +269,14 @@ pub struct ReadChunk {
 }
 
 impl ReadChunk {
+    fn single(info: ChunkInfo, records: Vec<Record>) -> ReadChunk {
+        ReadChunk {
+            info,
+            records,
+            parts: vec![info.first_seq],
+        }
+    }
+
     fn absorb(&mut self, next: ReadChunk) {
         self.info.count += next.info.count;
         self.info.bytes += next.info.bytes;
@@ -368,24 +376,12 @@ impl Buffer {
     /// The unread chunk starting at `seq`, if it is there and decodes; anything else is left
     /// unread for [`Buffer::next_stored_chunk`] to handle.
     fn next_contiguous(&self, seq: u64) -> Result<Option<ReadChunk>, BufferError> {
-        let info = {
-            let mut s = self.state();
-            let idx = s.first_unread();
-            match s.chunks.get(idx).copied() {
-                Some(info) if info.first_seq == seq => {
-                    s.read_cursor = info.end_seq();
-                    info
-                }
-                _ => return Ok(None),
-            }
+        let Some(info) = self.claim_unread(Some(seq)) else {
+            return Ok(None);
         };
         let value = self.shared.tree.get(chunk_key(info.first_seq))?;
         match value.map(|v| record::decode_chunk(info.first_seq, &v)) {
-            Some(Ok(records)) => Ok(Some(ReadChunk {
-                info,
-                records,
-                parts: vec![info.first_seq],
-            })),
+            Some(Ok(records)) => Ok(Some(ReadChunk::single(info, records))),
             _ => {
                 self.rewind(info.first_seq);
                 Ok(None)
@@ -395,28 +391,15 @@ impl Buffer {
 
     fn next_stored_chunk(&self) -> Result<Option<ReadChunk>, BufferError> {
         loop {
-            let info = {
-                let mut s = self.state();
-                let idx = s.first_unread();
-                let Some(info) = s.chunks.get(idx).copied() else {
-                    return Ok(None);
-                };
-                s.read_cursor = info.end_seq();
-                info
+            let Some(info) = self.claim_unread(None) else {
+                return Ok(None);
             };
             let value = self.shared.tree.get(chunk_key(info.first_seq))?;
             let decoded = value
                 .as_deref()
                 .map(|v| record::decode_chunk(info.first_seq, v));
             match decoded {
-                Some(Ok(records)) => {
-                    let parts = vec![info.first_seq];
-                    return Ok(Some(ReadChunk {
-                        info,
-                        records,
-                        parts,
-                    }));
-                }
+                Some(Ok(records)) => return Ok(Some(ReadChunk::single(info, records))),
                 Some(Err(e)) => {
                     tracing::error!(first_seq = info.first_seq, count = info.count, error = %e,
                         "buffer chunk is corrupt; quarantined and skipped");
@@ -431,6 +414,19 @@ impl Buffer {
                 }
             }
         }
+    }
+
+    /// Hands the oldest unread chunk to the reader (only if it starts at `at`, when given).
+    fn claim_unread(&self, at: Option<u64>) -> Option<ChunkInfo> {
+        let mut s = self.state();
+        let idx = s.first_unread();
+        let info = s
+            .chunks
+            .get(idx)
+            .copied()
+            .filter(|c| at.is_none_or(|seq| c.first_seq == seq))?;
+        s.read_cursor = info.end_seq();
+        Some(info)
     }
 
     fn quarantine(&self, info: ChunkInfo, value: &[u8]) -> Result<(), BufferError> {
