@@ -75,6 +75,19 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
+/// Waits until the gateway's buffer gauge (updated every 2 s) reports `n` records.
+fn wait_buffered(admin: u16, n: u64, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let wanted = format!("edgegate_buffer_records {n}\n");
+    while !http_get(admin, "/metrics").1.contains(&wanted) {
+        assert!(
+            Instant::now() < deadline,
+            "buffer never reached {n} records"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Payload `i` of a phase: text or, every third one, bytes that are not UTF-8.
 fn phase_payload(phase: u8, i: u32) -> Vec<u8> {
     if i % 3 == 0 {
@@ -89,7 +102,14 @@ async fn stats_export_and_purge_on_a_buffer_filled_during_an_outage() {
     let mqtt = Mosquitto::start();
     let dir = tempfile::tempdir().unwrap();
     let dead_kafka = format!("127.0.0.1:{}", free_port());
-    let config = write_config(dir.path(), mqtt.port, &dead_kafka, "uplink", "");
+    let admin = free_port();
+    let config = write_config(
+        dir.path(),
+        mqtt.port,
+        &dead_kafka,
+        "uplink",
+        &format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n"),
+    );
     let text = std::fs::read_to_string(&config).unwrap().replace(
         "stall_timeout = \"3s\"",
         "stall_timeout = \"3s\"\nshutdown_timeout = \"1s\"",
@@ -120,6 +140,8 @@ async fn stats_export_and_purge_on_a_buffer_filled_during_an_outage() {
         sent.insert(("sensors/new".to_owned(), p));
     }
     publisher.wait_acked(500, Duration::from_secs(20)).await;
+    // The publisher's acks come from mosquitto; wait until the gateway has stored all 500 too.
+    wait_buffered(admin, 500, Duration::from_secs(15));
     let stopping = Instant::now();
     assert_eq!(gw.terminate(), Some(0));
     // Kafka is unreachable; shutdown must not wait out a metadata request.
