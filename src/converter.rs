@@ -8,6 +8,7 @@
 mod debug;
 mod engine;
 mod normalize;
+mod read;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -24,7 +25,7 @@ use crate::record::Record;
 
 pub use debug::DebugMode;
 use debug::{DebugEvent, DebugLog};
-use engine::{Engine, EngineError, Limits};
+use engine::{Converted, Engine, EngineError, Limits};
 pub use normalize::{normalize, Entity};
 
 /// A converter that cannot be set up. Fatal at start-up; `edgegate check` reports it.
@@ -240,29 +241,8 @@ impl Converter {
         payload: &[u8],
         metadata: &[(&str, &str)],
     ) -> Result<serde_json::Value, ConvertError> {
-        let limits = self.limits;
-        self.breaker.check(&self.name)?;
-        let engine = self
-            .engine()
-            .map_err(|e| ConvertError::Exception(e.to_string()))?;
-        let result = engine.call(payload, metadata);
-        if result.as_ref().is_err_and(EngineError::poisons_runtime) {
-            self.engine = None;
-        }
-        let timed_out = matches!(result, Err(EngineError::Timeout));
-        self.breaker.record(&self.name, timed_out);
-        match result {
-            Ok(Some(json)) => Ok(json),
-            Ok(None) => Err(ConvertError::InvalidResult(
-                "the decoder returned undefined; return an object, an array of objects, or null"
-                    .into(),
-            )),
-            Err(EngineError::Timeout) => Err(ConvertError::Timeout(limits.timeout)),
-            Err(EngineError::OutOfMemory) => Err(ConvertError::OutOfMemory(ByteSize::b(
-                limits.memory_bytes as u64,
-            ))),
-            Err(EngineError::Exception(m)) => Err(ConvertError::Exception(m)),
-        }
+        self.run(|engine| engine.call(payload, metadata))?
+            .ok_or_else(undefined_result)
     }
 
     /// Runs the script and normalizes its result; telemetry without ts gets `captured_ms`.
@@ -272,8 +252,38 @@ impl Converter {
         metadata: &[(&str, &str)],
         captured_ms: u64,
     ) -> Result<Vec<Entity>, ConvertError> {
-        let raw = self.run_raw(payload, metadata)?;
-        normalize(raw, captured_ms).map_err(ConvertError::InvalidResult)
+        match self.run(|engine| engine.convert(payload, metadata, captured_ms))? {
+            Converted::Entities(entities) => Ok(entities),
+            Converted::Result(None) => Err(undefined_result()),
+            Converted::Result(Some(raw)) => {
+                normalize(raw, captured_ms).map_err(ConvertError::InvalidResult)
+            }
+        }
+    }
+
+    /// Runs the engine under the breaker; a runtime left in an unknown state is dropped.
+    fn run<R>(
+        &mut self,
+        call: impl FnOnce(&mut Engine) -> Result<R, EngineError>,
+    ) -> Result<R, ConvertError> {
+        let limits = self.limits;
+        self.breaker.check(&self.name)?;
+        let engine = self
+            .engine()
+            .map_err(|e| ConvertError::Exception(e.to_string()))?;
+        let result = call(engine);
+        if result.as_ref().is_err_and(EngineError::poisons_runtime) {
+            self.engine = None;
+        }
+        let timed_out = matches!(result, Err(EngineError::Timeout));
+        self.breaker.record(&self.name, timed_out);
+        result.map_err(|e| match e {
+            EngineError::Timeout => ConvertError::Timeout(limits.timeout),
+            EngineError::OutOfMemory => {
+                ConvertError::OutOfMemory(ByteSize::b(limits.memory_bytes as u64))
+            }
+            EngineError::Exception(m) => ConvertError::Exception(m),
+        })
     }
 
     /// Converts one buffered record, records a debug event, and encodes the entities.
@@ -303,9 +313,10 @@ impl Converter {
         if result.is_ok() && !self.debug.wants_successes() {
             return;
         }
-        let output = result.as_ref().ok().map(|entities| {
-            serde_json::Value::Array(entities.iter().map(|e| e.value.clone()).collect())
-        });
+        let output = result
+            .as_ref()
+            .ok()
+            .map(|entities| serde_json::Value::Array(entities.iter().map(Entity::value).collect()));
         let error = result.as_ref().err().map(ToString::to_string);
         self.debug.record(&DebugEvent {
             seq: record.seq,
@@ -315,6 +326,12 @@ impl Converter {
             error: error.as_deref(),
         });
     }
+}
+
+fn undefined_result() -> ConvertError {
+    ConvertError::InvalidResult(
+        "the decoder returned undefined; return an object, an array of objects, or null".into(),
+    )
 }
 
 /// `integrationName` (the source name unless the converter sets it), the converter's own table,
@@ -341,8 +358,7 @@ pub fn script_metadata<'a>(
 
 fn encode(entity: Entity) -> EncodedEntity {
     EncodedEntity {
-        // Serializing a serde_json::Value cannot fail: its keys are strings.
-        value: serde_json::to_vec(&entity.value).unwrap_or_default(),
+        value: entity.json,
         key: entity.name,
     }
 }

@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use edgegate::buffer::tools::ToolError;
 use edgegate::buffer::Buffer;
 use edgegate::config::{Config, ConverterConfig};
-use edgegate::converter::{script_metadata, Converter};
+use edgegate::converter::{script_metadata, Converter, Entity};
 use edgegate::gateway;
 use edgegate::record::now_ms;
 use tokio_util::sync::CancellationToken;
@@ -261,7 +261,7 @@ fn convert(args: ConvertArgs) -> ExitCode {
             } else {
                 converter
                     .convert(&payload, &meta, now_ms())
-                    .map(|entities| entities.into_iter().map(|e| e.value).collect())
+                    .map(|entities| entities.iter().map(Entity::value).collect())
             };
             match result {
                 Ok(v) => (Some(v), None),

@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 use rquickjs::context::EvalOptions;
 use rquickjs::{qjs, Array, Context, Ctx, Function, Object, Persistent, Runtime, Value};
 
+use super::normalize::Entity;
+use super::read::{normalize_direct, read_json, PlainClasses};
+
 /// Stack a script may use; deep recursion ends in a RangeError well before the thread's stack.
 const SCRIPT_STACK_BYTES: usize = 512 * 1024;
 /// Stack of the thread that runs converters; comfortably above [`SCRIPT_STACK_BYTES`].
@@ -75,6 +78,8 @@ pub struct Engine {
     deadline: Rc<Cell<Option<Instant>>>,
     interrupted: Rc<Cell<bool>>,
     timeout: Duration,
+    memory_bytes: usize,
+    classes: PlainClasses,
 }
 
 impl Engine {
@@ -103,8 +108,12 @@ impl Engine {
         ));
         let decoder = context.with(|ctx| compile(&ctx, body, filename));
         deadline.set(None);
+        // SAFETY: the context is live and used on this thread only.
+        let classes = context.with(|ctx| unsafe { PlainClasses::of(ctx.as_raw().as_ptr()) });
         Ok(Engine {
             decoder: decoder?,
+            memory_bytes: limits.memory_bytes,
+            classes,
             context,
             _runtime: runtime,
             deadline,
@@ -120,12 +129,45 @@ impl Engine {
         payload: &[u8],
         metadata: &[(&str, &str)],
     ) -> Result<Option<serde_json::Value>, EngineError> {
+        let (classes, budget) = (self.classes, self.memory_bytes);
+        self.run(payload, metadata, |ctx, out| {
+            to_json(ctx, classes, budget, out)
+        })
+    }
+
+    /// Runs the decoder and normalizes a plain, valid result directly; anything else comes back
+    /// as [`Converted::Result`] for the general rules.
+    pub fn convert(
+        &mut self,
+        payload: &[u8],
+        metadata: &[(&str, &str)],
+        captured_ms: u64,
+    ) -> Result<Converted, EngineError> {
+        let (classes, budget) = (self.classes, self.memory_bytes);
+        self.run(payload, metadata, |ctx, out| {
+            let raw = ctx.as_raw().as_ptr();
+            // SAFETY: `out` is a live value of this context, which this thread holds.
+            let direct =
+                unsafe { normalize_direct(raw, classes, out.as_raw(), captured_ms, budget) };
+            match direct {
+                Some(entities) => Ok(Converted::Entities(entities)),
+                None => to_json(ctx, classes, budget, out).map(Converted::Result),
+            }
+        })
+    }
+
+    fn run<R>(
+        &mut self,
+        payload: &[u8],
+        metadata: &[(&str, &str)],
+        finish: impl for<'js> FnOnce(&Ctx<'js>, Value<'js>) -> rquickjs::Result<R>,
+    ) -> Result<R, EngineError> {
         self.interrupted.set(false);
         self.deadline.set(Some(Instant::now() + self.timeout));
         let decoder = self.decoder.clone();
         let interrupted = self.interrupted.clone();
         let result = self.context.with(|ctx| {
-            let run = || -> rquickjs::Result<Option<serde_json::Value>> {
+            let run = || -> rquickjs::Result<R> {
                 let f = decoder.restore(&ctx)?;
                 let payload = payload_array(&ctx, payload)?;
                 let meta = Object::new(ctx.clone())?;
@@ -133,24 +175,42 @@ impl Engine {
                     meta.set(*k, *v)?;
                 }
                 let out: Value = f.call((payload, meta))?;
-                if let Some(json) = read_json(&out, 0) {
-                    return Ok(json);
-                }
-                // toJSON, boxed values, proxies, cycles: JSON.stringify's own rules.
-                let Some(text) = ctx.json_stringify(out)? else {
-                    return Ok(None);
-                };
-                serde_json::from_str(&text.to_string()?)
-                    .map(Some)
-                    .map_err(|e| {
-                        rquickjs::Error::new_from_js_message("JSON", "value", e.to_string())
-                    })
+                finish(&ctx, out)
             };
             run().map_err(|e| classify(&ctx, e, interrupted.get()))
         });
         self.deadline.set(None);
         result
     }
+}
+
+/// What [`Engine::convert`] made of a result.
+pub enum Converted {
+    /// A plain, valid result, already normalized.
+    Entities(Vec<Entity>),
+    /// Anything else, as JSON (`None` for undefined): `normalize` judges it.
+    Result(Option<serde_json::Value>),
+}
+
+/// A result as JSON: read directly when plain, through JSON.stringify's own rules otherwise
+/// (toJSON, boxed values, proxies, cycles).
+fn to_json<'js>(
+    ctx: &Ctx<'js>,
+    classes: PlainClasses,
+    budget: usize,
+    out: Value<'js>,
+) -> rquickjs::Result<Option<serde_json::Value>> {
+    // SAFETY: `out` is a live value of this context, which this thread holds.
+    let direct = unsafe { read_json(ctx.as_raw().as_ptr(), classes, out.as_raw(), budget) };
+    if let Some(json) = direct {
+        return Ok(json);
+    }
+    let Some(text) = ctx.json_stringify(out)? else {
+        return Ok(None);
+    };
+    serde_json::from_str(&text.to_string()?)
+        .map(Some)
+        .map_err(|e| rquickjs::Error::new_from_js_message("JSON", "value", e.to_string()))
 }
 
 fn compile<'js>(
@@ -199,64 +259,6 @@ fn payload_array<'js>(ctx: &Ctx<'js>, payload: &[u8]) -> rquickjs::Result<Array<
     // SAFETY: `raw` is a new, owned array value of this context.
     let value = unsafe { Value::from_raw(ctx.clone(), raw) };
     Array::from_value(value)
-}
-
-/// Deepest result structure read directly; deeper (or cyclic) results go through JSON.stringify.
-const MAX_DEPTH: u32 = 64;
-
-/// Reads a plain result (objects, arrays, strings, numbers, booleans, null) the way
-/// `JSON.stringify` would, without printing and re-parsing it: the costliest step of a small
-/// decoder. `None` when the value needs JSON.stringify's full rules; `Some(None)` for what it
-/// omits (undefined, functions, symbols).
-fn read_json(v: &Value<'_>, depth: u32) -> Option<Option<serde_json::Value>> {
-    use rquickjs::Type;
-    use serde_json::Value as J;
-    Some(Some(match v.type_of() {
-        Type::Undefined
-        | Type::Uninitialized
-        | Type::Function
-        | Type::Constructor
-        | Type::Symbol => return Some(None),
-        Type::Null => J::Null,
-        Type::Bool => J::Bool(v.as_bool()?),
-        Type::Int => J::from(v.as_int()?),
-        Type::Float => number(v.as_float()?),
-        Type::String => J::String(v.as_string()?.to_string().ok()?),
-        Type::Array if depth < MAX_DEPTH => {
-            let array = v.as_array()?;
-            let mut items = Vec::with_capacity(array.len());
-            for item in array.iter::<Value>() {
-                items.push(read_json(&item.ok()?, depth + 1)?.unwrap_or(J::Null));
-            }
-            J::Array(items)
-        }
-        Type::Object if depth < MAX_DEPTH => {
-            let object = v.as_object()?;
-            if object.get::<_, Value>("toJSON").ok()?.is_function() {
-                return None;
-            }
-            let mut map = serde_json::Map::new();
-            for prop in object.props::<String, Value>() {
-                let (key, value) = prop.ok()?;
-                if let Some(value) = read_json(&value, depth + 1)? {
-                    map.insert(key, value);
-                }
-            }
-            J::Object(map)
-        }
-        _ => return None,
-    }))
-}
-
-/// A JS number as JSON.stringify prints it: integral values without a fraction, NaN and
-/// infinities as null.
-fn number(f: f64) -> serde_json::Value {
-    const SAFE: f64 = 9_007_199_254_740_992.0; // 2^53
-    if f.fract() == 0.0 && f.abs() < SAFE {
-        serde_json::Value::from(f as i64)
-    } else {
-        serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, serde_json::Value::Number)
-    }
 }
 
 fn classify(ctx: &Ctx<'_>, e: rquickjs::Error, interrupted: bool) -> EngineError {

@@ -8,8 +8,16 @@ use serde_json::{Map, Value};
 pub struct Entity {
     /// deviceName or assetName: the Kafka key.
     pub name: String,
+    /// The Kafka value, compact JSON text:
     /// `{"deviceName","deviceType"[,…],"attributes":{…},"telemetry":[{"ts","values"}]}`.
-    pub value: Value,
+    pub json: Vec<u8>,
+}
+
+impl Entity {
+    /// The entity as a JSON value, for the debug log and the command line.
+    pub fn value(&self) -> Value {
+        serde_json::from_slice(&self.json).unwrap_or(Value::Null)
+    }
 }
 
 /// Normalizes a decoder's return value (as JSON). `Ok(vec![])` for `null`: skip the message.
@@ -76,7 +84,8 @@ fn entity(mut obj: Map<String, Value>, captured_ms: u64) -> Result<Entity, Strin
     out.insert("telemetry".into(), Value::Array(telemetry));
     Ok(Entity {
         name,
-        value: Value::Object(out),
+        // Serializing a serde_json::Value cannot fail: its keys are strings.
+        json: serde_json::to_vec(&Value::Object(out)).unwrap_or_default(),
     })
 }
 
@@ -147,7 +156,7 @@ fn telemetry_entry(mut obj: Map<String, Value>, captured_ms: u64) -> Result<Valu
     Ok(Value::Object(entry))
 }
 
-fn timestamp(v: &Value) -> Option<u64> {
+pub(super) fn timestamp(v: &Value) -> Option<u64> {
     match v {
         Value::Number(n) => n.as_u64().or_else(|| {
             n.as_f64()
@@ -181,7 +190,7 @@ mod tests {
     fn device_defaults_and_every_telemetry_form() {
         let plain = normalize(json!({"deviceName": "A", "telemetry": {"t": 1}}), T).unwrap();
         assert_eq!(
-            plain[0].value,
+            plain[0].value(),
             json!({"deviceName": "A", "deviceType": "default", "attributes": {},
                    "telemetry": [{"ts": T, "values": {"t": 1}}]})
         );
@@ -191,7 +200,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            with_ts[0].value["telemetry"],
+            with_ts[0].value()["telemetry"],
             json!([{"ts": 5, "values": {"t": 1}}])
         );
         let mixed = normalize(
@@ -200,7 +209,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            mixed[0].value["telemetry"],
+            mixed[0].value()["telemetry"],
             json!([{"ts": 5, "values": {"t": 1}}, {"ts": T, "values": {"h": 2}}, {"ts": T, "values": {"x": 3}}])
         );
     }
@@ -213,7 +222,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            e[0].value["telemetry"],
+            e[0].value()["telemetry"],
             json!([{"ts": T, "values": {"ts": 5, "t": 1}}])
         );
     }
@@ -227,7 +236,7 @@ mod tests {
         .unwrap();
         assert_eq!(e[0].name, "B");
         assert_eq!(
-            e[0].value,
+            e[0].value(),
             json!({"assetName": "B", "assetType": "building", "assetLabel": "L", "customerName": "C",
                    "groupName": "G", "attributes": {"a": 1}, "telemetry": []})
         );

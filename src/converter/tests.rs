@@ -48,7 +48,7 @@ fn seed_decoder_runs_unmodified_on_the_seed_payload() {
     assert_eq!(entities.len(), 1);
     assert_eq!(entities[0].name, "SN-111");
     assert_eq!(
-        entities[0].value,
+        entities[0].value(),
         json!({
             "deviceName": "SN-111",
             "deviceType": "default",
@@ -66,7 +66,7 @@ fn normalized_output_is_valid_input_for_the_seed_decoder() {
     let (_s, mut c) = converter(SEED_DECODER);
     let payload = br#"{"deviceName":"D","attributes":{"fw":"1.2"},"telemetry":{"t":21.5}}"#;
     let first = c.convert(payload, &[], T).unwrap();
-    let encoded = serde_json::to_vec(&first[0].value).unwrap();
+    let encoded = first[0].json.clone();
     let second = c.convert(&encoded, &[], T + 99_999).unwrap();
     assert_eq!(first, second);
 }
@@ -179,7 +179,7 @@ fn null_skips_and_arrays_give_several_entities() {
     );
     assert!(c.convert(b"", &[], T).unwrap().is_empty());
     let two = c.convert(b"x", &[], T).unwrap();
-    assert_eq!(two[1].value["assetType"], "room");
+    assert_eq!(two[1].value()["assetType"], "room");
 }
 
 #[test]
@@ -353,4 +353,91 @@ fn a_timeout_right_after_the_pause_suspends_again_at_once() {
         c.convert(b"fine", &[], T),
         Err(ConvertError::Suspended(_))
     ));
+}
+
+/// What `Engine::convert` did with a result.
+#[derive(Debug, PartialEq)]
+enum Path {
+    Direct(Vec<Entity>),
+    General(Result<Vec<Entity>, String>),
+}
+
+/// Runs `body` through `Engine::convert`, and through the general rules alone (JSON.stringify's
+/// rules, then `normalize`) for comparison.
+fn both_paths(body: &str, payload: &[u8]) -> (Path, Result<Vec<Entity>, String>) {
+    let limits = Limits {
+        timeout: Duration::from_secs(1),
+        memory_bytes: 16 << 20,
+    };
+    let mut engine = Engine::new(body, "case.js", limits).unwrap();
+    let general = |raw: Option<Value>| match raw {
+        Some(raw) => normalize(raw, T),
+        None => Err("undefined".to_owned()),
+    };
+    let path = match engine.convert(payload, &[], T) {
+        Ok(engine::Converted::Entities(entities)) => Path::Direct(entities),
+        Ok(engine::Converted::Result(raw)) => Path::General(general(raw)),
+        Err(e) => Path::General(Err(e.to_string())),
+    };
+    let alone = engine
+        .call(payload, &[])
+        .map_err(|e| e.to_string())
+        .and_then(general);
+    (path, alone)
+}
+
+#[test]
+fn plain_results_are_normalized_directly_to_the_same_text() {
+    let cases = [
+        SEED_DECODER,
+        "return null;",
+        "return {deviceName: 'd', deviceType: 't', deviceLabel: 'l', customerName: 'c', \
+         groupName: 'g', attributes: {a: 1}, telemetry: {x: 1}};",
+        "return {assetName: 'a', assetType: 'room', assetLabel: 'L', deviceType: 'ignored'};",
+        "return [{deviceName: 7}, {deviceName: 3.5, telemetry: []}, {deviceName: 'x', attributes: null}];",
+        "return {deviceName: 'd', telemetry: [{ts: 5, values: {a: 1}}, {ts: null, values: {b: 2}}, \
+         {values: {c: 3}}, {ts: '123', values: {}}, {ts: 5.7, values: {d: 4}}, {e: 5}, \
+         {ts: 9, values: [1, 2]}, {ts: 9, values: {f: 6}, extra: 1}, \
+         {ts: 9, values: {g: 7}, gone: undefined, fn: function () {}}]};",
+        "return {deviceName: 'd', attributes: {s: 'q\"\\\\ °C 😀 \\u0001 \\n', n: [NaN, Infinity, -0, \
+         1e21, 1e-7, 9007199254740993, -2.5, 0.1], arr: [undefined, function () {}, null, true, \
+         false, {}], '2': 'two', '1': 'one', b: 'b', deep: {x: {y: {z: [[]]}}}}, other: [1, {u: 2}]};",
+    ];
+    for body in &cases {
+        let (path, general) = both_paths(body, SEED_PAYLOAD.as_bytes());
+        let general = general.unwrap_or_else(|e| panic!("{body}: {e}"));
+        assert_eq!(path, Path::Direct(general), "{body}");
+    }
+}
+
+#[test]
+fn what_the_direct_normalizer_does_not_handle_gets_the_general_rules() {
+    let cases = [
+        "return {deviceName: 'd', attributes: {when: new Date(0)}, telemetry: {m: new Map()}};",
+        "return {deviceName: 'd', telemetry: {ts: 1, values: new Map()}};",
+        "return {deviceName: 'd', extra: 10n};",
+        "var o = {deviceName: 'd'}; o.self = o; return o;",
+        "return {deviceName: 'd', get attributes() { throw new Error('no'); }};",
+        "return {deviceName: 'd', assetName: 'a', assetType: 't'};",
+        "return {attributes: {}};",
+        "return {deviceName: ''};",
+        "return {assetName: 'a'};",
+        "return {deviceName: 'd', attributes: [1]};",
+        "return {deviceName: 'd', telemetry: 5};",
+        "return {deviceName: 'd', telemetry: [{ts: -1, values: {}}]};",
+        "return [{deviceName: 'd'}, 5];",
+        "return {deviceName: new String('boxed')};",
+        "return 'text';",
+        "return undefined;",
+    ];
+    for body in cases {
+        let (path, general) = both_paths(body, b"{}");
+        assert_eq!(path, Path::General(general), "{body}");
+    }
+    // A Date's toJSON and a Map's empty object still convert.
+    let (_, general) = both_paths(cases[0], b"{}");
+    assert_eq!(
+        general.unwrap()[0].value()["attributes"]["when"],
+        "1970-01-01T00:00:00.000Z"
+    );
 }
