@@ -80,6 +80,84 @@ pub struct Engine {
     timeout: Duration,
     memory_bytes: usize,
     classes: PlainClasses,
+    /// Reused for every payload array: one allocation less per record.
+    payload_values: Vec<qjs::JSValue>,
+    metadata_keys: KeyAtoms,
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let atoms = std::mem::take(&mut self.metadata_keys.0);
+        self.context.with(|ctx| {
+            for (_, atom) in atoms {
+                // SAFETY: the atom was created in this context and is held only here.
+                unsafe { qjs::JS_FreeAtom(ctx.as_raw().as_ptr(), atom) };
+            }
+        });
+    }
+}
+
+/// Payload array slots kept between records (1 MiB); frames are far smaller.
+const KEPT_PAYLOAD_VALUES: usize = 64 * 1024;
+
+/// Metadata keys as QuickJS atoms, kept for the engine's life: creating and freeing the same few
+/// atoms for every record showed in profiles. Bounded, as metadata keys come from the
+/// configuration and the sources.
+#[derive(Default)]
+struct KeyAtoms(Vec<(String, qjs::JSAtom)>);
+
+/// More distinct keys than any configuration has; past it, keys are looked up each time.
+const MAX_KEY_ATOMS: usize = 64;
+
+impl KeyAtoms {
+    fn get<'a>(&mut self, ctx: &Ctx<'_>, key: &'a str) -> Key<'a> {
+        if let Some((_, atom)) = self.0.iter().find(|(k, _)| k == key) {
+            return Key::Atom(*atom);
+        }
+        if self.0.len() >= MAX_KEY_ATOMS {
+            return Key::Text(key);
+        }
+        // SAFETY: the context is live on this thread; the atom is freed in `Engine::drop`.
+        let atom = unsafe {
+            qjs::JS_NewAtomLen(ctx.as_raw().as_ptr(), key.as_ptr().cast(), key.len() as _)
+        };
+        if atom == qjs::JS_ATOM_NULL {
+            return Key::Text(key);
+        }
+        self.0.push((key.to_owned(), atom));
+        Key::Atom(atom)
+    }
+}
+
+enum Key<'a> {
+    Atom(qjs::JSAtom),
+    Text(&'a str),
+}
+
+fn set_string<'js>(
+    ctx: &Ctx<'js>,
+    object: &Object<'js>,
+    key: Key<'_>,
+    value: &str,
+) -> rquickjs::Result<()> {
+    let atom = match key {
+        Key::Text(key) => return object.set(key, value),
+        Key::Atom(atom) => atom,
+    };
+    let raw = ctx.as_raw().as_ptr();
+    // SAFETY: the context and object are live on this thread; JS_DefinePropertyValue takes the
+    // new string's reference whatever it returns.
+    unsafe {
+        let text = qjs::JS_NewStringLen(raw, value.as_ptr().cast(), value.len() as _);
+        if qjs::JS_IsException(text) {
+            return Err(rquickjs::Error::Exception);
+        }
+        let flags = qjs::JS_PROP_C_W_E as i32;
+        if qjs::JS_DefinePropertyValue(raw, object.as_raw(), atom, text, flags) < 0 {
+            return Err(rquickjs::Error::Exception);
+        }
+    }
+    Ok(())
 }
 
 impl Engine {
@@ -114,6 +192,8 @@ impl Engine {
             decoder: decoder?,
             memory_bytes: limits.memory_bytes,
             classes,
+            payload_values: Vec::new(),
+            metadata_keys: KeyAtoms::default(),
             context,
             _runtime: runtime,
             deadline,
@@ -166,13 +246,15 @@ impl Engine {
         self.deadline.set(Some(Instant::now() + self.timeout));
         let decoder = self.decoder.clone();
         let interrupted = self.interrupted.clone();
+        let values = &mut self.payload_values;
+        let atoms = &mut self.metadata_keys;
         let result = self.context.with(|ctx| {
             let run = || -> rquickjs::Result<R> {
                 let f = decoder.restore(&ctx)?;
-                let payload = payload_array(&ctx, payload)?;
+                let payload = payload_array(&ctx, payload, values)?;
                 let meta = Object::new(ctx.clone())?;
                 for (k, v) in metadata {
-                    meta.set(*k, *v)?;
+                    set_string(&ctx, &meta, atoms.get(&ctx, k), v)?;
                 }
                 let out: Value = f.call((payload, meta))?;
                 finish(&ctx, out)
@@ -180,6 +262,10 @@ impl Engine {
             run().map_err(|e| classify(&ctx, e, interrupted.get()))
         });
         self.deadline.set(None);
+        if self.payload_values.capacity() > KEPT_PAYLOAD_VALUES {
+            // One large payload must not keep its 16 bytes per byte for the engine's life.
+            self.payload_values = Vec::new();
+        }
         result
     }
 }
@@ -241,12 +327,19 @@ fn compile<'js>(
 
 /// ThingsBoard's payload quirk: valid UTF-8 arrives as the UTF-16 code units of its text (so
 /// `String.fromCharCode.apply` gives the text back), anything else as raw bytes.
-fn payload_array<'js>(ctx: &Ctx<'js>, payload: &[u8]) -> rquickjs::Result<Array<'js>> {
+fn payload_array<'js>(
+    ctx: &Ctx<'js>,
+    payload: &[u8],
+    values: &mut Vec<qjs::JSValue>,
+) -> rquickjs::Result<Array<'js>> {
     let int = |v: i32| qjs::JS_MKVAL(qjs::JS_TAG_INT, v);
-    let values: Vec<qjs::JSValue> = match std::str::from_utf8(payload) {
-        Ok(text) if !payload.is_ascii() => text.encode_utf16().map(|u| int(i32::from(u))).collect(),
-        _ => payload.iter().map(|b| int(i32::from(*b))).collect(),
-    };
+    values.clear();
+    match std::str::from_utf8(payload) {
+        Ok(text) if !payload.is_ascii() => {
+            values.extend(text.encode_utf16().map(|u| int(i32::from(u))))
+        }
+        _ => values.extend(payload.iter().map(|b| int(i32::from(*b)))),
+    }
     let count = i32::try_from(values.len()).map_err(|_| rquickjs::Error::Allocation)?;
     // One allocation instead of a property write per byte: the hot spot of every conversion.
     // SAFETY: the context pointer is valid inside `Context::with`; integers carry no reference

@@ -13,8 +13,6 @@
 //! invalid result included) it leaves to the general path, which yields the same text or the
 //! precise error.
 
-use std::io::Write as _;
-
 use rquickjs::qjs;
 use serde_json::Value as J;
 
@@ -177,10 +175,9 @@ impl Reader {
         if qjs::JS_GetOwnPropertyNames(self.ctx, &mut props.tab, &mut props.len, v, flags) < 0 {
             return None;
         }
-        let atoms: Vec<qjs::JSAtom> = props.atoms().collect();
-        props.values.reserve(atoms.len());
-        for atom in atoms {
-            let item = qjs::JS_GetProperty(self.ctx, v, atom);
+        props.values.reserve(props.len as usize);
+        for i in 0..props.len as usize {
+            let item = qjs::JS_GetProperty(self.ctx, v, (*props.tab.add(i)).atom);
             props.values.push(item);
             if qjs::JS_IsException(item) {
                 return None;
@@ -216,31 +213,54 @@ impl Reader {
     }
 
     unsafe fn string(&mut self, v: qjs::JSValue) -> Option<String> {
-        let mut len = 0;
-        let text = qjs::JS_ToCStringLen2(self.ctx, &mut len, v, false);
-        self.owned(text, len)
+        self.with_string(v, |_, text| text.to_owned())
     }
 
     unsafe fn atom(&mut self, atom: qjs::JSAtom) -> Option<String> {
-        let mut len = 0;
-        let text = qjs::JS_AtomToCStringLen(self.ctx, &mut len, atom);
-        self.owned(text, len)
+        self.with_atom(atom, |_, text| text.to_owned())
     }
 
-    /// Copies and frees a C string from QuickJS; `None` for lone surrogates, which are not UTF-8.
-    unsafe fn owned(&mut self, text: *const std::ffi::c_char, len: qjs::size_t) -> Option<String> {
+    /// Lends a JS string's UTF-8 text to `f`; no copy for ASCII, the common case.
+    unsafe fn with_string<R>(
+        &mut self,
+        v: qjs::JSValue,
+        f: impl FnOnce(&mut Self, &str) -> R,
+    ) -> Option<R> {
+        let mut len = 0;
+        let text = qjs::JS_ToCStringLen2(self.ctx, &mut len, v, false);
+        self.lend(text, len, f)
+    }
+
+    unsafe fn with_atom<R>(
+        &mut self,
+        atom: qjs::JSAtom,
+        f: impl FnOnce(&mut Self, &str) -> R,
+    ) -> Option<R> {
+        let mut len = 0;
+        let text = qjs::JS_AtomToCStringLen(self.ctx, &mut len, atom);
+        self.lend(text, len, f)
+    }
+
+    /// Lends and then frees a C string from QuickJS; `None` for lone surrogates, which are not
+    /// UTF-8.
+    unsafe fn lend<R>(
+        &mut self,
+        text: *const std::ffi::c_char,
+        len: qjs::size_t,
+        f: impl FnOnce(&mut Self, &str) -> R,
+    ) -> Option<R> {
         if text.is_null() {
             return None;
         }
         // size_t is u32 on armv7 and u64 on 64-bit boards; it always fits usize.
         let len = len as usize;
         let bytes = std::slice::from_raw_parts(text.cast::<u8>(), len);
-        let owned = match self.spend(len) {
-            Some(()) => std::str::from_utf8(bytes).ok().map(str::to_owned),
-            None => None,
+        let result = match (self.spend(len), std::str::from_utf8(bytes)) {
+            (Some(()), Ok(text)) => Some(f(self, text)),
+            _ => None,
         };
         qjs::JS_FreeCString(self.ctx, text);
-        owned
+        result
     }
 }
 
@@ -256,10 +276,8 @@ impl Reader {
             qjs::JS_TAG_NULL => out.extend_from_slice(b"null"),
             qjs::JS_TAG_BOOL if qjs::JS_VALUE_GET_BOOL(v) => out.extend_from_slice(b"true"),
             qjs::JS_TAG_BOOL => out.extend_from_slice(b"false"),
-            qjs::JS_TAG_INT => write!(out, "{}", qjs::JS_VALUE_GET_INT(v)).ok()?,
-            qjs::JS_TAG_FLOAT64 => {
-                serde_json::to_writer(&mut *out, &number(qjs::JS_VALUE_GET_FLOAT64(v))).ok()?
-            }
+            qjs::JS_TAG_INT => serde_json::to_writer(&mut *out, &qjs::JS_VALUE_GET_INT(v)).ok()?,
+            qjs::JS_TAG_FLOAT64 => write_number(out, qjs::JS_VALUE_GET_FLOAT64(v))?,
             qjs::JS_TAG_STRING | qjs::JS_TAG_STRING_ROPE => self.write_string(v, out)?,
             qjs::JS_TAG_OBJECT if depth < MAX_DEPTH => return self.write_object(v, depth, out),
             _ => return None,
@@ -341,13 +359,11 @@ impl Reader {
     }
 
     unsafe fn write_string(&mut self, v: qjs::JSValue, out: &mut Vec<u8>) -> Option<()> {
-        let text = self.string(v)?;
-        serde_json::to_writer(&mut *out, &text).ok()
+        self.with_string(v, |_, text| serde_json::to_writer(&mut *out, text).ok())?
     }
 
     unsafe fn write_atom(&mut self, atom: qjs::JSAtom, out: &mut Vec<u8>) -> Option<()> {
-        let key = self.atom(atom)?;
-        serde_json::to_writer(&mut *out, &key).ok()
+        self.with_atom(atom, |_, key| serde_json::to_writer(&mut *out, key).ok())?
     }
 
     /// `null`: no entities; an object: one; an array of objects: one each.
@@ -385,19 +401,27 @@ impl Reader {
         let mut fields = EntityFields::default();
         let mut scratch = Vec::new();
         for (atom, item) in props.iter() {
-            let key = self.atom(atom)?;
-            match key.as_str() {
-                "attributes" => fields.attributes = self.attributes(item)?,
-                "telemetry" => fields.telemetry = Some(self.telemetry(item)?),
+            self.with_atom(atom, |this, key| match key {
+                "attributes" => {
+                    fields.attributes = this.attributes(item)?;
+                    Some(())
+                }
+                "telemetry" => {
+                    fields.telemetry = Some(this.telemetry(item)?);
+                    Some(())
+                }
                 name => match fields.name_slot(name) {
-                    Some(slot) => *slot = self.name_field(item)?,
+                    Some(slot) => {
+                        *slot = this.name_field(item)?;
+                        Some(())
+                    }
                     // JSON.stringify would still print (and could fail on) the rest.
                     None => {
                         scratch.clear();
-                        self.write(item, 1, &mut scratch)?;
+                        this.write(item, 1, &mut scratch).map(drop)
                     }
                 },
-            }
+            })??;
         }
         fields.finish()
     }
@@ -429,7 +453,7 @@ impl Reader {
         if !self.class_is(v, self.classes.object) {
             return None;
         }
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(128);
         self.write_object(v, 1, &mut out)?;
         Some(Some(out))
     }
@@ -439,7 +463,8 @@ impl Reader {
         if self.omitted(v) || qjs::JS_IsNull(v) {
             return Some(b"[]".to_vec());
         }
-        let mut out = vec![b'['];
+        let mut out = Vec::with_capacity(256);
+        out.push(b'[');
         if self.class_is(v, self.classes.object) {
             self.telemetry_entry(v, &mut out)?;
         } else if self.class_is(v, self.classes.array) {
@@ -476,11 +501,11 @@ impl Reader {
             if self.omitted(item) {
                 continue;
             }
-            match self.atom(atom)?.as_str() {
+            self.with_atom(atom, |_, key| match key {
                 "ts" => ts = Some(item),
                 "values" => values = Some(item),
                 _ => others = true,
-            }
+            })?;
         }
         let values = match values {
             Some(values) if self.class_is(values, self.classes.object) => Some(values),
@@ -498,7 +523,9 @@ impl Reader {
             (Some(_), Some(ts)) if !qjs::JS_IsNull(ts) => timestamp(&self.value(ts, 0)??)?,
             _ => self.captured_ms,
         };
-        write!(out, "{{\"ts\":{ts},\"values\":").ok()?;
+        out.extend_from_slice(b"{\"ts\":");
+        serde_json::to_writer(&mut *out, &ts).ok()?;
+        out.extend_from_slice(b",\"values\":");
         match ts_form {
             Some(values) => self.write_object(values, 2, out)?,
             None => {
@@ -630,6 +657,17 @@ impl Drop for Props {
                 qjs::JS_FreePropertyEnum(self.ctx, self.tab, self.len);
             }
         }
+    }
+}
+
+/// Writes what [`number`] gives, without building it.
+fn write_number(out: &mut Vec<u8>, f: f64) -> Option<()> {
+    const SAFE: f64 = 9_007_199_254_740_992.0; // 2^53
+    if f.fract() == 0.0 && f.abs() < SAFE {
+        serde_json::to_writer(out, &(f as i64)).ok()
+    } else {
+        // serde_json prints non-finite numbers as null, as JSON.stringify does.
+        serde_json::to_writer(out, &f).ok()
     }
 }
 

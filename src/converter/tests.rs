@@ -441,3 +441,26 @@ fn what_the_direct_normalizer_does_not_handle_gets_the_general_rules() {
         "1970-01-01T00:00:00.000Z"
     );
 }
+
+#[test]
+fn metadata_keys_kept_as_atoms_carry_each_records_own_values() {
+    let limits = Limits {
+        timeout: Duration::from_secs(1),
+        memory_bytes: 16 << 20,
+    };
+    let mut engine = Engine::new("return metadata;", "m.js", limits).unwrap();
+    // More distinct keys than the engine keeps as atoms: the rest still arrive.
+    let keys: Vec<String> = (0..80).map(|i| format!("k{i}")).collect();
+    for round in ["a", "b"] {
+        let values: Vec<String> = keys.iter().map(|k| format!("{k}-{round}")).collect();
+        let meta: Vec<(&str, &str)> = keys
+            .iter()
+            .zip(&values)
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let out = engine.call(b"", &meta).unwrap().unwrap();
+        assert_eq!(out.as_object().unwrap().len(), 80);
+        assert_eq!(out["k0"], format!("k0-{round}"));
+        assert_eq!(out["k79"], format!("k79-{round}"));
+    }
+}
