@@ -730,9 +730,11 @@ async fn serial(ports: usize, secs: u64) {
         let link = dir.path().join(format!("ttyBENCH{i}"));
         pty.link_as(&link);
         devices.push(pty);
+        // LOADTEST_SERIAL: extra lines for every port, e.g. read_coalesce = "0s".
         sources += &format!(
-            "[sources.port{i}]\ntype = \"serial\"\npath = \"{}\"\nbaud_rate = 115200\n",
-            link.display()
+            "[sources.port{i}]\ntype = \"serial\"\npath = \"{}\"\nbaud_rate = 115200\n{}\n",
+            link.display(),
+            std::env::var("LOADTEST_SERIAL").unwrap_or_default()
         );
     }
     let admin = free_port();
