@@ -202,6 +202,15 @@ pub struct Buffer {
     shared: Arc<Shared>,
 }
 
+/// Why [`BufferWriter::try_submit`] did not take a record.
+#[derive(Debug)]
+pub enum TrySubmit {
+    /// The intake queue is full; wait with [`BufferWriter::submit`].
+    Full(NewRecord),
+    /// The buffer is shutting down; stop reading.
+    ShuttingDown,
+}
+
 /// What sources use to append records. Cheap to clone; the buffer's `run` ends when all are gone.
 #[derive(Clone)]
 pub struct BufferWriter {
@@ -224,6 +233,16 @@ pub struct PendingAppend(oneshot::Receiver<Result<u64, BufferError>>);
 impl PendingAppend {
     pub async fn durable(self) -> Result<u64, BufferError> {
         self.await
+    }
+
+    /// The outcome if it is already known; lets a source settle a whole commit's appends in one
+    /// pass instead of one wake-up each.
+    pub fn try_done(&mut self) -> Option<Result<u64, BufferError>> {
+        match self.0.try_recv() {
+            Ok(done) => Some(done),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => Some(Err(BufferError::ShuttingDown)),
+        }
     }
 }
 
@@ -250,6 +269,17 @@ impl BufferWriter {
             .await
             .map_err(|_| BufferError::ShuttingDown)?;
         Ok(PendingAppend(rx))
+    }
+
+    /// `submit` without waiting: the record comes back when the intake queue is full, so the
+    /// caller can wait for room alongside its shutdown signal only when it has to.
+    pub fn try_submit(&self, record: NewRecord) -> Result<PendingAppend, TrySubmit> {
+        let (done, rx) = oneshot::channel();
+        match self.tx.try_send(Append { record, done }) {
+            Ok(()) => Ok(PendingAppend(rx)),
+            Err(mpsc::error::TrySendError::Full(append)) => Err(TrySubmit::Full(append.record)),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(TrySubmit::ShuttingDown),
+        }
     }
 
     /// Appends and waits until the record is durable.

@@ -335,3 +335,37 @@ async fn serial_only_commits_linger_longer_than_acknowledged_ones() {
     assert!(mqtt < Duration::from_millis(400), "{mqtt:?}");
     h.close().await;
 }
+
+#[tokio::test]
+async fn try_submit_hands_the_record_back_when_full_and_try_done_sees_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let (buffer, writer, intake) =
+        Buffer::open(dir.path(), &BufferConfig::default(), metrics).unwrap();
+    // No commit task yet: the intake fills up.
+    let mut pending = Vec::new();
+    let returned = loop {
+        let i = pending.len() as u32;
+        match writer.try_submit(rec(i, 50)) {
+            Ok(p) => pending.push(p),
+            Err(TrySubmit::Full(record)) => break record,
+            Err(TrySubmit::ShuttingDown) => panic!("buffer is open"),
+        }
+        assert!(pending.len() <= INTAKE_CAPACITY);
+    };
+    assert_eq!(pending.len(), INTAKE_CAPACITY);
+    assert_eq!(returned.payload, rec(INTAKE_CAPACITY as u32, 50).payload);
+    assert!(pending[0].try_done().is_none());
+
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run(buffer.clone(), intake, shutdown.clone()));
+    let last = pending.pop().unwrap();
+    assert_eq!(last.durable().await.unwrap(), pending.len() as u64);
+    // Everything before it was in the same or an earlier commit: known without waiting.
+    for (seq, p) in pending.iter_mut().enumerate() {
+        assert_eq!(p.try_done().unwrap().unwrap(), seq as u64);
+    }
+    shutdown.cancel();
+    drop(writer);
+    task.await.unwrap();
+}
