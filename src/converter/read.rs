@@ -62,7 +62,7 @@ pub unsafe fn read_json(
     value: qjs::JSValue,
     budget: usize,
 ) -> Option<Option<J>> {
-    with_reader(ctx, classes, budget, |reader| reader.value(value, 0))
+    with_reader(ctx, classes, budget, |reader| reader.json(value))
 }
 
 /// The normalized entities of a valid plain decoder result, as `normalize` would give them.
@@ -120,43 +120,14 @@ impl Reader {
         Some(())
     }
 
-    /// `v` is borrowed: the caller keeps and frees its reference.
-    unsafe fn value(&mut self, v: qjs::JSValue, depth: u32) -> Option<Option<J>> {
-        self.spend(VALUE_COST)?;
-        Some(Some(match qjs::JS_VALUE_GET_NORM_TAG(v) {
-            qjs::JS_TAG_UNDEFINED | qjs::JS_TAG_UNINITIALIZED | qjs::JS_TAG_SYMBOL => {
-                return Some(None)
-            }
-            qjs::JS_TAG_NULL => J::Null,
-            qjs::JS_TAG_BOOL => J::Bool(qjs::JS_VALUE_GET_BOOL(v)),
-            qjs::JS_TAG_INT => J::from(qjs::JS_VALUE_GET_INT(v)),
-            qjs::JS_TAG_FLOAT64 => number(qjs::JS_VALUE_GET_FLOAT64(v)),
-            qjs::JS_TAG_STRING | qjs::JS_TAG_STRING_ROPE => J::String(self.string(v)?),
-            qjs::JS_TAG_OBJECT if depth < MAX_DEPTH => return self.object(v, depth),
-            _ => return None,
-        }))
-    }
-
-    unsafe fn object(&mut self, v: qjs::JSValue, depth: u32) -> Option<Option<J>> {
-        let class = qjs::JS_GetClassID(v);
-        if class == self.classes.array {
-            return self.array(v, depth).map(Some);
+    /// `v` as a JSON value, by way of its text: the tree is only needed off the hot path
+    /// (`--raw`, and results the direct normalizer hands over). `v` is borrowed.
+    unsafe fn json(&mut self, v: qjs::JSValue) -> Option<Option<J>> {
+        let mut text = Vec::new();
+        if !self.write(v, 0, &mut text)? {
+            return Some(None);
         }
-        if class != self.classes.object {
-            return if qjs::JS_IsFunction(self.ctx, v) {
-                Some(None)
-            } else {
-                None
-            };
-        }
-        let props = self.props(v)?;
-        let mut map = serde_json::Map::with_capacity(props.values.len());
-        for (atom, item) in props.iter() {
-            if let Some(item) = self.value(item, depth + 1)? {
-                map.insert(self.atom(atom)?, item);
-            }
-        }
-        Some(Some(J::Object(map)))
+        serde_json::from_slice(&text).ok().map(Some)
     }
 
     /// The own enumerable string-keyed properties of a plain object, as JSON.stringify visits
@@ -186,23 +157,6 @@ impl Reader {
         Some(props)
     }
 
-    unsafe fn array(&mut self, v: qjs::JSValue, depth: u32) -> Option<J> {
-        let mut len: i64 = 0;
-        if qjs::JS_GetLength(self.ctx, v, &mut len) < 0 {
-            return None;
-        }
-        let len = usize::try_from(len).ok()?;
-        self.spend(len.checked_mul(VALUE_COST)?)?;
-        let mut items = Vec::with_capacity(len);
-        for i in 0..len {
-            let item = qjs::JS_GetPropertyInt64(self.ctx, v, i as i64);
-            let read = self.value(item, depth + 1);
-            qjs::JS_FreeValue(self.ctx, item);
-            items.push(read?.unwrap_or(J::Null));
-        }
-        Some(J::Array(items))
-    }
-
     /// JSON.stringify calls a `toJSON` method (own or inherited); only objects without one are
     /// read directly.
     unsafe fn lacks_to_json(&mut self, v: qjs::JSValue) -> bool {
@@ -214,10 +168,6 @@ impl Reader {
 
     unsafe fn string(&mut self, v: qjs::JSValue) -> Option<String> {
         self.with_string(v, |_, text| text.to_owned())
-    }
-
-    unsafe fn atom(&mut self, atom: qjs::JSAtom) -> Option<String> {
-        self.with_atom(atom, |_, text| text.to_owned())
     }
 
     /// Lends a JS string's UTF-8 text to `f`; no copy for ASCII, the common case.
@@ -520,7 +470,7 @@ impl Reader {
         };
         let ts_form = values.filter(|_| !others);
         let ts = match (ts_form, ts) {
-            (Some(_), Some(ts)) if !qjs::JS_IsNull(ts) => timestamp(&self.value(ts, 0)??)?,
+            (Some(_), Some(ts)) if !qjs::JS_IsNull(ts) => timestamp(&self.json(ts)??)?,
             _ => self.captured_ms,
         };
         out.extend_from_slice(b"{\"ts\":");
@@ -662,22 +612,24 @@ impl Drop for Props {
 
 /// Writes what [`number`] gives, without building it.
 fn write_number(out: &mut Vec<u8>, f: f64) -> Option<()> {
-    const SAFE: f64 = 9_007_199_254_740_992.0; // 2^53
-    if f.fract() == 0.0 && f.abs() < SAFE {
-        serde_json::to_writer(out, &(f as i64)).ok()
-    } else {
+    match integral(f) {
+        Some(i) => serde_json::to_writer(out, &i).ok(),
         // serde_json prints non-finite numbers as null, as JSON.stringify does.
-        serde_json::to_writer(out, &f).ok()
+        None => serde_json::to_writer(out, &f).ok(),
     }
 }
 
 /// A JS number as JSON.stringify prints it: integral values without a fraction, NaN and
 /// infinities as null.
 fn number(f: f64) -> J {
-    const SAFE: f64 = 9_007_199_254_740_992.0; // 2^53
-    if f.fract() == 0.0 && f.abs() < SAFE {
-        J::from(f as i64)
-    } else {
-        serde_json::Number::from_f64(f).map_or(J::Null, J::Number)
+    match integral(f) {
+        Some(i) => J::from(i),
+        None => serde_json::Number::from_f64(f).map_or(J::Null, J::Number),
     }
+}
+
+/// Integral values JSON.stringify prints without a fraction (and exactly, below 2^53).
+fn integral(f: f64) -> Option<i64> {
+    const SAFE: f64 = 9_007_199_254_740_992.0; // 2^53
+    (f.fract() == 0.0 && f.abs() < SAFE).then_some(f as i64)
 }
