@@ -87,6 +87,30 @@ fn utf8_payloads_arrive_as_utf16_code_units_and_binary_as_bytes() {
     assert_eq!(out["attributes"]["p"], json!([]));
 }
 
+/// The vendored QuickJS takes shortcuts in `String.fromCharCode`, `apply` and array freeing
+/// (vendor/README.md); everything off the integer fast path must still follow the standard.
+#[test]
+fn from_char_code_apply_keeps_standard_semantics_off_its_fast_path() {
+    let (_s, mut c) = converter(
+        "var s = String.fromCharCode.apply(String, payload);\n\
+         var mixed = [72, 105, 0x10041, 65.9, '66', 0xe9, -1, 0x2603, 1.5e9, {valueOf: function () { return 33; }}];\n\
+         var big = []; for (var i = 0; i < 3000; i++) big.push(97 + i % 3);\n\
+         var sparse = [104, , 105]; sparse.length = 4;\n\
+         return {deviceName: 'x', attributes: {\n\
+           s: s, mixed: String.fromCharCode.apply(null, mixed), wideFirst: String.fromCharCode(0x263a, 65),\n\
+           big: String.fromCharCode.apply(null, big).slice(0, 6) + String.fromCharCode.apply(null, big).length,\n\
+           sparse: JSON.stringify(String.fromCharCode.apply(null, sparse)), kept: payload.length}};",
+    );
+    let out = raw(&mut c, "hé ☃".as_bytes()).unwrap();
+    let a = &out["attributes"];
+    assert_eq!(a["s"], "hé ☃");
+    assert_eq!(a["mixed"], "HiAABé\u{ffff}☃\u{2f00}!");
+    assert_eq!(a["wideFirst"], "☺A");
+    assert_eq!(a["big"], "abcabc3000");
+    assert_eq!(a["sparse"], "\"h\\u0000i\\u0000\"");
+    assert_eq!(a["kept"], 4);
+}
+
 #[test]
 fn helpers_exist_but_a_scripts_own_definitions_win() {
     let (_s, mut c) = converter(
