@@ -334,11 +334,13 @@ fn payload_array<'js>(
 ) -> rquickjs::Result<Array<'js>> {
     let int = |v: i32| qjs::JS_MKVAL(qjs::JS_TAG_INT, v);
     values.clear();
-    match std::str::from_utf8(payload) {
-        Ok(text) if !payload.is_ascii() => {
-            values.extend(text.encode_utf16().map(|u| int(i32::from(u))))
-        }
-        _ => values.extend(payload.iter().map(|b| int(i32::from(*b)))),
+    // ASCII is both valid UTF-8 and its own UTF-16; checking it first skips the validation.
+    let text = (!payload.is_ascii())
+        .then(|| std::str::from_utf8(payload).ok())
+        .flatten();
+    match text {
+        Some(text) => values.extend(text.encode_utf16().map(|u| int(i32::from(u)))),
+        None => values.extend(payload.iter().map(|b| int(i32::from(*b)))),
     }
     let count = i32::try_from(values.len()).map_err(|_| rquickjs::Error::Allocation)?;
     // One allocation instead of a property write per byte: the hot spot of every conversion.
