@@ -671,49 +671,64 @@ fn converter_in_process(n: u64) {
     );
 }
 
-/// Raw forwarding vs the seed decoder, same payload, same brokers, one after the other.
-async fn converter_e2e(n: u64) {
+/// Raw forwarding vs the seed decoder, same payload, same brokers, in `rounds` alternating pairs:
+/// this VM's speed drifts by tens of percent within minutes, so one pair can land on either side
+/// of a drift; the median of the per-pair ratios is the figure to quote.
+async fn converter_e2e(n: u64, rounds: usize) {
     let payload = std::fs::read(SEED_PAYLOAD).expect("seed payload");
     let kafka = Tansu::start();
     let broker = Mosquitto::start();
     let decoder = std::fs::canonicalize(SEED_DECODER).expect("seed decoder");
-    for (label, source_extra) in [
-        ("raw forwarding", String::new()),
-        (
-            "seed decoder",
-            format!(
-                "converter = \"tb\"\n[converters.tb]\nscript = \"{}\"\n",
-                decoder.display()
+    let mut ratios = Vec::new();
+    for round in 1..=rounds {
+        let mut rates = Vec::new();
+        for (label, source_extra) in [
+            ("raw forwarding", String::new()),
+            (
+                "seed decoder",
+                format!(
+                    "converter = \"tb\"\n[converters.tb]\nscript = \"{}\"\n",
+                    decoder.display()
+                ),
             ),
-        ),
-    ] {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let topic = format!("bench-{}", label.replace(' ', "-"));
-        kafka.create_topic(&topic, 1);
-        std::env::set_var("LOADTEST_SOURCE", &source_extra);
-        let config = edgegate_config(
-            dir.path(),
-            broker.port,
-            &kafka.bootstrap(),
-            &topic,
-            free_port(),
-        );
-        let mut gw = start_edgegate(&config);
-        let name = format!("edgegate, {label}, seed payload");
-        let row = through_process(
-            &name,
-            gw.id(),
-            &broker,
-            &kafka.bootstrap(),
-            &topic,
-            n,
-            Some(payload.clone()),
-        )
-        .await;
-        row.print();
-        let _ = gw.kill();
-        let _ = gw.wait();
+        ] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let topic = format!("bench-{}-{round}", label.replace(' ', "-"));
+            kafka.create_topic(&topic, 1);
+            std::env::set_var("LOADTEST_SOURCE", &source_extra);
+            let config = edgegate_config(
+                dir.path(),
+                broker.port,
+                &kafka.bootstrap(),
+                &topic,
+                free_port(),
+            );
+            let mut gw = start_edgegate(&config);
+            let name = format!("edgegate, {label}, seed payload (round {round})");
+            let row = through_process(
+                &name,
+                gw.id(),
+                &broker,
+                &kafka.bootstrap(),
+                &topic,
+                n,
+                Some(payload.clone()),
+            )
+            .await;
+            row.print();
+            rates.push(row.msgs as f64 / row.secs);
+            let _ = gw.kill();
+            let _ = gw.wait();
+        }
+        ratios.push(rates[1] / rates[0] * 100.0);
     }
+    let each: Vec<String> = ratios.iter().map(|r| format!("{r:.1}%")).collect();
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "\nconverter / raw, per round: {}; median {:.1}%",
+        each.join(", "),
+        ratios[ratios.len() / 2]
+    );
 }
 
 /// `ports` serial devices (pseudo-terminals) streaming line frames at 115200 baud (11,520 bytes/s
@@ -972,8 +987,9 @@ fn main() {
                 "| path | records | seconds | records/s | CPU-s / 100k | peak RSS MB | note |"
             );
             println!("|---|---|---|---|---|---|---|");
+            let rounds = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(3);
             converter_in_process(n * 2);
-            runtime.block_on(converter_e2e(n));
+            runtime.block_on(converter_e2e(n, rounds));
         }
         Some("converter-micro") => {
             let n = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(400_000);
