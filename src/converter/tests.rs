@@ -96,10 +96,14 @@ fn from_char_code_apply_keeps_standard_semantics_off_its_fast_path() {
          var mixed = [72, 105, 0x10041, 65.9, '66', 0xe9, -1, 0x2603, 1.5e9, {valueOf: function () { return 33; }}];\n\
          var big = []; for (var i = 0; i < 3000; i++) big.push(97 + i % 3);\n\
          var sparse = [104, , 105]; sparse.length = 4;\n\
+         var longer = [104, 105]; longer.length = 3;\n\
+         var shrinking = [65, {valueOf: function () { shrinking.length = 0; return 66; }}, 67];\n\
          return {deviceName: 'x', attributes: {\n\
            s: s, mixed: String.fromCharCode.apply(null, mixed), wideFirst: String.fromCharCode(0x263a, 65),\n\
            big: String.fromCharCode.apply(null, big).slice(0, 6) + String.fromCharCode.apply(null, big).length,\n\
-           sparse: JSON.stringify(String.fromCharCode.apply(null, sparse)), kept: payload.length}};",
+           sparse: JSON.stringify(String.fromCharCode.apply(null, sparse)), kept: payload.length,\n\
+           longer: JSON.stringify(String.fromCharCode.apply(null, longer)),\n\
+           shrinking: String.fromCharCode.apply(null, shrinking), bound: String.fromCharCode.bind(null, 72).apply(null, [105])}};",
     );
     let out = raw(&mut c, "hé ☃".as_bytes()).unwrap();
     let a = &out["attributes"];
@@ -109,6 +113,9 @@ fn from_char_code_apply_keeps_standard_semantics_off_its_fast_path() {
     assert_eq!(a["big"], "abcabc3000");
     assert_eq!(a["sparse"], "\"h\\u0000i\\u0000\"");
     assert_eq!(a["kept"], 4);
+    assert_eq!(a["longer"], "\"hi\\u0000\"");
+    assert_eq!(a["shrinking"], "ABC");
+    assert_eq!(a["bound"], "Hi");
 }
 
 #[test]

@@ -42489,6 +42489,42 @@ static JSValue *build_arg_list(JSContext *ctx, uint32_t *plen,
     return tab;
 }
 
+static JSValue js_string_fromCharCode(JSContext *ctx, JSValueConst this_val,
+                                      int argc, JSValueConst *argv);
+
+/* String.fromCharCode.apply(String, bytes) is how every ThingsBoard decoder turns its payload into
+   text. Given a dense fast array of primitives, fromCharCode runs no user code (converting a
+   primitive to a number cannot) and keeps no reference to its arguments, so the array can be read
+   in place instead of through a copy. */
+static bool is_from_char_code_of_primitives(JSContext *ctx, JSValueConst func,
+                                            JSValueConst array_arg, uint32_t *plen)
+{
+    JSObject *f, *p;
+    uint32_t i, len;
+
+    if (JS_VALUE_GET_TAG(func) != JS_TAG_OBJECT ||
+        JS_VALUE_GET_TAG(array_arg) != JS_TAG_OBJECT)
+        return false;
+    f = JS_VALUE_GET_OBJ(func);
+    p = JS_VALUE_GET_OBJ(array_arg);
+    if (f->class_id != JS_CLASS_C_FUNCTION ||
+        f->u.cfunc.c_function.generic != js_string_fromCharCode ||
+        p->class_id != JS_CLASS_ARRAY || !p->fast_array)
+        return false;
+    len = p->u.array.count;
+    /* a fast array's length can exceed its count (trailing holes) */
+    if (JS_VALUE_GET_TAG(p->prop[0].u.value) != JS_TAG_INT ||
+        (uint32_t)JS_VALUE_GET_INT(p->prop[0].u.value) != len ||
+        len > JS_MAX_LOCAL_VARS)
+        return false;
+    for (i = 0; i < len; i++) {
+        if (JS_VALUE_GET_TAG(p->u.array.u.values[i]) == JS_TAG_OBJECT)
+            return false;
+    }
+    *plen = len;
+    return true;
+}
+
 /* magic value: 0 = normal apply, 1 = apply for constructor, 2 =
    Reflect.apply */
 static JSValue js_function_apply(JSContext *ctx, JSValueConst this_val,
@@ -42505,6 +42541,10 @@ static JSValue js_function_apply(JSContext *ctx, JSValueConst this_val,
     if ((JS_VALUE_GET_TAG(array_arg) == JS_TAG_UNDEFINED ||
          JS_VALUE_GET_TAG(array_arg) == JS_TAG_NULL) && magic != 2) {
         return JS_Call(ctx, this_val, this_arg, 0, NULL);
+    }
+    if (magic == 0 && is_from_char_code_of_primitives(ctx, this_val, array_arg, &len)) {
+        JSObject *p = JS_VALUE_GET_OBJ(array_arg);
+        return js_string_fromCharCode(ctx, this_arg, len, vc(p->u.array.u.values));
     }
     tab = build_arg_list(ctx, &len, array_arg);
     if (!tab)
