@@ -118,6 +118,51 @@ fn from_char_code_apply_keeps_standard_semantics_off_its_fast_path() {
     assert_eq!(a["bound"], "Hi");
 }
 
+/// JSON.parse's numbers take a shortcut in the vendored QuickJS (vendor/README.md); every one must
+/// be the correctly rounded double, as Rust's own parser gives it.
+#[test]
+fn json_parse_numbers_are_correctly_rounded() {
+    let texts = [
+        "0",
+        "7",
+        "-12.340",
+        "3.99",
+        "27.05",
+        "0.1",
+        "0.3",
+        "1607731932000",
+        "123456789012345",
+        "999999999999999",
+        "0.000000000000001",
+        "1234567890123456",
+        "9007199254740993",
+        "0.30000000000000004",
+        "2.5E-3",
+        "1e21",
+        "-1.7976931348623157e308",
+        "0.000000000000000000001",
+        "4.35",
+        "100.0000000000001",
+    ];
+    let (_s, mut c) = converter(
+        "var texts = decodeToJson(payload);\n\
+         var values = texts.map(function (t) { return JSON.parse(t); });\n\
+         return {deviceName: 'x', attributes: {values: values, minusZero: Object.is(JSON.parse('-0'), -0)}};",
+    );
+    let payload = serde_json::to_vec(&texts).unwrap();
+    let out = raw(&mut c, &payload).unwrap();
+    let values = out["attributes"]["values"].as_array().unwrap();
+    for (text, value) in texts.iter().zip(values) {
+        let expected: f64 = text.parse().unwrap();
+        assert_eq!(
+            value.as_f64().unwrap().to_bits(),
+            expected.to_bits(),
+            "{text}"
+        );
+    }
+    assert_eq!(out["attributes"]["minusZero"], true);
+}
+
 #[test]
 fn helpers_exist_but_a_scripts_own_definitions_win() {
     let (_s, mut c) = converter(

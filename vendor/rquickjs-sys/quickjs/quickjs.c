@@ -23635,6 +23635,44 @@ static int json_parse_string(JSParseState *s, const uint8_t **pp)
     return -1;
 }
 
+/* The value of a JSON number token already checked by json_parse_number. Sensor payloads are
+   full of short decimals: when the digits fit a double exactly (at most 15 of them) and there are
+   at most 22 fraction digits and no exponent, one division of two exact doubles gives the
+   correctly rounded value (Clinger's fast path, as in every strtod); anything else goes to
+   strtod. */
+static double json_number_value(const uint8_t *p, const uint8_t *end)
+{
+    static const double pow10[] = {
+        1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11,
+        1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+    };
+    const uint8_t *q = p;
+    bool negative = false;
+    uint64_t mantissa = 0;
+    int digits = 0, fraction = -1;
+    double v;
+
+    if (*q == '-' || *q == '+') {
+        negative = (*q == '-');
+        q++;
+    }
+    for (; q < end; q++) {
+        if (*q == '.') {
+            fraction = 0;
+            continue;
+        }
+        if (!is_digit(*q) || ++digits > 15)
+            return strtod((const char *)p, NULL);
+        mantissa = mantissa * 10 + (*q - '0');
+        if (fraction >= 0)
+            fraction++;
+    }
+    v = (double)mantissa;
+    if (fraction > 0)
+        v /= pow10[fraction];
+    return negative ? -v : v;
+}
+
 static int json_parse_number(JSParseState *s, const uint8_t **pp)
 {
     const uint8_t *p = *pp;
@@ -23669,7 +23707,7 @@ static int json_parse_number(JSParseState *s, const uint8_t **pp)
             p++;
     }
     s->token.val = TOK_NUMBER;
-    s->token.u.num.val = js_float64(strtod((const char *)p_start, NULL));
+    s->token.u.num.val = js_float64(json_number_value(p_start, p));
     *pp = p;
     return 0;
 }
