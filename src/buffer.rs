@@ -695,6 +695,8 @@ fn collect_batch(first: Append, rx: &mut mpsc::Receiver<Append>) -> Vec<Append> 
 /// Adds what is already waiting, up to one commit's limits.
 fn extend_batch(batch: &mut Vec<Append>, rx: &mut mpsc::Receiver<Append>) {
     let mut bytes: usize = batch.iter().map(|a| a.record.payload.len()).sum();
+    // One allocation for what is waiting rather than doubling up to it.
+    batch.reserve(rx.len().min(COMMIT_MAX_RECORDS.saturating_sub(batch.len())));
     while batch.len() < COMMIT_MAX_RECORDS && bytes < COMMIT_MAX_BYTES {
         match rx.try_recv() {
             Ok(a) => {
@@ -736,6 +738,7 @@ fn encode_batch(batch: Vec<Append>, max_bytes: u64) -> Option<Encoded> {
             Some(chunk) if chunk.len() + bound <= CHUNK_MAX_BYTES => chunk.push(&a.record),
             _ => {
                 let mut chunk = ChunkWriter::new(a.record.captured_ms);
+                chunk.reserve(CHUNK_MAX_BYTES.max(bound));
                 chunk.push(&a.record);
                 enc.chunks.push(chunk);
             }

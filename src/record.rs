@@ -139,6 +139,12 @@ impl ChunkWriter {
         }
     }
 
+    /// Room for `bytes` more without growing: growing a chunk by doubling cost a reallocation,
+    /// and a glibc free-list consolidation, a dozen times per chunk.
+    pub fn reserve(&mut self, bytes: usize) {
+        self.value.reserve(bytes);
+    }
+
     pub fn push(&mut self, record: &NewRecord) {
         // Interned in the order the decoder meets them: source, then each key and value.
         let source = self.intern(&record.source);
