@@ -7,6 +7,9 @@
 //! - end-to-end latency of both at a paced rate a consumer can follow;
 //! - edgegate idle RSS, and a backlog of BACKLOG records built with the uplink cut, then drained.
 //!
+//! Single scenarios: `raw N`, `e2e N`, `backlog N`, `converter-micro N`, `converter N [ROUNDS]` (raw
+//! and converter runs alternating for ROUNDS pairs, default 3), `serial PORTS SECS`, `ready N`.
+//!
 //! `loadtest bridge MQTT_PORT BOOTSTRAP TOPIC` is the naive bridge itself (run as a child process
 //! so its CPU and memory are measured the same way as edgegate's).
 
