@@ -990,7 +990,7 @@ fn main() {
                 "| path | records | seconds | records/s | CPU-s / 100k | peak RSS MB | note |"
             );
             println!("|---|---|---|---|---|---|---|");
-            let rounds = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(3);
+            let rounds = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
             converter_in_process(n * 2);
             runtime.block_on(converter_e2e(n, rounds));
         }
