@@ -130,6 +130,16 @@ impl Reader {
         serde_json::from_slice(&text).ok().map(Some)
     }
 
+    /// [`Reader::json`] without the round trip through text for numbers, which every reading's
+    /// `ts` is: this runs once per telemetry entry.
+    unsafe fn scalar_json(&mut self, v: qjs::JSValue) -> Option<Option<J>> {
+        match qjs::JS_VALUE_GET_NORM_TAG(v) {
+            qjs::JS_TAG_INT => Some(Some(J::from(qjs::JS_VALUE_GET_INT(v)))),
+            qjs::JS_TAG_FLOAT64 => Some(Some(number(qjs::JS_VALUE_GET_FLOAT64(v)))),
+            _ => self.json(v),
+        }
+    }
+
     /// The own enumerable string-keyed properties of a plain object, as JSON.stringify visits
     /// them; `None` for an object with a `toJSON` method or a getter that throws.
     unsafe fn props(&mut self, v: qjs::JSValue) -> Option<Props> {
@@ -470,7 +480,7 @@ impl Reader {
         };
         let ts_form = values.filter(|_| !others);
         let ts = match (ts_form, ts) {
-            (Some(_), Some(ts)) if !qjs::JS_IsNull(ts) => timestamp(&self.json(ts)??)?,
+            (Some(_), Some(ts)) if !qjs::JS_IsNull(ts) => timestamp(&self.scalar_json(ts)??)?,
             _ => self.captured_ms,
         };
         out.extend_from_slice(b"{\"ts\":");
