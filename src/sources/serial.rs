@@ -270,15 +270,7 @@ impl FrameReader {
             tokio::select! {
                 biased;
                 _ = &mut cancelled => return PortExit::Shutdown,
-                done = oldest(&mut self.pending) => {
-                    self.pending.pop_front();
-                    self.note_stored(ctx, done);
-                    // A commit settles many frames at once: take them all in this pass.
-                    while let Some(done) = self.pending.front_mut().and_then(PendingAppend::try_done) {
-                        self.pending.pop_front();
-                        self.note_stored(ctx, done);
-                    }
-                }
+                done = oldest(&mut self.pending) => self.settle(ctx, done),
                 read = rx.read(&mut buf), if may_read => match read {
                     Ok(0) => return PortExit::Failed("port closed".into()),
                     Ok(n) => {
@@ -349,6 +341,17 @@ impl FrameReader {
             }
         }
         true
+    }
+
+    /// Takes the oldest append's outcome and every later one already known: a commit settles
+    /// many frames at once, and this takes them all in one pass.
+    fn settle(&mut self, ctx: &SerialContext, oldest: Result<u64, BufferError>) {
+        let mut done = Some(oldest);
+        while let Some(outcome) = done {
+            self.pending.pop_front();
+            self.note_stored(ctx, outcome);
+            done = self.pending.front_mut().and_then(PendingAppend::try_done);
+        }
     }
 
     fn note_stored(&mut self, ctx: &SerialContext, done: Result<u64, BufferError>) {
