@@ -748,7 +748,7 @@ async fn serial(ports: usize, secs: u64) {
         let link = dir.path().join(format!("ttyBENCH{i}"));
         pty.link_as(&link);
         devices.push(pty);
-        // LOADTEST_SERIAL: extra lines for every port, e.g. read_coalesce = "0s".
+        // LOADTEST_SERIAL: extra lines for every port, e.g. max_pending = 64.
         sources += &format!(
             "[sources.port{i}]\ntype = \"serial\"\npath = \"{}\"\nbaud_rate = 115200\n{}\n",
             link.display(),
@@ -772,6 +772,11 @@ async fn serial(ports: usize, secs: u64) {
     let mut gw = start_edgegate(&config);
     let idle = proc_sample(gw.id());
     let tail = Tail::start(&kafka.bootstrap(), "bench-serial");
+    // What the gateway costs with its ports open and nothing arriving: the floor under the
+    // streaming figure.
+    let quiet_from = proc_sample(gw.id());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let quiet_cpu = (proc_sample(gw.id()).cpu_s - quiet_from.cpu_s) / 5.0;
     let before = proc_sample(gw.id());
     let started = Instant::now();
     let bytes_per_tick = 115_200.0 / 10.0 / 100.0; // 10 bits per character, 10 ms ticks
@@ -804,8 +809,9 @@ async fn serial(ports: usize, secs: u64) {
         frames as f64 * FRAME as f64 / wall
     );
     println!(
-        "| edgegate CPU while streaming | {:.1}% of one core |",
-        (after.cpu_s - before.cpu_s) / wall * 100.0
+        "| edgegate CPU while streaming / idle with ports open | {:.1}% / {:.1}% of one core |",
+        (after.cpu_s - before.cpu_s) / wall * 100.0,
+        quiet_cpu * 100.0
     );
     println!(
         "| edgegate RSS idle (ports open) / after streaming | {:.1} MB / {:.1} MB (+{:.1} MB) |",

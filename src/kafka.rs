@@ -5,6 +5,9 @@
 //! and messages never time out inside it (`message.timeout.ms = 0`), so a record is only ever given
 //! up by the forwarder, never silently by the client library.
 
+mod reports;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -12,7 +15,7 @@ use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use tokio::sync::mpsc;
 
 use crate::config::Config;
@@ -61,6 +64,9 @@ pub enum SinkError {
     /// Not accepted now (for example the topic is not authorised yet); resend it later.
     #[error("record not accepted now: {0}")]
     Retry(String),
+    /// The delivery report thread could not start; see [`reports::ReportsError`].
+    #[error(transparent)]
+    Reports(#[from] reports::ReportsError),
     /// Topic could not be checked or created yet; retry with backoff.
     #[error("topic {topic}: {message}")]
     Topic { topic: String, message: String },
@@ -195,7 +201,7 @@ pub fn check_guarantees(config: &Config) -> Result<(), (String, String)> {
     let (tx, _) = mpsc::unbounded_channel();
     let (etx, _) = mpsc::unbounded_channel();
     producer_config(config)
-        .create_with_context::<_, ThreadedProducer<SinkContext>>(SinkContext {
+        .create_with_context::<_, BaseProducer<SinkContext>>(SinkContext {
             deliveries: tx,
             events: etx,
         })
@@ -204,7 +210,9 @@ pub fn check_guarantees(config: &Config) -> Result<(), (String, String)> {
 }
 
 pub struct Sink {
-    producer: ThreadedProducer<SinkContext>,
+    /// Declared first: the thread stops before the producer is dropped.
+    _reports: reports::ReportThread,
+    producer: Arc<BaseProducer<SinkContext>>,
     topic: String,
     dead_letter_topic: Option<String>,
     gateway_id: String,
@@ -235,10 +243,13 @@ impl Sink {
     pub fn new(config: &Config) -> Result<(Sink, Receivers), SinkError> {
         let (deliveries, drx) = mpsc::unbounded_channel();
         let (events, erx) = mpsc::unbounded_channel();
-        let producer = producer_config(config)
-            .create_with_context(SinkContext { deliveries, events })
-            .map_err(SinkError::Config)?;
+        let producer: Arc<BaseProducer<SinkContext>> = Arc::new(
+            producer_config(config)
+                .create_with_context(SinkContext { deliveries, events })
+                .map_err(SinkError::Config)?,
+        );
         let sink = Sink {
+            _reports: reports::ReportThread::start(producer.clone())?,
             producer,
             topic: config.kafka.topic.clone(),
             dead_letter_topic: config.kafka.dead_letter_topic.clone(),
