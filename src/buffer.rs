@@ -69,6 +69,12 @@ pub enum BufferError {
     ShuttingDown,
 }
 
+impl From<std::io::Error> for BufferError {
+    fn from(e: std::io::Error) -> BufferError {
+        BufferError::Storage(sled::Error::Io(e))
+    }
+}
+
 /// Where a chunk is and what it holds; kept in memory for every chunk on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkInfo {
@@ -186,6 +192,8 @@ impl State {
 
 struct Shared {
     db: sled::Db,
+    /// sled's log file, for `fdatasync` (see [`Shared::make_durable`]).
+    log: std::fs::File,
     tree: sled::Tree,
     state: Mutex<State>,
     data_ready: Notify,
@@ -334,10 +342,12 @@ impl Buffer {
             .flush_every_ms(Some(1000))
             .open()
             .map_err(|e| open_error(&dir, e))?;
+        let log = open_log_for_sync(&dir)?;
         let tree: sled::Tree = (*db).clone();
         let state = load_state(&tree)?;
         let shared = Arc::new(Shared {
             db,
+            log,
             tree,
             state: Mutex::new(state),
             data_ready: Notify::new(),
@@ -506,8 +516,7 @@ impl Buffer {
 
     /// Writes everything to disk now.
     pub fn flush(&self) -> Result<(), BufferError> {
-        self.shared.db.flush()?;
-        Ok(())
+        self.shared.make_durable()
     }
 
     pub fn max_age(&self) -> Option<Duration> {
@@ -586,6 +595,25 @@ fn prepare_data_dir(data_dir: &Path) -> Result<PathBuf, BufferError> {
     std::fs::write(&probe, b"").map_err(|e| err(format!("not writable: {e}")))?;
     let _ = std::fs::remove_file(probe);
     Ok(dir)
+}
+
+/// sled's log file (`db`), opened a second time so that commits can `fdatasync` it. The directory
+/// is synced too, once, so that a freshly created log file survives a power cut.
+fn open_log_for_sync(dir: &Path) -> Result<std::fs::File, BufferError> {
+    let log = std::fs::File::open(dir.join("db"))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(log)
+}
+
+impl Shared {
+    /// sled's `flush` writes its log with `sync_file_range`, which neither persists the file's
+    /// size and extents when the log grew nor flushes the disk's write cache, so a power cut could
+    /// still lose what it wrote. `fdatasync` does both; only after it is a record acknowledged.
+    fn make_durable(&self) -> Result<(), BufferError> {
+        self.db.flush()?;
+        self.log.sync_data()?;
+        Ok(())
+    }
 }
 
 fn open_error(dir: &Path, e: sled::Error) -> BufferError {
@@ -938,7 +966,7 @@ async fn write_durably(
         }
         batch.insert(NEXT_SEQ_KEY, &next_seq.to_le_bytes());
         shared.tree.apply_batch(batch)?;
-        shared.db.flush()?;
+        shared.make_durable()?;
         Ok(chunks)
     })
     .await;
