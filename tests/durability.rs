@@ -32,7 +32,7 @@ async fn every_puback_follows_an_fdatasync_of_the_record_it_acknowledges() {
     // Kafka is unreachable: records stay in the buffer and only the append path writes the log.
     let config = write_config(dir.path(), broker.port, "127.0.0.1:9", "t", "");
     let trace = dir.path().join("strace.out");
-    let (mut tracer, lines) = start_traced(&config, &trace);
+    let (tracer, lines) = start_traced(&config, &trace);
     wait_for_line(&lines, "mqtt subscribed");
     let publisher = Publisher::connect(broker.port, "durability-device").await;
     for n in 1..=3u64 {
@@ -45,7 +45,7 @@ async fn every_puback_follows_an_fdatasync_of_the_record_it_acknowledges() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    stop(&mut tracer);
+    drop(tracer);
     let calls = calls(&trace);
     assert_eq!(pubacks(&calls), 3);
     assert_each_puback_synced(&calls);
@@ -77,7 +77,40 @@ fn assert_each_puback_synced(calls: &[Call]) {
     }
 }
 
-fn start_traced(config: &Path, trace: &Path) -> (Child, Arc<Mutex<Vec<String>>>) {
+/// strace with the gateway under it; dropping it stops both, also when an assertion failed.
+struct Traced(Child);
+
+impl Drop for Traced {
+    /// SIGTERM to the gateway (strace's child); strace exits with it.
+    fn drop(&mut self) {
+        let tracer = &mut self.0;
+        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", tracer.id()))
+            .unwrap_or_default();
+        let gateways: Vec<i32> = children
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        for pid in &gateways {
+            // SAFETY: signalling our tracer's child process.
+            unsafe { libc::kill(*pid, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !matches!(tracer.try_wait(), Ok(Some(_))) {
+            if Instant::now() > deadline {
+                for pid in &gateways {
+                    // SAFETY: as above.
+                    unsafe { libc::kill(*pid, libc::SIGKILL) };
+                }
+                let _ = tracer.kill();
+                let _ = tracer.wait();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn start_traced(config: &Path, trace: &Path) -> (Traced, Arc<Mutex<Vec<String>>>) {
     let mut child = Command::new(program("strace"))
         .args(["-f", "-qq", "-x", "-s", "4", "-e"])
         .arg("trace=openat,pwrite64,fdatasync,write,writev,sendto,sendmsg")
@@ -102,7 +135,7 @@ fn start_traced(config: &Path, trace: &Path) -> (Child, Arc<Mutex<Vec<String>>>)
             }
         }
     });
-    (child, lines)
+    (Traced(child), lines)
 }
 
 fn wait_for_line(lines: &Mutex<Vec<String>>, needle: &str) {
@@ -113,24 +146,6 @@ fn wait_for_line(lines: &Mutex<Vec<String>>, needle: &str) {
             "no {needle:?}: {:?}",
             lines.lock().unwrap()
         );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// SIGTERM to the gateway (strace's child); strace exits with it.
-fn stop(tracer: &mut Child) {
-    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", tracer.id()))
-        .unwrap_or_default();
-    for pid in children.split_whitespace().filter_map(|p| p.parse().ok()) {
-        // SAFETY: signalling our tracer's child process.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-    }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !matches!(tracer.try_wait(), Ok(Some(_))) {
-        if Instant::now() > deadline {
-            let _ = tracer.kill();
-            break;
-        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
