@@ -369,3 +369,29 @@ async fn try_submit_hands_the_record_back_when_full_and_try_done_sees_commits() 
     drop(writer);
     task.await.unwrap();
 }
+
+#[tokio::test]
+async fn released_chunks_leave_sled_with_the_next_commit_or_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(dir.path(), BufferConfig::default());
+    let on_disk = |first_seq: u64| {
+        let tree = &h.buffer.shared.tree;
+        let chunk = tree.get(chunk_key(first_seq)).unwrap().is_some();
+        assert_eq!(chunk, tree.get(info_key(first_seq)).unwrap().is_some());
+        chunk
+    };
+    h.writer.append(rec(0, 50)).await.unwrap();
+    let first = h.drain_unread();
+    h.buffer.release_parts(&first[0].parts).unwrap();
+    assert_eq!(h.buffer.stats().records, 0);
+    // No sled batch of its own: the removal waits for company.
+    assert!(on_disk(0));
+    h.writer.append(rec(1, 50)).await.unwrap();
+    assert!(!on_disk(0), "the commit did not take the release along");
+    let second = h.drain_unread();
+    h.buffer.release_parts(&second[0].parts).unwrap();
+    assert!(on_disk(1));
+    h.buffer.flush().unwrap();
+    assert!(!on_disk(1), "flush did not write the release");
+    h.close().await;
+}
