@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BufferConfig, WhenFull};
@@ -220,13 +220,22 @@ pub struct Buffer {
     shared: Arc<Shared>,
 }
 
-/// Why [`BufferWriter::try_submit`] did not take a record.
+/// Why [`BufferWriter::try_submit`] (or `try_submit_unacked`) did not take a record.
 #[derive(Debug)]
-pub enum TrySubmit {
-    /// The intake queue is full; wait with [`BufferWriter::submit`].
-    Full(NewRecord),
+pub enum TrySubmit<T = NewRecord> {
+    /// The intake queue is full: here is what was submitted back; wait with
+    /// [`BufferWriter::submit`] (or `submit_unacked`).
+    Full(T),
     /// The buffer is shutting down; stop reading.
     ShuttingDown,
+}
+
+/// A record nobody acknowledges (a serial frame), with the room it takes in its source's quota
+/// of records not yet durable; the room comes back when the record's commit is over.
+#[derive(Debug)]
+pub struct Unacked {
+    pub record: NewRecord,
+    pub quota: OwnedSemaphorePermit,
 }
 
 /// What sources use to append records. Cheap to clone; the buffer's `run` ends when all are gone.
@@ -237,7 +246,28 @@ pub struct BufferWriter {
 
 struct Append {
     record: NewRecord,
-    done: oneshot::Sender<Result<u64, BufferError>>,
+    done: Done,
+}
+
+/// What happens when an append's commit is over.
+enum Done {
+    /// The outcome goes back to a submitter waiting to acknowledge (an MQTT PUBACK waits on it).
+    Reply(oneshot::Sender<Result<u64, BufferError>>),
+    /// No one waits: only the quota room is given back, and a failure is counted as a drop.
+    /// Saves serial sources a channel per frame and a wake-up per commit.
+    Quota(OwnedSemaphorePermit),
+}
+
+impl Done {
+    fn send(self, outcome: Result<u64, BufferError>, metrics: &Metrics) {
+        match self {
+            Done::Reply(tx) => {
+                let _ = tx.send(outcome);
+            }
+            Done::Quota(_) if outcome.is_err() => metrics.count_dropped(DropReason::NotStored, 1),
+            Done::Quota(_) => {}
+        }
+    }
 }
 
 /// The receiving end of the writers, consumed by [`run`].
@@ -251,16 +281,6 @@ pub struct PendingAppend(oneshot::Receiver<Result<u64, BufferError>>);
 impl PendingAppend {
     pub async fn durable(self) -> Result<u64, BufferError> {
         self.await
-    }
-
-    /// The outcome if it is already known; lets a source settle a whole commit's appends in one
-    /// pass instead of one wake-up each.
-    pub fn try_done(&mut self) -> Option<Result<u64, BufferError>> {
-        match self.0.try_recv() {
-            Ok(done) => Some(done),
-            Err(oneshot::error::TryRecvError::Empty) => None,
-            Err(oneshot::error::TryRecvError::Closed) => Some(Err(BufferError::ShuttingDown)),
-        }
     }
 }
 
@@ -282,6 +302,7 @@ impl BufferWriter {
     /// Queues a record for the next group commit; waits while the intake queue is full.
     pub async fn submit(&self, record: NewRecord) -> Result<PendingAppend, BufferError> {
         let (done, rx) = oneshot::channel();
+        let done = Done::Reply(done);
         self.tx
             .send(Append { record, done })
             .await
@@ -289,10 +310,37 @@ impl BufferWriter {
         Ok(PendingAppend(rx))
     }
 
+    /// Queues a record nobody acknowledges; waits while the intake queue is full.
+    pub async fn submit_unacked(&self, unacked: Unacked) -> Result<(), BufferError> {
+        let done = Done::Quota(unacked.quota);
+        let record = unacked.record;
+        self.tx
+            .send(Append { record, done })
+            .await
+            .map_err(|_| BufferError::ShuttingDown)
+    }
+
+    /// `submit_unacked` without waiting; the record and its quota come back when the intake
+    /// queue is full.
+    pub fn try_submit_unacked(&self, unacked: Unacked) -> Result<(), TrySubmit<Unacked>> {
+        let done = Done::Quota(unacked.quota);
+        let record = unacked.record;
+        self.tx
+            .try_send(Append { record, done })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(Append {
+                    record,
+                    done: Done::Quota(quota),
+                }) => TrySubmit::Full(Unacked { record, quota }),
+                _ => TrySubmit::ShuttingDown,
+            })
+    }
+
     /// `submit` without waiting: the record comes back when the intake queue is full, so the
     /// caller can wait for room alongside its shutdown signal only when it has to.
     pub fn try_submit(&self, record: NewRecord) -> Result<PendingAppend, TrySubmit> {
         let (done, rx) = oneshot::channel();
+        let done = Done::Reply(done);
         match self.tx.try_send(Append { record, done }) {
             Ok(()) => Ok(PendingAppend(rx)),
             Err(mpsc::error::TrySendError::Full(append)) => Err(TrySubmit::Full(append.record)),
@@ -802,7 +850,7 @@ impl Encoded {
     }
 }
 
-fn encode_batch(batch: Vec<Append>, max_bytes: u64) -> Option<Encoded> {
+fn encode_batch(batch: Vec<Append>, max_bytes: u64, metrics: &Metrics) -> Option<Encoded> {
     let mut enc = Encoded {
         appends: Vec::with_capacity(batch.len()),
         chunks: Vec::new(),
@@ -810,9 +858,8 @@ fn encode_batch(batch: Vec<Append>, max_bytes: u64) -> Option<Encoded> {
     for a in batch {
         let bound = record::encoded_size_bound(&a.record);
         if bound as u64 > max_bytes / 2 {
-            let _ = a
-                .done
-                .send(Err(BufferError::TooLarge(a.record.payload.len())));
+            let too_large = BufferError::TooLarge(a.record.payload.len());
+            a.done.send(Err(too_large), metrics);
             continue;
         }
         match enc.chunks.last_mut() {
@@ -877,12 +924,12 @@ struct Plan {
 
 async fn commit(buffer: &Buffer, batch: Vec<Append>, shutdown: &CancellationToken) {
     let shared = &buffer.shared;
-    let Some(enc) = encode_batch(batch, shared.config.max_bytes.as_u64()) else {
+    let Some(enc) = encode_batch(batch, shared.config.max_bytes.as_u64(), &shared.metrics) else {
         return;
     };
     let plan = match reserve(buffer, &enc, shutdown).await {
         Some(plan) => plan,
-        None => return fail_all(enc.appends, || BufferError::ShuttingDown),
+        None => return fail_all(enc.appends, &shared.metrics, || BufferError::ShuttingDown),
     };
     let count = enc.appends.len() as u32;
     let merged_info = plan.merge_into.as_ref().map(|(i, _)| *i);
@@ -906,7 +953,7 @@ async fn commit(buffer: &Buffer, batch: Vec<Append>, shutdown: &CancellationToke
             drop(s);
             shared.data_ready.notify_one();
             for (i, a) in appends.into_iter().enumerate() {
-                let _ = a.done.send(Ok(plan.first_seq + i as u64));
+                a.done.send(Ok(plan.first_seq + i as u64), &shared.metrics);
             }
         }
         Err(e) => {
@@ -919,16 +966,16 @@ async fn commit(buffer: &Buffer, batch: Vec<Append>, shutdown: &CancellationToke
             drop(s);
             tracing::error!(error = %e, records = count, "buffer commit failed; not acknowledged");
             let msg = e.to_string();
-            fail_all(appends, || {
+            fail_all(appends, &shared.metrics, || {
                 BufferError::Storage(sled::Error::Io(std::io::Error::other(msg.clone())))
             });
         }
     }
 }
 
-fn fail_all(appends: Vec<Append>, err: impl Fn() -> BufferError) {
+fn fail_all(appends: Vec<Append>, metrics: &Metrics, err: impl Fn() -> BufferError) {
     for a in appends {
-        let _ = a.done.send(Err(err()));
+        a.done.send(Err(err()), metrics);
     }
 }
 

@@ -48,6 +48,9 @@ pub enum DropReason {
     Corrupt,
     /// The converter failed on it and no dead-letter topic is configured.
     ConverterFailed,
+    /// A record nobody acknowledges (a serial frame) that the buffer could not store: a disk
+    /// failure, or larger than half of `buffer.max_bytes`.
+    NotStored,
 }
 
 impl DropReason {
@@ -58,6 +61,7 @@ impl DropReason {
             DropReason::RejectedByKafka => "rejected_by_kafka",
             DropReason::Corrupt => "corrupt",
             DropReason::ConverterFailed => "converter_failed",
+            DropReason::NotStored => "not_stored",
         }
     }
 }
@@ -184,6 +188,7 @@ impl Metrics {
             DropReason::RejectedByKafka,
             DropReason::Corrupt,
             DropReason::ConverterFailed,
+            DropReason::NotStored,
         ]
         .into_iter()
         .map(|r| self.dropped(r))

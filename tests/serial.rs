@@ -300,3 +300,50 @@ async fn a_binary_sensor_frame_becomes_a_device_record_in_kafka() {
     assert_eq!(m.header("edgegate-source"), "rs485");
     assert_eq!(m.header("edgegate-port"), link.display().to_string());
 }
+
+/// `max_pending` frames at most wait for durability: with the buffer full (`block`) the source
+/// stops reading and the tty holds the rest, which all arrive, in order, once there is room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_buffer_stops_reading_at_max_pending_and_loses_nothing() {
+    let h = start(
+        "max_pending = 5\n[buffer]\nmax_bytes = \"1MiB\"\nwhen_full = \"block\"\ncommit_linger = \"0s\"\nserial_commit_linger = \"0s\"",
+    );
+    let mut dev = h.plug().await;
+    let frames: Vec<Vec<u8>> = (0..1500)
+        .map(|i| {
+            let mut f = format!("{i:05}|").into_bytes();
+            f.resize(999, b'x');
+            f
+        })
+        .collect();
+    // The tty fills up while the source waits, so the device writes from a thread of its own.
+    let writer = std::thread::spawn({
+        let frames = frames.clone();
+        move || {
+            for f in &frames {
+                dev.send(&[f.as_slice(), b"\n"].concat());
+            }
+            dev
+        }
+    });
+    let received = h.metrics.source_in("dev");
+    let mut last = u64::MAX;
+    while received.get() != last {
+        last = received.get();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let stored = h.buffer.stats().records;
+    assert!(stored < 1500, "the buffer was never full: {stored} stored");
+    assert!(
+        last - stored <= 5,
+        "{} frames waited for durability, more than max_pending",
+        last - stored
+    );
+    let records = h.records(1500).await;
+    assert_eq!(
+        payloads(&records),
+        frames,
+        "frames lost or reordered under back-pressure"
+    );
+    drop(writer.join().unwrap());
+}

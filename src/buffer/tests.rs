@@ -337,7 +337,7 @@ async fn serial_only_commits_linger_longer_than_acknowledged_ones() {
 }
 
 #[tokio::test]
-async fn try_submit_hands_the_record_back_when_full_and_try_done_sees_commits() {
+async fn try_submit_hands_the_record_back_when_full() {
     let dir = tempfile::tempdir().unwrap();
     let metrics = Arc::new(Metrics::new());
     let (buffer, writer, intake) =
@@ -355,15 +355,11 @@ async fn try_submit_hands_the_record_back_when_full_and_try_done_sees_commits() 
     };
     assert_eq!(pending.len(), INTAKE_CAPACITY);
     assert_eq!(returned.payload, rec(INTAKE_CAPACITY as u32, 50).payload);
-    assert!(pending[0].try_done().is_none());
 
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(run(buffer.clone(), intake, shutdown.clone()));
-    let last = pending.pop().unwrap();
-    assert_eq!(last.durable().await.unwrap(), pending.len() as u64);
-    // Everything before it was in the same or an earlier commit: known without waiting.
-    for (seq, p) in pending.iter_mut().enumerate() {
-        assert_eq!(p.try_done().unwrap().unwrap(), seq as u64);
+    for (seq, p) in pending.into_iter().enumerate() {
+        assert_eq!(p.durable().await.unwrap(), seq as u64);
     }
     shutdown.cancel();
     drop(writer);
@@ -393,5 +389,29 @@ async fn released_chunks_leave_sled_with_the_next_commit_or_flush() {
     assert!(on_disk(1));
     h.buffer.flush().unwrap();
     assert!(!on_disk(1), "flush did not write the release");
+    h.close().await;
+}
+
+#[tokio::test]
+async fn unacked_records_give_their_quota_back_and_count_when_not_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = BufferConfig {
+        max_bytes: ByteSize::kb(64),
+        ..BufferConfig::default()
+    };
+    let h = open(dir.path(), config);
+    let quota = Arc::new(tokio::sync::Semaphore::new(2));
+    for (i, size) in [(0, 50), (1, 100_000)] {
+        let unacked = Unacked {
+            record: rec(i, size),
+            quota: quota.clone().try_acquire_owned().unwrap(),
+        };
+        h.writer.submit_unacked(unacked).await.unwrap();
+    }
+    // The second is larger than half the buffer: never stored, but its quota comes back too.
+    let all_back = tokio::time::timeout(Duration::from_secs(10), quota.acquire_many(2)).await;
+    assert!(all_back.is_ok(), "quota not given back");
+    assert_eq!(seqs(&h.drain_unread()), vec![0]);
+    assert_eq!(h.metrics.dropped(DropReason::NotStored), 1);
     h.close().await;
 }

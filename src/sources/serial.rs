@@ -3,24 +3,26 @@
 //!
 //! Back-pressure: at most `max_pending` frames wait for durability; beyond that the source stops
 //! reading, so the kernel's tty buffer, the UART and the device's own flow control hold the data.
+//! No device waits for an acknowledgement, so frames go to the buffer without a reply channel: a
+//! frame the buffer cannot store is counted there (`reason="not_stored"`).
 //! A port that is missing or disappears (USB adapter unplugged) is reopened with backoff; frames
 //! already read are in the buffer's hands and are not affected.
 //!
 //! The port handle is shared with the downlink: [`SerialHandle::write`] sends bytes through the
 //! same open port, never a second open.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_serial::SerialPortBuilderExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::buffer::{BufferError, BufferWriter, PendingAppend, TrySubmit};
+use crate::buffer::{BufferWriter, TrySubmit, Unacked};
 use crate::config::{FlowControl, Parity, SerialSourceConfig};
 use crate::metrics::Metrics;
 use crate::record::{now_ms, NewRecord, SourceType};
@@ -217,9 +219,8 @@ struct FrameReader {
     framer: Framer,
     idle_gap: Option<Duration>,
     meta: Vec<(String, String)>,
-    max_pending: usize,
-    pending: VecDeque<PendingAppend>,
-    store_failures: u64,
+    /// One permit per frame not yet durable, `max_pending` in all.
+    quota: Arc<Semaphore>,
     /// This source's records-in counter, looked up once rather than per frame.
     received: prometheus_client::metrics::counter::Counter,
 }
@@ -246,9 +247,7 @@ impl FrameReader {
             // tokio's timers tick in milliseconds; a shorter gap would end frames mid-burst.
             idle_gap: idle_gap.map(|g| g.max(Duration::from_millis(2))),
             meta,
-            max_pending: config.max_pending,
-            pending: VecDeque::new(),
-            store_failures: 0,
+            quota: Arc::new(Semaphore::new(config.max_pending)),
             received: ctx.metrics.source_in(&ctx.name),
         }
     }
@@ -265,12 +264,14 @@ impl FrameReader {
         // Made once: registering a fresh waiter on every pass showed in profiles.
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
+        let quota = self.quota.clone();
         loop {
-            let may_read = self.pending.len() < self.max_pending;
+            // With `max_pending` frames not yet durable, reading pauses; writes still go out.
+            let may_read = quota.available_permits() > 0;
             tokio::select! {
                 biased;
                 _ = &mut cancelled => return PortExit::Shutdown,
-                done = oldest(&mut self.pending) => self.settle(ctx, done),
+                _ = quota.acquire(), if !may_read => {}
                 read = rx.read(&mut buf), if may_read => match read {
                     Ok(0) => return PortExit::Failed("port closed".into()),
                     Ok(n) => {
@@ -323,52 +324,36 @@ impl FrameReader {
                 meta: self.meta.clone(),
                 payload: frame,
             };
+            let Some(quota) = self.take_quota(shutdown).await else {
+                return false;
+            };
             // Waits only while the buffer's intake is full (buffer full with `block`).
-            let submitted = match ctx.writer.try_submit(record) {
-                Ok(append) => Ok(append),
-                Err(TrySubmit::ShuttingDown) => Err(BufferError::ShuttingDown),
-                Err(TrySubmit::Full(record)) => tokio::select! {
-                    s = ctx.writer.submit(record) => s,
+            let submitted = match ctx.writer.try_submit_unacked(Unacked { record, quota }) {
+                Ok(()) => Ok(()),
+                Err(TrySubmit::ShuttingDown) => return false,
+                Err(TrySubmit::Full(unacked)) => tokio::select! {
+                    s = ctx.writer.submit_unacked(unacked) => s,
                     _ = shutdown.cancelled() => return false,
                 },
             };
-            match submitted {
-                Ok(append) => {
-                    self.received.inc();
-                    self.pending.push_back(append);
-                }
-                Err(_) => return false,
+            if submitted.is_err() {
+                return false;
             }
+            self.received.inc();
         }
         true
     }
 
-    /// Takes the oldest append's outcome and every later one already known: a commit settles
-    /// many frames at once, and this takes them all in one pass.
-    fn settle(&mut self, ctx: &SerialContext, oldest: Result<u64, BufferError>) {
-        let mut done = Some(oldest);
-        while let Some(outcome) = done {
-            self.pending.pop_front();
-            self.note_stored(ctx, outcome);
-            done = self.pending.front_mut().and_then(PendingAppend::try_done);
+    /// Room for one more frame not yet durable; waits while `max_pending` frames are. `None` when
+    /// shutdown came first.
+    async fn take_quota(&self, shutdown: &CancellationToken) -> Option<OwnedSemaphorePermit> {
+        if let Ok(quota) = self.quota.clone().try_acquire_owned() {
+            return Some(quota);
         }
-    }
-
-    fn note_stored(&mut self, ctx: &SerialContext, done: Result<u64, BufferError>) {
-        if let Err(e) = done {
-            self.store_failures += 1;
-            if self.store_failures == 1 || self.store_failures % 1000 == 0 {
-                tracing::warn!(source = %ctx.name, error = %e, failures = self.store_failures,
-                    "serial frame not stored");
-            }
+        tokio::select! {
+            quota = self.quota.clone().acquire_owned() => quota.ok(),
+            _ = shutdown.cancelled() => None,
         }
-    }
-}
-
-async fn oldest(pending: &mut VecDeque<PendingAppend>) -> Result<u64, BufferError> {
-    match pending.front_mut() {
-        Some(p) => p.await,
-        None => std::future::pending().await,
     }
 }
 
