@@ -332,6 +332,7 @@ impl BufferWriter {
                     record,
                     done: Done::Quota(quota),
                 }) => TrySubmit::Full(Unacked { record, quota }),
+                // Closed; a full queue always hands back the `Quota` built above.
                 _ => TrySubmit::ShuttingDown,
             })
     }

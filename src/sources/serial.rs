@@ -214,7 +214,8 @@ fn open(config: &SerialSourceConfig) -> Result<tokio_serial::SerialStream, tokio
         .open_native_async()
 }
 
-/// The framing state and pending appends; both outlive a single open of the port.
+/// The framing state and the quota of frames not yet durable; both outlive a single open of the
+/// port.
 struct FrameReader {
     framer: Framer,
     idle_gap: Option<Duration>,
