@@ -238,6 +238,15 @@ pub struct Unacked {
     pub quota: OwnedSemaphorePermit,
 }
 
+impl Unacked {
+    fn into_append(self) -> Append {
+        Append {
+            record: self.record,
+            done: Done::Quota(self.quota),
+        }
+    }
+}
+
 /// What sources use to append records. Cheap to clone; the buffer's `run` ends when all are gone.
 #[derive(Clone)]
 pub struct BufferWriter {
@@ -303,19 +312,18 @@ impl BufferWriter {
     pub async fn submit(&self, record: NewRecord) -> Result<PendingAppend, BufferError> {
         let (done, rx) = oneshot::channel();
         let done = Done::Reply(done);
-        self.tx
-            .send(Append { record, done })
-            .await
-            .map_err(|_| BufferError::ShuttingDown)?;
+        self.enqueue(Append { record, done }).await?;
         Ok(PendingAppend(rx))
     }
 
     /// Queues a record nobody acknowledges; waits while the intake queue is full.
     pub async fn submit_unacked(&self, unacked: Unacked) -> Result<(), BufferError> {
-        let done = Done::Quota(unacked.quota);
-        let record = unacked.record;
+        self.enqueue(unacked.into_append()).await
+    }
+
+    async fn enqueue(&self, append: Append) -> Result<(), BufferError> {
         self.tx
-            .send(Append { record, done })
+            .send(append)
             .await
             .map_err(|_| BufferError::ShuttingDown)
     }
@@ -323,10 +331,8 @@ impl BufferWriter {
     /// `submit_unacked` without waiting; the record and its quota come back when the intake
     /// queue is full.
     pub fn try_submit_unacked(&self, unacked: Unacked) -> Result<(), TrySubmit<Unacked>> {
-        let done = Done::Quota(unacked.quota);
-        let record = unacked.record;
         self.tx
-            .try_send(Append { record, done })
+            .try_send(unacked.into_append())
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(Append {
                     record,
