@@ -1,6 +1,10 @@
 use super::*;
+use crate::config::WhenFull;
+use crate::metrics::DropReason;
 use crate::record::SourceType;
+use crate::record::{self, now_ms, NewRecord};
 use bytesize::ByteSize;
+use tokio_util::sync::CancellationToken;
 
 fn rec(i: u32, size: usize) -> NewRecord {
     let mut payload = i.to_be_bytes().to_vec();

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use base64::Engine as _;
 use serde::Serialize;
 
-use super::{chunk_info, chunk_key, info_key, Buffer, BufferError, ChunkInfo};
+use super::commit::chunk_info;
+use super::{chunk_key, info_key, Buffer, BufferError, ChunkInfo};
 use crate::record::{self, ChunkWriter, NewRecord, Record};
 
 /// What `buffer purge` removed.

@@ -1,0 +1,91 @@
+//! Housekeeping: removing released and expired chunks, the full/room state and the gauges.
+
+use super::*;
+use crate::config::WhenFull;
+use crate::metrics::DropReason;
+use crate::record::now_ms;
+
+impl Buffer {
+    /// Removes the released chunks from sled now.
+    pub(super) fn write_releases(&self) -> Result<(), BufferError> {
+        let mut batch = sled::Batch::default();
+        let taken = self.shared.take_releases(&mut batch);
+        if taken.is_empty() {
+            return Ok(());
+        }
+        self.shared
+            .tree
+            .apply_batch(batch)
+            .inspect_err(|_| self.shared.restore_releases(taken))?;
+        Ok(())
+    }
+
+    /// Writes everything to disk now, releases included.
+    pub fn flush(&self) -> Result<(), BufferError> {
+        self.write_releases()?;
+        self.shared.make_durable()
+    }
+
+    pub(super) fn set_full(&self, full: bool) {
+        use std::sync::atomic::Ordering;
+        if self.shared.full.swap(full, Ordering::Relaxed) == full {
+            return;
+        }
+        let stats = self.stats();
+        match (full, self.shared.config.when_full) {
+            (true, WhenFull::Block) => tracing::warn!(
+                records = stats.records,
+                bytes = stats.bytes,
+                "buffer full; holding back sources until records are delivered"
+            ),
+            (true, WhenFull::DropOldest) => tracing::warn!(
+                records = stats.records,
+                bytes = stats.bytes,
+                "buffer full; dropping oldest records"
+            ),
+            (false, _) => tracing::info!(records = stats.records, "buffer has room again"),
+        }
+    }
+
+    pub(super) fn update_gauges(&self) {
+        let stats = self.stats();
+        let m = &self.shared.metrics;
+        m.buffer_records.set(stats.records as i64);
+        m.buffer_bytes.set(stats.bytes as i64);
+        let age = stats
+            .oldest_ms
+            .map(|t| now_ms().saturating_sub(t) as f64 / 1000.0)
+            .unwrap_or(0.0);
+        m.buffer_oldest_age_seconds.set(age);
+    }
+
+    /// Drops unread chunks whose every record is older than `max_age`.
+    pub(super) fn expire(&self) -> Result<(), BufferError> {
+        let Some(max_age) = self.shared.config.max_age else {
+            return Ok(());
+        };
+        let cutoff = now_ms().saturating_sub(max_age.as_millis() as u64);
+        let gone = self.state().evict_unread(|_, c| c.last_ms < cutoff);
+        self.remove_evicted(&gone, DropReason::MaxAge)
+    }
+
+    pub(super) fn remove_evicted(
+        &self,
+        gone: &[ChunkInfo],
+        reason: DropReason,
+    ) -> Result<(), BufferError> {
+        if gone.is_empty() {
+            return Ok(());
+        }
+        let n: u64 = gone.iter().map(|c| u64::from(c.count)).sum();
+        self.shared.metrics.count_dropped(reason, n);
+        tracing::debug!(records = n, ?reason, "evicted from buffer");
+        let mut batch = sled::Batch::default();
+        for c in gone {
+            batch.remove(&chunk_key(c.first_seq));
+            batch.remove(&info_key(c.first_seq));
+        }
+        self.shared.tree.apply_batch(batch)?;
+        Ok(())
+    }
+}
