@@ -1,10 +1,12 @@
 //! Power-cut durability, read from the system calls the gateway makes (under `strace`): a PUBACK
-//! leaves edgegate only after an `fdatasync` of the buffer's log that started after the record was
-//! written. sled's own flush only calls `sync_file_range`, which a power cut can undo (the log's
-//! new size and the disk's write cache are not persisted), and a `kill -9` test cannot tell.
+//! leaves edgegate only after every file that holds the record was synced after it was written:
+//! the buffer's log (`fdatasync`; sled's own flush only calls `sync_file_range`, which a power cut
+//! can undo) and, for records over about 128 KiB, the blob file sled writes them to and the
+//! `blobs` directory that names it (sled never syncs either). A `kill -9` test cannot tell.
 
 mod support;
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -13,41 +15,56 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-/// The system calls the check needs, in the order they completed.
+/// The system calls the check needs, in the order they completed. Files are named by what they
+/// are in the buffer: `db` (the log), `blobs/<n>`, or `blobs/` (the directory).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Call {
-    /// A write to the buffer's log file finished.
-    LogWrite,
-    /// An `fdatasync` of the log file started or finished.
-    SyncStart,
-    SyncDone,
+    /// A write to the file finished (for `blobs/`: a file was created in it).
+    Write(String),
+    /// An `fsync`/`fdatasync` of the file started or finished.
+    SyncStart(String),
+    SyncDone(String),
     /// A PUBACK started on its way to the broker.
     Puback,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_puback_follows_an_fdatasync_of_the_record_it_acknowledges() {
+async fn every_puback_follows_a_sync_of_every_file_that_holds_its_record() {
     let broker = Mosquitto::start();
     let dir = tempfile::tempdir().unwrap();
-    // Kafka is unreachable: records stay in the buffer and only the append path writes the log.
-    let config = write_config(dir.path(), broker.port, "127.0.0.1:9", "t", "");
+    // Kafka is unreachable: records stay in the buffer and only the append path writes.
+    let extra = "max_payload_bytes = \"3MiB\"\n[buffer]\nmax_bytes = \"64MiB\"\n";
+    let config = write_config(dir.path(), broker.port, "127.0.0.1:9", "t", extra);
     let trace = dir.path().join("strace.out");
     let (tracer, lines) = start_traced(&config, &trace);
     wait_for_line(&lines, "mqtt subscribed");
     let publisher = Publisher::connect(broker.port, "durability-device").await;
-    for n in 1..=3u64 {
+    // Below sled's blob threshold, then blobs of 200 KiB, 1 MiB and 2 MiB.
+    let sizes = [1 << 10, 200 << 10, 1 << 20, 2 << 20];
+    for (n, size) in (1..).zip(sizes) {
         publisher
-            .publish("sensors/a", payload("sensors/a", n, 20))
+            .publish("sensors/a", payload("sensors/a", n, size))
             .await;
         let deadline = Instant::now() + Duration::from_secs(30);
         while pubacks(&calls(&trace)) < n as usize {
-            assert!(Instant::now() < deadline, "no PUBACK {n} from the gateway");
+            assert!(
+                Instant::now() < deadline,
+                "no PUBACK {n} ({size} bytes) from the gateway"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
     drop(tracer);
     let calls = calls(&trace);
-    assert_eq!(pubacks(&calls), 3);
+    assert_eq!(pubacks(&calls), sizes.len());
+    let blobs_written = calls
+        .iter()
+        .filter(|c| matches!(c, Call::Write(f) if f.starts_with("blobs/") && f.len() > 6))
+        .count();
+    assert!(
+        blobs_written >= 3,
+        "the large records were not written as blobs; the test no longer covers them"
+    );
     assert_each_puback_synced(&calls);
 }
 
@@ -55,24 +72,40 @@ fn pubacks(calls: &[Call]) -> usize {
     calls.iter().filter(|c| **c == Call::Puback).count()
 }
 
-/// Before every PUBACK: an `fdatasync` that started after the last log write and has finished.
+/// Sync state of one file: whether a sync started after its last write, and finished.
+#[derive(Default)]
+struct FileState {
+    written_since_sync_start: bool,
+    synced: bool,
+}
+
+/// Before every PUBACK: every file written so far had a sync that started after its last write
+/// and has finished.
 fn assert_each_puback_synced(calls: &[Call]) {
-    let mut written_since_sync_start = false;
-    let mut synced = false;
-    let mut writes = 0;
+    let mut files: HashMap<&str, FileState> = HashMap::new();
     for (i, call) in calls.iter().enumerate() {
         match call {
-            Call::LogWrite => {
-                writes += 1;
-                written_since_sync_start = true;
-                synced = false;
+            Call::Write(f) => {
+                let state = files.entry(f).or_default();
+                state.written_since_sync_start = true;
+                state.synced = false;
             }
-            Call::SyncStart => written_since_sync_start = false,
-            Call::SyncDone => synced = !written_since_sync_start,
-            Call::Puback => assert!(
-                synced && writes > 0,
-                "PUBACK (call {i}) without an fdatasync of the written record before it: {calls:?}"
-            ),
+            Call::SyncStart(f) => files.entry(f).or_default().written_since_sync_start = false,
+            Call::SyncDone(f) => {
+                let state = files.entry(f).or_default();
+                state.synced = !state.written_since_sync_start;
+            }
+            Call::Puback => {
+                let unsynced: Vec<&&str> = files
+                    .iter()
+                    .filter(|(_, s)| !s.synced)
+                    .map(|(f, _)| f)
+                    .collect();
+                assert!(
+                    files.contains_key("db") && unsynced.is_empty(),
+                    "PUBACK (call {i}) before a sync of {unsynced:?}: {calls:?}"
+                );
+            }
         }
     }
 }
@@ -113,7 +146,7 @@ impl Drop for Traced {
 fn start_traced(config: &Path, trace: &Path) -> (Traced, Arc<Mutex<Vec<String>>>) {
     let mut child = Command::new(program("strace"))
         .args(["-f", "-qq", "-x", "-s", "4", "-e"])
-        .arg("trace=openat,pwrite64,fdatasync,write,writev,sendto,sendmsg")
+        .arg("trace=openat,close,pwrite64,fdatasync,fsync,write,writev,sendto,sendmsg")
         .arg("-o")
         .arg(trace)
         .arg(edgegate().get_program())
@@ -162,8 +195,8 @@ enum Part {
 /// Parses strace's output into the calls the check needs, in order.
 fn calls(trace: &Path) -> Vec<Call> {
     let text = std::fs::read_to_string(trace).unwrap_or_default();
-    let mut log_fds: Vec<String> = Vec::new();
-    let mut started: std::collections::HashMap<String, String> = Default::default();
+    let mut files: HashMap<String, String> = HashMap::new();
+    let mut started: HashMap<String, String> = HashMap::new();
     let mut calls = Vec::new();
     for line in text.lines() {
         let Some((pid, rest)) = line.split_once(' ') else {
@@ -180,34 +213,66 @@ fn calls(trace: &Path) -> Vec<Call> {
         } else {
             (rest.to_owned(), Part::Whole)
         };
-        classify(&call, part, &mut log_fds, &mut calls);
+        classify(&call, part, &mut files, &mut calls);
     }
     calls
 }
 
-fn classify(call: &str, part: Part, log_fds: &mut Vec<String>, calls: &mut Vec<Call>) {
+/// What a buffer file is called in [`Call`], from the path `openat` printed.
+fn buffer_file(call: &str) -> Option<String> {
+    let path = call.split('"').nth(1)?;
+    let (_, inside) = path.rsplit_once("/buffer/")?;
+    match inside {
+        "db" | "blobs" => Some(inside.replace("blobs", "blobs/")),
+        blob if blob.starts_with("blobs/") => Some(blob.to_owned()),
+        _ => None,
+    }
+}
+
+/// Files by descriptor are tracked from `openat` to `close`, as descriptor numbers are reused.
+fn classify(call: &str, part: Part, files: &mut HashMap<String, String>, calls: &mut Vec<Call>) {
     let name = call.split('(').next().unwrap_or("");
     let first_arg = call
         .get(name.len() + 1..)
-        .and_then(|args| args.split([',', ')']).next())
+        // An unfinished call's start has no ")": "fsync(22 <unfinished ...>".
+        .and_then(|args| args.split([',', ')', ' ']).next())
         .unwrap_or("")
         .to_owned();
     let result = call.rsplit_once(" = ").map(|(_, r)| r.trim());
     let starts = part != Part::End;
     let ends = part != Part::Start;
     match name {
-        "openat" if ends && call.contains("/buffer/db\"") => {
-            if let Some(fd) = result.filter(|r| !r.starts_with('-')) {
-                log_fds.push(fd.to_owned());
+        "openat" if ends => {
+            let Some(fd) = result.filter(|r| !r.starts_with('-')) else {
+                return;
+            };
+            let fd = fd.split_whitespace().next().unwrap_or(fd).to_owned();
+            match buffer_file(call) {
+                Some(file) => {
+                    if file.len() > 6 && call.contains("O_CREAT") {
+                        // A new name in the directory: the directory needs a sync too.
+                        calls.push(Call::Write("blobs/".into()));
+                    }
+                    files.insert(fd, file);
+                }
+                None => {
+                    files.remove(&fd);
+                }
             }
         }
-        "pwrite64" if ends && log_fds.contains(&first_arg) => calls.push(Call::LogWrite),
-        "fdatasync" if log_fds.contains(&first_arg) => {
+        "close" if ends => {
+            files.remove(&first_arg);
+        }
+        "pwrite64" | "write" | "writev" if ends && files.contains_key(&first_arg) => {
+            calls.push(Call::Write(files[&first_arg].clone()))
+        }
+        "fdatasync" | "fsync" if files.contains_key(&first_arg) => {
+            let file = files[&first_arg].clone();
             if starts {
-                calls.push(Call::SyncStart);
+                calls.push(Call::SyncStart(file.clone()));
             }
             if ends && result == Some("0") {
-                calls.push(Call::SyncDone);
+                calls.push(Call::SyncDone(file));
             }
         }
         // MQTT PUBACK: 0x40 0x02; strace prints it in hex or, next to printable bytes, as "@".
