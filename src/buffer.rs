@@ -70,6 +70,11 @@ pub enum BufferError {
     /// The gateway is stopping; do not acknowledge, the device will resend after restart.
     #[error("buffer is shutting down")]
     ShuttingDown,
+    /// A write to the disk failed after it started, so the buffer stopped taking and
+    /// acknowledging records. Do not acknowledge; fatal for the process: exit non-zero, and the
+    /// restarted gateway reopens the buffer from disk, where every acknowledged record is.
+    #[error("buffer storage failed, nothing more is acknowledged: {0}")]
+    Failed(String),
 }
 
 impl From<std::io::Error> for BufferError {
@@ -210,6 +215,17 @@ struct Shared {
     /// writes), so a batch of their own per delivery report was half of sled's IO at a trickle.
     /// A crash before they are written only makes their records duplicates, never lost.
     released: Mutex<Vec<u64>>,
+    failure: Failure,
+}
+
+/// The first storage error after a write started. sled's memory may then differ from its disk,
+/// and after a failed fsync the kernel may have dropped the very pages it could not write (a
+/// retry can succeed without them), so the only safe course is to acknowledge nothing more and let
+/// the process restart and reopen the buffer from what is really on disk.
+#[derive(Default)]
+struct Failure {
+    reason: std::sync::OnceLock<String>,
+    signal: tokio_util::sync::CancellationToken,
 }
 
 /// The forwarder's (and tooling's) handle on the buffer. Cheap to clone.
@@ -249,6 +265,7 @@ impl Buffer {
             metrics,
             full: std::sync::atomic::AtomicBool::new(false),
             released: Mutex::new(Vec::new()),
+            failure: Failure::default(),
         });
         let buffer = Buffer { shared };
         buffer.update_gauges();
@@ -309,14 +326,41 @@ fn open_log_for_sync(dir: &Path) -> Result<std::fs::File, BufferError> {
 }
 
 impl Shared {
+    /// Records a storage error after a write started (see [`Failure`]); logged once.
+    fn fail(&self, during: &str, error: &BufferError) {
+        let reason = format!("{during}: {error}");
+        if self.failure.reason.set(reason).is_ok() {
+            tracing::error!(during, %error,
+                "buffer storage failed; acknowledging nothing more and stopping, so that the buffer reopens from disk");
+        }
+        self.failure.signal.cancel();
+    }
+
+    /// `Err` once a write failed: nothing may be acknowledged any more.
+    fn check_failed(&self) -> Result<(), BufferError> {
+        match self.failure.reason.get() {
+            Some(reason) => Err(BufferError::Failed(reason.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs a write to sled; an error from it is fatal for the buffer (see [`Failure`]).
+    fn write<T>(
+        &self,
+        during: &str,
+        write: impl FnOnce() -> Result<T, BufferError>,
+    ) -> Result<T, BufferError> {
+        self.check_failed()?;
+        write().inspect_err(|e| self.fail(during, e))
+    }
+
     fn released(&self) -> MutexGuard<'_, Vec<u64>> {
         self.released
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Adds the removal of every released chunk to `batch`; the taken list goes back with
-    /// [`Shared::restore_releases`] if the batch fails.
+    /// Adds the removal of every released chunk to `batch`.
     fn take_releases(&self, batch: &mut sled::Batch) -> Vec<u64> {
         let taken = std::mem::take(&mut *self.released());
         for &first_seq in &taken {
@@ -324,10 +368,6 @@ impl Shared {
             batch.remove(&info_key(first_seq));
         }
         taken
-    }
-
-    fn restore_releases(&self, taken: Vec<u64>) {
-        self.released().extend(taken);
     }
 
     /// sled's `flush` writes its log with `sync_file_range`, which neither persists the file's

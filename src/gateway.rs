@@ -46,6 +46,10 @@ pub enum GatewayError {
     /// The forwarder failed fatally: exit 1, systemd restarts us, the buffer keeps every record.
     #[error(transparent)]
     Forwarder(#[from] ForwarderError),
+    /// The buffer or the forwarder ended while the gateway was running, or panicked: exit 1,
+    /// systemd restarts us, the buffer keeps every record.
+    #[error("the {stage} stopped unexpectedly: {reason}")]
+    StageEnded { stage: &'static str, reason: String },
 }
 
 impl GatewayError {
@@ -139,14 +143,21 @@ pub async fn run(
             line: None,
             message: e.to_string(),
         })?;
-    let buffer_task = tokio::spawn(buffer::run(buffer.clone(), intake, shutdown.clone()));
-    let mut forwarder_task = tokio::spawn(forwarder::run(
-        config.clone(),
-        buffer.clone(),
-        converters,
-        metrics.clone(),
-        shutdown.clone(),
-    ));
+    let mut core = JoinSet::new();
+    core.spawn({
+        let committing = buffer::run(buffer.clone(), intake, shutdown.clone());
+        async move { Core::Buffer(committing.await) }
+    });
+    core.spawn({
+        let forwarding = forwarder::run(
+            config.clone(),
+            buffer.clone(),
+            converters,
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        async move { Core::Forwarder(forwarding.await) }
+    });
     let mut sources = JoinSet::new();
     let mut serial_ports = SerialPorts::new();
     for (name, source) in &config.sources {
@@ -189,9 +200,19 @@ pub async fn run(
 
     let mut failure: Option<GatewayError> = None;
     tokio::select! {
+        biased;
         _ = shutdown.cancelled() => {}
-        joined = &mut forwarder_task => {
-            failure = forwarder_failure(joined);
+        Some(joined) = core.join_next() => {
+            // Before shutdown, even a clean end of the buffer or the forwarder is a failure; a
+            // stage that ended cleanly because shutdown came meanwhile is not.
+            failure = match core_failure(joined) {
+                Ok(e) => Some(e),
+                Err(_) if shutdown.is_cancelled() => None,
+                Err(stage) => Some(GatewayError::StageEnded {
+                    stage,
+                    reason: "ended before shutdown".into(),
+                }),
+            };
             shutdown.cancel();
         }
     }
@@ -205,9 +226,8 @@ pub async fn run(
             failure.get_or_insert(e.into());
         }
     }
-    let _ = buffer_task.await;
-    if !forwarder_task.is_finished() {
-        if let Some(e) = forwarder_failure(forwarder_task.await) {
+    while let Some(joined) = core.join_next().await {
+        if let Ok(e) = core_failure(joined) {
             failure.get_or_insert(e);
         }
     }
@@ -224,17 +244,27 @@ pub async fn run(
     failure.map_or(Ok(()), Err)
 }
 
-fn forwarder_failure(
-    joined: Result<Result<(), ForwarderError>, tokio::task::JoinError>,
-) -> Option<GatewayError> {
+/// What a core stage's task ended with.
+enum Core {
+    Buffer(Result<(), BufferError>),
+    Forwarder(Result<(), ForwarderError>),
+}
+
+/// The failure a core stage ended with, or the name of a stage that ended cleanly.
+fn core_failure(
+    joined: Result<Core, tokio::task::JoinError>,
+) -> Result<GatewayError, &'static str> {
     match joined {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(e.into()),
+        Ok(Core::Buffer(Ok(()))) => Err("buffer"),
+        Ok(Core::Forwarder(Ok(()))) => Err("forwarder"),
+        Ok(Core::Buffer(Err(e))) => Ok(e.into()),
+        Ok(Core::Forwarder(Err(e))) => Ok(e.into()),
         Err(e) => {
-            tracing::error!(error = %e, "forwarder task panicked");
-            Some(GatewayError::Forwarder(ForwarderError::Buffer(
-                BufferError::ShuttingDown,
-            )))
+            tracing::error!(error = %e, "buffer or forwarder task panicked");
+            Ok(GatewayError::StageEnded {
+                stage: "buffer or forwarder",
+                reason: e.to_string(),
+            })
         }
     }
 }

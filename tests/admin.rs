@@ -2,31 +2,9 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::*;
-
-/// The sum of every sample of `name` (all label sets).
-fn metric(port: u16, name: &str) -> f64 {
-    http_get(port, "/metrics")
-        .1
-        .lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-fn wait_metric(port: u16, name: &str, ok: impl Fn(f64) -> bool, timeout: Duration) -> f64 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let v = metric(port, name);
-        if ok(v) {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{name} = {v}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_with_traffic_and_with_the_uplink() {

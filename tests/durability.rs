@@ -284,3 +284,128 @@ fn classify(call: &str, part: Part, files: &mut HashMap<String, String>, calls: 
         _ => {}
     }
 }
+
+/// A tmpfs mounted for one test; unmounted on drop. `None` without the right to mount (not root).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then(|| Tmpfs(at.to_owned()))
+    }
+
+    fn free_bytes(&self) -> u64 {
+        let c = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: statvfs writes into the zeroed struct we own; `c` is a valid path.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+        st.f_bavail as u64 * st.f_frsize as u64
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The disk fills up under a stream of messages: the first failed write ends the gateway, non-zero
+/// and naming the failure, instead of acknowledging on; once there is room again, every message
+/// is in the buffer, the acknowledged ones from before and the others redelivered by the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_ends_the_gateway_without_losing_what_it_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(disk) = Tmpfs::mount(&dir.path().join("data"), "16m") else {
+        eprintln!("skipped: mounting a tmpfs for the data_dir needs root");
+        return;
+    };
+    let broker = Mosquitto::start();
+    let admin = free_port();
+    let extra = format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n");
+    let config = write_config(dir.path(), broker.port, "127.0.0.1:9", "t", &extra);
+    let mut gateway = Gateway::start(&config);
+    gateway.wait_for("mqtt subscribed", Duration::from_secs(30));
+    // Leave room for a few commits only.
+    let filler = dir.path().join("data/filler");
+    let room = 3 << 20;
+    std::fs::write(&filler, vec![0u8; (disk.free_bytes() - room) as usize]).unwrap();
+    let publisher = Publisher::connect(broker.port, "full-disk-device").await;
+    let messages = 400u64;
+    for n in 1..=messages {
+        publisher
+            .publish("sensors/a", payload("sensors/a", n, 8 * 1024))
+            .await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while gateway.is_running() {
+        // Polled while it runs; the check is the deadline.
+        assert!(
+            Instant::now() < deadline,
+            "the gateway went on after its disk filled up:\n{}",
+            gateway.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(gateway.exit_code(), Some(1), "{}", gateway.log());
+    assert!(
+        gateway.count("buffer storage failed") >= 1,
+        "{}",
+        gateway.log()
+    );
+    let acknowledged_before = gateway.log().lines().find_map(|l| {
+        l.split_once("buffered=")?
+            .1
+            .split(' ')
+            .next()?
+            .parse::<u64>()
+            .ok()
+    });
+    assert!(
+        acknowledged_before.is_some_and(|n| n > 0 && n < messages),
+        "the disk should fill up between commits: {acknowledged_before:?}"
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    gateway.restart();
+    gateway.wait_for_count("edgegate ready", 2, Duration::from_secs(30));
+    // The broker redelivers what was not acknowledged; duplicates make the count larger.
+    let stored = |v: f64| v >= messages as f64;
+    wait_metric(
+        admin,
+        "edgegate_buffer_records",
+        stored,
+        Duration::from_secs(60),
+    );
+    assert_eq!(gateway.terminate(), Some(0), "{}", gateway.log());
+    let buffered = buffered_counters(&config);
+    let missing: Vec<u64> = (1..=messages).filter(|n| !buffered.contains(n)).collect();
+    assert!(missing.is_empty(), "lost: {missing:?}");
+}
+
+/// The counters of the test payloads in the buffer, read with `edgegate buffer export`.
+fn buffered_counters(config: &Path) -> std::collections::HashSet<u64> {
+    use base64::Engine as _;
+    let out = edgegate()
+        .args(["buffer", "export", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|v| {
+            let payload = v["payload_base64"].as_str().unwrap();
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(payload)
+                .unwrap();
+            parse_payload(&bytes).1
+        })
+        .collect()
+}

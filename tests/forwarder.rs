@@ -46,7 +46,10 @@ async fn forward_with(bootstrap: &str, n: u32, extra: &str) -> Harness {
     let (buffer, writer, intake) =
         Buffer::open(dir.path(), &config.buffer, metrics.clone()).unwrap();
     let shutdown = CancellationToken::new();
-    let committer = tokio::spawn(buffer::run(buffer.clone(), intake, shutdown.clone()));
+    let committer = tokio::spawn({
+        let committing = buffer::run(buffer.clone(), intake, shutdown.clone());
+        async move { committing.await.unwrap() }
+    });
     let mut pending = Vec::new();
     for i in 0..n {
         let record = NewRecord {

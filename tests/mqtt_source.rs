@@ -98,7 +98,7 @@ async fn redeliveries_after_run(commit: bool) -> usize {
     source.await.unwrap().unwrap();
     shutdown.cancel();
     if let Some(c) = committer {
-        c.await.unwrap();
+        c.await.unwrap().unwrap();
     }
     drop(held_intake);
     redelivered_to(broker.port, "durable-test").await
@@ -192,7 +192,7 @@ async fn received_over_tls(trusted_ca: &str) -> u64 {
     let received = metrics.source_in("s").get();
     shutdown.cancel();
     source.await.unwrap().unwrap();
-    committer.await.unwrap();
+    committer.await.unwrap().unwrap();
     received
 }
 

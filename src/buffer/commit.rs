@@ -157,22 +157,25 @@ impl BufferWriter {
 }
 
 /// Group-commits appended records until every [`BufferWriter`] is dropped.
-pub async fn run(buffer: Buffer, mut intake: Intake, shutdown: CancellationToken) {
+/// Group-commits appended records until every [`BufferWriter`] is dropped. Ends early with
+/// [`BufferError::Failed`] when a write to the disk failed; nothing is acknowledged after that.
+pub async fn run(
+    buffer: Buffer,
+    mut intake: Intake,
+    shutdown: CancellationToken,
+) -> Result<(), BufferError> {
+    let failed = buffer.shared.failure.signal.clone();
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING_EVERY);
     loop {
         let first = tokio::select! {
+            biased;
+            _ = failed.cancelled() => break,
             append = intake.rx.recv() => match append {
                 Some(a) => a,
                 None => break,
             },
             _ = housekeeping.tick() => {
-                if let Err(e) = buffer.expire() {
-                    tracing::error!(error = %e, "buffer expiry failed");
-                }
-                if let Err(e) = buffer.write_releases() {
-                    tracing::error!(error = %e, "removing delivered records from the buffer failed; retrying");
-                }
-                buffer.update_gauges();
+                buffer.housekeeping();
                 continue;
             }
         };
@@ -180,10 +183,12 @@ pub async fn run(buffer: Buffer, mut intake: Intake, shutdown: CancellationToken
         linger(&buffer.shared.config, &mut batch, &mut intake.rx).await;
         commit(&buffer, batch, &shutdown).await;
     }
-    if let Err(e) = buffer.flush() {
-        tracing::error!(error = %e, "final buffer flush failed");
-    }
+    // Dropping the intake now fails every queued append: none of them is acknowledged.
+    drop(intake);
+    buffer.shared.check_failed()?;
+    let flushed = buffer.flush();
     buffer.update_gauges();
+    flushed
 }
 
 /// Lets a trickle (serial devices, quiet MQTT) share one flush: each sled flush wakes all of sled's
@@ -325,44 +330,43 @@ async fn commit(buffer: &Buffer, batch: Vec<Append>, shutdown: &CancellationToke
         None => return fail_all(enc.appends, &shared.metrics, || BufferError::ShuttingDown),
     };
     let count = enc.appends.len() as u32;
-    let merged_info = plan.merge_into.as_ref().map(|(i, _)| *i);
     let (appends, chunks) = number_chunks(enc, plan.first_seq, plan.merge_into);
     let next_seq = plan.first_seq + u64::from(count);
     let written = write_durably(buffer.clone(), chunks, next_seq).await;
-    let mut s = buffer.state();
-    match written {
-        Ok(chunks) => {
-            // plan_write took a merged chunk out of the totals; the new info includes it.
-            for (info, _) in &chunks {
-                s.bytes += u64::from(info.bytes);
-                s.records += u64::from(info.count);
-                s.chunks.push_back(*info);
-            }
-            s.tail = chunks
-                .into_iter()
-                .last()
-                .filter(|(_, chunk)| chunk.len() < MERGE_LIMIT)
-                .map(|(info, chunk)| (info.first_seq, chunk));
-            drop(s);
-            shared.data_ready.notify_one();
-            for (i, a) in appends.into_iter().enumerate() {
-                a.done.send(Ok(plan.first_seq + i as u64), &shared.metrics);
-            }
-        }
+    // A failure elsewhere since (a removal, a flush) may have been an fsync error that also
+    // covered this commit's pages: acknowledge nothing once the buffer failed.
+    let written = written.and_then(|chunks| shared.check_failed().map(|()| chunks));
+    let chunks = match written {
+        Ok(chunks) => chunks,
         Err(e) => {
-            // A merged chunk is still on disk unchanged: make it visible again.
-            if let Some(old) = merged_info {
-                s.bytes += u64::from(old.bytes);
-                s.records += u64::from(old.count);
-                s.chunks.push_back(old);
-            }
-            drop(s);
-            tracing::error!(error = %e, records = count, "buffer commit failed; not acknowledged");
-            let msg = e.to_string();
-            fail_all(appends, &shared.metrics, || {
-                BufferError::Storage(sled::Error::Io(std::io::Error::other(msg.clone())))
+            // State and disk may now differ (a merged chunk may be on disk or not); the gateway
+            // stops and reopens the buffer from disk, so there is nothing to put back here.
+            tracing::debug!(error = %e, records = count, "buffer commit failed; not acknowledged");
+            let reason = match shared.check_failed().err().unwrap_or(e) {
+                BufferError::Failed(reason) => reason,
+                other => other.to_string(),
+            };
+            return fail_all(appends, &shared.metrics, || {
+                BufferError::Failed(reason.clone())
             });
         }
+    };
+    let mut s = buffer.state();
+    // plan_write took a merged chunk out of the totals; the new info includes it.
+    for (info, _) in &chunks {
+        s.bytes += u64::from(info.bytes);
+        s.records += u64::from(info.count);
+        s.chunks.push_back(*info);
+    }
+    s.tail = chunks
+        .into_iter()
+        .last()
+        .filter(|(_, chunk)| chunk.len() < MERGE_LIMIT)
+        .map(|(info, chunk)| (info.first_seq, chunk));
+    drop(s);
+    shared.data_ready.notify_one();
+    for (i, a) in appends.into_iter().enumerate() {
+        a.done.send(Ok(plan.first_seq + i as u64), &shared.metrics);
     }
 }
 
@@ -450,6 +454,7 @@ async fn write_durably(
 ) -> Result<Vec<(ChunkInfo, ChunkWriter)>, BufferError> {
     let metrics = buffer.shared.metrics.clone();
     let _running = metrics.health.begin(Stage::BufferCommit);
+    let failing = buffer.clone();
     let joined = tokio::task::spawn_blocking(move || {
         let shared = &buffer.shared;
         let mut batch = sled::Batch::default();
@@ -458,18 +463,18 @@ async fn write_durably(
             batch.insert(&info_key(info.first_seq), &info.to_bytes());
         }
         batch.insert(NEXT_SEQ_KEY, &next_seq.to_le_bytes());
-        let released = shared.take_releases(&mut batch);
-        if let Err(e) = shared.tree.apply_batch(batch) {
-            shared.restore_releases(released);
-            return Err(e.into());
-        }
-        shared.make_durable()?;
+        shared.take_releases(&mut batch);
+        shared.write("commit", || {
+            shared.tree.apply_batch(batch)?;
+            shared.make_durable()
+        })?;
         Ok(chunks)
     })
     .await;
     joined.unwrap_or_else(|e| {
-        Err(BufferError::Storage(sled::Error::Io(
-            std::io::Error::other(e),
-        )))
+        // A panic inside sled: whatever it did to the disk is unknown.
+        let e = BufferError::Failed(e.to_string());
+        failing.shared.fail("commit", &e);
+        Err(e)
     })
 }

@@ -6,24 +6,29 @@ use crate::metrics::DropReason;
 use crate::record::now_ms;
 
 impl Buffer {
+    /// Expiry, pending removals and gauges, every [`HOUSEKEEPING_EVERY`].
+    pub(super) fn housekeeping(&self) {
+        // Their errors are storage failures, logged once by `Shared::fail`; `run` ends on them.
+        let _ = self.expire();
+        let _ = self.write_releases();
+        self.update_gauges();
+    }
+
     /// Removes the released chunks from sled now.
     pub(super) fn write_releases(&self) -> Result<(), BufferError> {
         let mut batch = sled::Batch::default();
-        let taken = self.shared.take_releases(&mut batch);
-        if taken.is_empty() {
+        if self.shared.take_releases(&mut batch).is_empty() {
             return Ok(());
         }
+        let tree = &self.shared.tree;
         self.shared
-            .tree
-            .apply_batch(batch)
-            .inspect_err(|_| self.shared.restore_releases(taken))?;
-        Ok(())
+            .write("removing delivered chunks", || Ok(tree.apply_batch(batch)?))
     }
 
     /// Writes everything to disk now, releases included.
     pub fn flush(&self) -> Result<(), BufferError> {
         self.write_releases()?;
-        self.shared.make_durable()
+        self.shared.write("flush", || self.shared.make_durable())
     }
 
     pub(super) fn set_full(&self, full: bool) {
@@ -85,7 +90,8 @@ impl Buffer {
             batch.remove(&chunk_key(c.first_seq));
             batch.remove(&info_key(c.first_seq));
         }
-        self.shared.tree.apply_batch(batch)?;
-        Ok(())
+        let tree = &self.shared.tree;
+        self.shared
+            .write("removing evicted chunks", || Ok(tree.apply_batch(batch)?))
     }
 }

@@ -120,7 +120,10 @@ impl Buffer {
     fn quarantine(&self, info: ChunkInfo, value: &[u8]) -> Result<(), BufferError> {
         let mut batch = sled::Batch::default();
         batch.insert(&quarantine_key(info.first_seq), value);
-        self.shared.tree.apply_batch(batch)?;
+        let tree = &self.shared.tree;
+        self.shared.write("quarantining a corrupt chunk", || {
+            Ok(tree.apply_batch(batch)?)
+        })?;
         self.release(info.first_seq)?;
         self.shared
             .metrics

@@ -23,7 +23,7 @@ struct Harness {
     writer: BufferWriter,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<Result<(), BufferError>>,
 }
 
 fn open(dir: &Path, config: BufferConfig) -> Harness {
@@ -44,7 +44,7 @@ impl Harness {
     async fn close(self) {
         self.shutdown.cancel();
         drop(self.writer);
-        self.task.await.unwrap();
+        self.task.await.unwrap().unwrap();
     }
 
     /// Reads every unread chunk now available.
@@ -367,7 +367,7 @@ async fn try_submit_hands_the_record_back_when_full() {
     }
     shutdown.cancel();
     drop(writer);
-    task.await.unwrap();
+    task.await.unwrap().unwrap();
 }
 
 #[tokio::test]

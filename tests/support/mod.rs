@@ -607,6 +607,13 @@ impl Gateway {
         }
     }
 
+    /// The exit code once the process ended by itself (`None` while it runs, or for a signal).
+    pub fn exit_code(&mut self) -> Option<i32> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        status.code()
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child
             .as_mut()
@@ -794,6 +801,29 @@ impl Pty {
 }
 
 /// `GET path` on a loopback HTTP port: (status, whole response).
+/// The sum of every sample of `name` (all label sets) on the admin endpoint at `port`.
+pub fn metric(port: u16, name: &str) -> f64 {
+    http_get(port, "/metrics")
+        .1
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits until `ok(metric(port, name))`; returns the value.
+pub fn wait_metric(port: u16, name: &str, ok: impl Fn(f64) -> bool, timeout: Duration) -> f64 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let v = metric(port, name);
+        if ok(v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{name} = {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 pub fn http_get(port: u16, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = StdStream::connect(("127.0.0.1", port)).unwrap();
