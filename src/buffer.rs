@@ -269,7 +269,7 @@ impl Buffer {
         });
         let buffer = Buffer { shared };
         buffer.update_gauges();
-        let (writer, intake) = commit::intake();
+        let (writer, intake) = commit::intake(config);
         Ok((buffer, writer, intake))
     }
 

@@ -69,14 +69,25 @@ impl Done {
 }
 
 /// The sources' end and the committer's end of the intake queue.
-pub(super) fn intake() -> (BufferWriter, Intake) {
+pub(super) fn intake(config: &BufferConfig) -> (BufferWriter, Intake) {
     let (tx, rx) = mpsc::channel(INTAKE_CAPACITY);
-    (BufferWriter { tx }, Intake { rx })
+    // With records of at most half of max_bytes (`encode_batch`), a commit of at most a quarter
+    // always fits an empty buffer; a larger one could wait for room forever.
+    let commit_max_bytes = COMMIT_MAX_BYTES.min(config.max_bytes.as_u64() as usize / 4);
+    (
+        BufferWriter { tx },
+        Intake {
+            rx,
+            commit_max_bytes,
+        },
+    )
 }
 
 /// The receiving end of the writers, consumed by [`run`].
 pub struct Intake {
     rx: mpsc::Receiver<Append>,
+    /// Encoded bytes one commit gathers at most (a last record may go past it).
+    commit_max_bytes: usize,
 }
 
 /// Resolves when the record is durable (`Ok(seq)`), or tells why it is not.
@@ -179,8 +190,9 @@ pub async fn run(
                 continue;
             }
         };
-        let mut batch = collect_batch(first, &mut intake.rx);
-        linger(&buffer.shared.config, &mut batch, &mut intake.rx).await;
+        let mut batch = vec![first];
+        intake.extend_batch(&mut batch);
+        linger(&buffer.shared.config, &mut batch, &mut intake).await;
         commit(&buffer, batch, &shutdown).await;
     }
     // Dropping the intake now fails every queued append: none of them is acknowledged.
@@ -195,11 +207,11 @@ pub async fn run(
 /// idle IO threads, about 1 ms of CPU. A commit still holding serial frames only after
 /// `commit_linger` waits until `serial_commit_linger`, as no device waits for their durability
 /// (an MQTT message arriving in that time waits with them).
-async fn linger(config: &BufferConfig, batch: &mut Vec<Append>, rx: &mut mpsc::Receiver<Append>) {
+async fn linger(config: &BufferConfig, batch: &mut Vec<Append>, intake: &mut Intake) {
     let small = |batch: &Vec<Append>| batch.len() < LINGER_BELOW_RECORDS;
     if small(batch) && !config.commit_linger.is_zero() {
         tokio::time::sleep(config.commit_linger).await;
-        extend_batch(batch, rx);
+        intake.extend_batch(batch);
     }
     let serial_only = batch
         .iter()
@@ -209,28 +221,26 @@ async fn linger(config: &BufferConfig, batch: &mut Vec<Append>, rx: &mut mpsc::R
         .saturating_sub(config.commit_linger);
     if serial_only && small(batch) && !more.is_zero() {
         tokio::time::sleep(more).await;
-        extend_batch(batch, rx);
+        intake.extend_batch(batch);
     }
 }
 
-fn collect_batch(first: Append, rx: &mut mpsc::Receiver<Append>) -> Vec<Append> {
-    let mut batch = vec![first];
-    extend_batch(&mut batch, rx);
-    batch
-}
-
-/// Adds what is already waiting, up to one commit's limits.
-fn extend_batch(batch: &mut Vec<Append>, rx: &mut mpsc::Receiver<Append>) {
-    let mut bytes: usize = batch.iter().map(|a| a.record.payload.len()).sum();
-    // One allocation for what is waiting rather than doubling up to it.
-    batch.reserve(rx.len().min(COMMIT_MAX_RECORDS.saturating_sub(batch.len())));
-    while batch.len() < COMMIT_MAX_RECORDS && bytes < COMMIT_MAX_BYTES {
-        match rx.try_recv() {
-            Ok(a) => {
-                bytes += a.record.payload.len();
-                batch.push(a);
+impl Intake {
+    /// Adds what is already waiting, up to one commit's limits.
+    fn extend_batch(&mut self, batch: &mut Vec<Append>) {
+        let size = |a: &Append| record::encoded_size_bound(&a.record);
+        let mut bytes: usize = batch.iter().map(size).sum();
+        // One allocation for what is waiting rather than doubling up to it.
+        let rx = &mut self.rx;
+        batch.reserve(rx.len().min(COMMIT_MAX_RECORDS.saturating_sub(batch.len())));
+        while batch.len() < COMMIT_MAX_RECORDS && bytes < self.commit_max_bytes {
+            match rx.try_recv() {
+                Ok(a) => {
+                    bytes += size(&a);
+                    batch.push(a);
+                }
+                Err(_) => break,
             }
-            Err(_) => break,
         }
     }
 }
@@ -399,9 +409,8 @@ async fn reserve(buffer: &Buffer, enc: &Encoded, shutdown: &CancellationToken) -
             if was_full || has_room {
                 buffer.set_full(was_full);
             }
-            if let Err(e) = buffer.remove_evicted(&evicted, DropReason::BufferFull) {
-                tracing::error!(error = %e, "removing evicted chunks failed");
-            }
+            // A failure is the buffer's (logged once); `commit` then acknowledges nothing.
+            let _ = buffer.remove_evicted(&evicted, DropReason::BufferFull);
             if plan.is_some() {
                 return plan;
             }
@@ -409,6 +418,12 @@ async fn reserve(buffer: &Buffer, enc: &Encoded, shutdown: &CancellationToken) -
         }
         tokio::select! {
             _ = freed => {}
+            // `run` waits here and not in its housekeeping loop; expiry is what frees room while
+            // Kafka is away, so it must go on.
+            _ = tokio::time::sleep(HOUSEKEEPING_EVERY) => {
+                let _ = buffer.expire();
+            }
+            _ = shared.failure.signal.cancelled() => return None,
             _ = shutdown.cancelled() => return None,
         }
     }

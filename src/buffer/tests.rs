@@ -419,3 +419,72 @@ async fn unacked_records_give_their_quota_back_and_count_when_not_stored() {
     assert_eq!(h.metrics.dropped(DropReason::NotStored), 1);
     h.close().await;
 }
+
+/// Submits `n` records of `size` bytes without yielding, so they wait in the intake together.
+fn burst(h: &Harness, n: u32, size: usize) -> Vec<PendingAppend> {
+    (0..n)
+        .map(|i| match h.writer.try_submit(rec(i, size)) {
+            Ok(pending) => pending,
+            Err(_) => panic!("intake full at {i}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_burst_larger_than_the_buffer_is_committed_in_parts_that_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = BufferConfig {
+        max_bytes: ByteSize::mib(1),
+        ..small(WhenFull::Block)
+    };
+    let h = open(dir.path(), config);
+    // 1.5 MB waiting at once once made one commit larger than the whole buffer: it never fit.
+    let pending = burst(&h, 3000, 500);
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while got.len() < pending.len() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {} records committed",
+            got.len(),
+            pending.len()
+        );
+        // Deliver what was committed, as the forwarder does.
+        for c in h.drain_unread() {
+            got.extend(c.records.iter().map(|r| r.seq));
+            h.buffer.release_parts(&c.parts).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(got, (0..3000).collect::<Vec<_>>());
+    for p in pending {
+        p.durable().await.unwrap();
+    }
+    h.close().await;
+}
+
+#[tokio::test]
+async fn expiry_makes_room_while_a_commit_waits_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = BufferConfig {
+        max_bytes: ByteSize::mib(1),
+        max_age: Some(Duration::from_secs(2)),
+        ..small(WhenFull::Block)
+    };
+    let h = open(dir.path(), config);
+    // Nothing reads: with the buffer full, only expiry can make room for the rest of the burst.
+    let pending = burst(&h, 200, 8000);
+    let outcome = tokio::time::timeout(Duration::from_secs(20), async {
+        for p in pending {
+            p.durable().await.unwrap();
+        }
+    })
+    .await;
+    assert!(
+        outcome.is_ok(),
+        "the burst still waits; expired: {}",
+        h.metrics.dropped(DropReason::MaxAge)
+    );
+    assert!(h.metrics.dropped(DropReason::MaxAge) > 0);
+    h.close().await;
+}
