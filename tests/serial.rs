@@ -183,6 +183,21 @@ async fn fixed_and_length_prefixed_frames_over_a_tty() {
 }
 
 #[tokio::test]
+async fn a_corrupt_length_field_costs_one_quiet_gap_not_the_stream() {
+    let h =
+        start("framing = { mode = \"length_prefixed\", length_bytes = 4, resync_gap = \"50ms\" }");
+    let mut dev = h.plug().await;
+    // Line noise turned a length field into 4 GiB; the device then pauses between replies.
+    dev.send(&[0xFF, 0xFF, 0xFF, 0xF0, 0x01, 0x02]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let frame = [0x00, 0x00, 0x00, 0x02, 0xA1, 0xA2];
+    dev.send(&frame.repeat(3));
+    let records = h.records(3).await;
+    assert_eq!(payloads(&records), vec![frame.to_vec(); 3]);
+    assert_eq!(h.discarded("oversize"), 1);
+}
+
+#[tokio::test]
 async fn unplug_and_replug_while_data_flows_loses_nothing_already_read() {
     let h = start("");
     let mut dev = h.plug().await;

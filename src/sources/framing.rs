@@ -25,7 +25,8 @@ pub enum Framing {
     /// Exactly `size` bytes.
     Fixed { size: usize },
     /// `offset` bytes, a `length_bytes` (1, 2 or 4) length field, then that many bytes plus
-    /// `length_adjust`; the frame keeps its header.
+    /// `length_adjust`; the frame keeps its header. After `resync_gap` of silence the next byte
+    /// starts a new frame, whatever came before.
     LengthPrefixed {
         length_bytes: u8,
         #[serde(default)]
@@ -34,6 +35,8 @@ pub enum Framing {
         offset: usize,
         #[serde(default)]
         length_adjust: i64,
+        #[serde(default, with = "humantime_serde")]
+        resync_gap: Option<Duration>,
     },
     /// Ends after `gap` of silence (Modbus RTU: 3.5 character times, the default).
     Idle {
@@ -50,12 +53,17 @@ pub enum Endian {
     Little,
 }
 
+/// How long a length-prefixed stream must be quiet before the next byte starts a frame.
+pub const DEFAULT_RESYNC_GAP: Duration = Duration::from_millis(100);
+
 /// What the framer produced from some input.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Output {
     pub frames: Vec<Vec<u8>>,
     /// Frames discarded because they exceeded `max_frame_bytes`.
     pub oversize: u64,
+    /// Partial frames discarded because the line went quiet before they were complete.
+    pub incomplete: u64,
 }
 
 #[derive(Debug)]
@@ -63,7 +71,8 @@ pub struct Framer {
     mode: Mode,
     max: usize,
     buf: Vec<u8>,
-    /// Bytes still to throw away (length-prefixed), or `usize::MAX` for "until the next boundary".
+    /// Bytes still to throw away (length-prefixed, at most `max`), or `usize::MAX` for "until
+    /// the next boundary".
     discarding: usize,
 }
 
@@ -166,6 +175,7 @@ impl Framer {
                 endian,
                 offset,
                 length_adjust,
+                ..
             } => Mode::LengthPrefixed {
                 width: usize::from(*length_bytes),
                 endian: *endian,
@@ -204,18 +214,25 @@ impl Framer {
         out
     }
 
-    /// The line was quiet for the idle gap: in idle mode that ends the frame.
+    /// The line was quiet for the idle gap: in idle mode that ends the frame; in length-prefixed
+    /// mode it ends whatever was partial, so that a corrupt length field costs one quiet gap.
     pub fn idle(&mut self) -> Output {
         let mut out = Output::default();
-        if matches!(self.mode, Mode::Idle) {
-            if self.discarding > 0 {
-                out.oversize += 1;
-            } else if !self.buf.is_empty() {
-                out.frames.push(std::mem::take(&mut self.buf));
-            }
-            self.buf.clear();
-            self.discarding = 0;
+        let ends_frame = matches!(self.mode, Mode::Idle);
+        if !ends_frame && !matches!(self.mode, Mode::LengthPrefixed { .. }) {
+            return out;
         }
+        if self.discarding > 0 {
+            out.oversize += 1;
+        } else if !self.buf.is_empty() {
+            if ends_frame {
+                out.frames.push(std::mem::take(&mut self.buf));
+            } else {
+                out.incomplete += 1;
+            }
+        }
+        self.buf.clear();
+        self.discarding = 0;
         out
     }
 
@@ -340,10 +357,12 @@ impl Framer {
         let body = (length as i64 + adjust).max(0) as usize;
         let total = header + body;
         if total > self.max {
-            // Skip exactly the declared frame: that is where the next one starts.
+            // Skip the declared frame, where the next one starts, but no more than max_frame_bytes:
+            // a corrupt length field must not swallow up to 4 GiB of good frames. A quiet line ends
+            // the skip earlier (`idle`); past the bound the next byte is read as a header.
             self.buf.clear();
-            self.discarding = body;
-            if body == 0 {
+            self.discarding = body.min(self.max);
+            if self.discarding == 0 {
                 out.oversize += 1;
             }
             return bytes;

@@ -26,7 +26,7 @@ use crate::buffer::{BufferWriter, TrySubmit, Unacked};
 use crate::config::{FlowControl, Parity, SerialSourceConfig};
 use crate::metrics::Metrics;
 use crate::record::{now_ms, NewRecord, SourceType};
-use crate::sources::framing::{default_idle_gap, Framer, Framing, Output};
+use crate::sources::framing::{default_idle_gap, Framer, Framing, Output, DEFAULT_RESYNC_GAP};
 
 /// Why bytes could not be written to a serial device. The caller may retry later.
 #[derive(Debug, thiserror::Error)]
@@ -233,6 +233,9 @@ impl FrameReader {
             Framing::Idle { gap } => Some(
                 gap.unwrap_or_else(|| default_idle_gap(config.baud_rate, config.bits_per_char())),
             ),
+            Framing::LengthPrefixed { resync_gap, .. } => {
+                Some(resync_gap.unwrap_or(DEFAULT_RESYNC_GAP))
+            }
             _ => None,
         };
         // `port` first: write errors name it.
@@ -316,6 +319,10 @@ impl FrameReader {
         if out.oversize > 0 {
             ctx.metrics
                 .count_serial_discarded(&ctx.name, "oversize", out.oversize);
+        }
+        if out.incomplete > 0 {
+            ctx.metrics
+                .count_serial_discarded(&ctx.name, "incomplete", out.incomplete);
         }
         for frame in out.frames {
             let record = NewRecord {

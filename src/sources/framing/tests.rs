@@ -90,6 +90,7 @@ fn length_prefixed_big_and_little_endian_with_offset_and_adjust() {
         endian: Endian::Big,
         offset: 1,
         length_adjust: 0,
+        resync_gap: None,
     };
     let input = [0xAA, 0, 3, 1, 2, 3, 0xAA, 0, 1, 9, 0xAA, 0];
     let (frames, _) = frames_both_ways(f, 64, &input);
@@ -100,26 +101,63 @@ fn length_prefixed_big_and_little_endian_with_offset_and_adjust() {
         endian: Endian::Little,
         offset: 0,
         length_adjust: 2,
+        resync_gap: None,
     };
     let input = [1, 0, 0, 0, 7, 0xC1, 0xC2];
     let (frames, _) = frames_both_ways(f, 64, &input);
     assert_eq!(frames, v(&[&input]));
 }
 
-#[test]
-fn length_prefixed_oversize_frame_is_skipped_exactly() {
-    let f = Framing::LengthPrefixed {
+fn one_byte_length() -> Framing {
+    Framing::LengthPrefixed {
         length_bytes: 1,
         endian: Endian::Big,
         offset: 0,
         length_adjust: 0,
-    };
-    let mut input = vec![200];
-    input.extend(vec![0x55; 200]);
+        resync_gap: None,
+    }
+}
+
+#[test]
+fn length_prefixed_oversize_frame_is_skipped_exactly_when_its_body_fits_the_bound() {
+    // 17 bytes with the header against a limit of 16: the 16-byte body is skipped, no more.
+    let mut input = vec![16];
+    input.extend(vec![0x55; 16]);
     input.extend([2, 7, 8]);
-    let (frames, oversize) = frames_both_ways(f, 32, &input);
+    let (frames, oversize) = frames_both_ways(one_byte_length(), 16, &input);
     assert_eq!(frames, v(&[&[2, 7, 8]]));
     assert_eq!(oversize, 1);
+}
+
+#[test]
+fn a_corrupt_length_field_costs_at_most_max_frame_bytes() {
+    let f = Framing::LengthPrefixed {
+        length_bytes: 4,
+        endian: Endian::Big,
+        offset: 0,
+        length_adjust: 0,
+        resync_gap: None,
+    };
+    let frame = [0, 0, 0, 2, 0xA1, 0xA2];
+    // A length field of 4 GiB, then a stream that never pauses: good frames resume after the
+    // skipped `max` bytes (here two good frames' worth).
+    let mut input = vec![0xFF, 0xFF, 0xFF, 0xFF];
+    input.extend(frame.repeat(5));
+    let (frames, oversize) = frames_both_ways(f, 12, &input);
+    assert_eq!(frames, vec![frame.to_vec(); 3]);
+    assert_eq!(oversize, 1);
+}
+
+#[test]
+fn a_quiet_line_resynchronises_a_length_prefixed_stream() {
+    let mut fr = framer(one_byte_length(), 64);
+    // A corrupt length (200 > 64) and a partial frame: each ends at the next quiet gap.
+    assert_eq!(fr.push(&[200, 1, 2, 3]).frames.len(), 0);
+    assert_eq!(fr.idle().oversize, 1);
+    assert_eq!(fr.push(&[5, 1, 2]).frames.len(), 0);
+    assert_eq!(fr.idle().incomplete, 1);
+    assert_eq!(fr.push(&[2, 7, 8]).frames, v(&[&[2, 7, 8]]));
+    assert!(!fr.has_partial());
 }
 
 #[test]
@@ -159,6 +197,7 @@ fn bad_settings_are_refused() {
         endian: Endian::Big,
         offset: 0,
         length_adjust: 0,
+        resync_gap: None,
     };
     assert!(width.validate(64).is_err());
 }
