@@ -1,9 +1,10 @@
-//! The admin endpoint: `GET /metrics` (Prometheus/OpenMetrics text), `GET /healthz` (the process
-//! answers) and `GET /readyz` (buffer open and sources started).
+//! The admin endpoint: `GET /metrics` (Prometheus/OpenMetrics text), `GET /healthz` (no stage
+//! stalled, not stopping) and `GET /readyz` (buffer open, sources started, not stopping).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -28,6 +29,8 @@ pub enum AdminError {
 struct AdminState {
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+    stalled_after: Duration,
 }
 
 /// Binds now, so a bad address fails start-up instead of surfacing later.
@@ -37,18 +40,26 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, AdminErro
         .map_err(|source| AdminError::Bind { addr, source })
 }
 
-/// Serves until `shutdown`.
+/// Serves until `shutdown`. `/healthz` fails while a buffer commit or a conversion has been
+/// running for longer than `stalled_after`.
 pub async fn run(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
+    stalled_after: Duration,
     shutdown: CancellationToken,
 ) {
+    let state = AdminState {
+        metrics,
+        ready,
+        shutdown: shutdown.clone(),
+        stalled_after,
+    };
     let app = Router::new()
         .route("/metrics", get(metrics_text))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(AdminState { metrics, ready });
+        .with_state(state);
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await;
@@ -67,8 +78,27 @@ async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {
     )
 }
 
-async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
-    if s.ready.load(Ordering::Relaxed) {
+async fn healthz(State(s): State<AdminState>) -> (StatusCode, String) {
+    if s.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "stopping\n".into());
+    }
+    match s.metrics.health.stalled(s.stalled_after) {
+        Some((stage, running)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "stalled: {} running for {}s\n",
+                stage.name(),
+                running.as_secs()
+            ),
+        ),
+        None => (StatusCode::OK, "ok\n".into()),
+    }
+}
+
+async fn readyz(State(s): State<AdminState>) -> (StatusCode, &'static str) {
+    if s.shutdown.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "stopping\n")
+    } else if s.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "starting\n")

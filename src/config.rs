@@ -106,6 +106,13 @@ fn default_debug_max_bytes() -> ByteSize {
 pub struct AdminConfig {
     /// Address of the HTTP endpoint serving /metrics, /healthz and /readyz.
     pub listen: std::net::SocketAddr,
+    /// /healthz fails while a buffer commit or a conversion has run longer than this.
+    #[serde(default = "default_stalled_after", with = "humantime_serde")]
+    pub stalled_after: Duration,
+}
+
+fn default_stalled_after() -> Duration {
+    Duration::from_secs(30)
 }
 
 #[derive(Debug, Deserialize)]

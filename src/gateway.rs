@@ -3,11 +3,13 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminError};
+use crate::backoff::Backoff;
 use crate::buffer::{self, Buffer, BufferError};
 use crate::config::{Config, ConfigError, SourceConfig};
 use crate::converter::{self, Converters};
@@ -15,7 +17,7 @@ use crate::forwarder::{self, ForwarderError};
 use crate::kafka;
 use crate::metrics::Metrics;
 use crate::sources::mqtt::{self, MqttError, SourceContext};
-use crate::sources::serial::{self, SerialContext, SerialError, SerialPorts};
+use crate::sources::serial::{self, SerialContext, SerialError};
 use crate::watchdog;
 
 /// A source that stopped with an error.
@@ -122,7 +124,8 @@ pub async fn run(
         Some(a) => {
             let listener = admin::bind(a.listen).await?;
             tracing::info!(listen = %a.listen, "admin endpoint listening");
-            let task = admin::run(listener, metrics.clone(), ready.clone(), shutdown.clone());
+            let (m, r) = (metrics.clone(), ready.clone());
+            let task = admin::run(listener, m, r, a.stalled_after, shutdown.clone());
             Some(tokio::spawn(task))
         }
         None => None,
@@ -159,28 +162,37 @@ pub async fn run(
         async move { Core::Forwarder(forwarding.await) }
     });
     let mut sources = JoinSet::new();
-    let mut serial_ports = SerialPorts::new();
     for (name, source) in &config.sources {
         let source_name: Arc<str> = Arc::from(name.as_str());
-        match source {
+        let start: SourceStart = match source {
             SourceConfig::Mqtt(m) => {
-                let ctx = SourceContext {
-                    name: source_name,
-                    client_id: config.mqtt_client_id(name, m),
-                    writer: writer.clone(),
-                    metrics: metrics.clone(),
-                };
-                let task = mqtt::run(m.clone(), ctx, shutdown.clone());
-                sources.spawn(async move { task.await.map_err(SourceError::from) });
+                let (m, writer, metrics) = (m.clone(), writer.clone(), metrics.clone());
+                let (name, client_id) = (source_name.clone(), config.mqtt_client_id(name, &m));
+                Box::new(move |shutdown| {
+                    let ctx = SourceContext {
+                        name: name.clone(),
+                        client_id: client_id.clone(),
+                        writer: writer.clone(),
+                        metrics: metrics.clone(),
+                    };
+                    let task = mqtt::run(m.clone(), ctx, shutdown);
+                    Box::pin(async move { task.await.map_err(SourceError::from) })
+                })
             }
             SourceConfig::Serial(s) => {
-                let (ctx, handle) =
-                    SerialContext::new(source_name, writer.clone(), metrics.clone());
-                serial_ports.insert(name.clone(), handle);
-                let task = serial::run(s.clone(), ctx, shutdown.clone());
-                sources.spawn(async move { task.await.map_err(SourceError::from) });
+                let (s, writer, metrics) = (s.clone(), writer.clone(), metrics.clone());
+                let name = source_name.clone();
+                Box::new(move |shutdown| {
+                    // No downlink writes through the handle yet; a restart makes a new one.
+                    let (ctx, _handle) =
+                        SerialContext::new(name.clone(), writer.clone(), metrics.clone());
+                    let task = serial::run(s.clone(), ctx, shutdown);
+                    Box::pin(async move { task.await.map_err(SourceError::from) })
+                })
             }
-        }
+        };
+        let supervised = supervise(source_name, start, metrics.clone(), shutdown.clone());
+        sources.spawn(supervised);
     }
     drop(writer);
     ready.store(true, Ordering::Relaxed);
@@ -244,6 +256,53 @@ pub async fn run(
     failure.map_or(Ok(()), Err)
 }
 
+/// Starts one run of a source until the shutdown token it is given.
+type SourceStart = Box<
+    dyn FnMut(
+            CancellationToken,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<(), SourceError>> + Send>,
+        > + Send,
+>;
+
+/// First and longest wait before a source that died is started again.
+const SOURCE_RESTART_MIN: Duration = Duration::from_secs(1);
+const SOURCE_RESTART_MAX: Duration = Duration::from_secs(60);
+
+/// Runs a source until shutdown, starting it again (with backoff) when its task ends early or
+/// panics: one device's bug must not take the other devices down, nor leave its own source dead
+/// while the gateway reports ready. An error the source returns (its configuration is unusable)
+/// ends the gateway.
+async fn supervise(
+    name: Arc<str>,
+    mut start: SourceStart,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<(), SourceError> {
+    let mut backoff = Backoff::new(SOURCE_RESTART_MIN, SOURCE_RESTART_MAX);
+    loop {
+        let started = std::time::Instant::now();
+        let joined = tokio::spawn(start(shutdown.clone())).await;
+        match joined {
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(())) if shutdown.is_cancelled() => return Ok(()),
+            Ok(Ok(())) => {
+                tracing::error!(source = %name, "source stopped unexpectedly; restarting")
+            }
+            Err(e) => tracing::error!(source = %name, error = %e, "source task failed; restarting"),
+        }
+        metrics.set_source_connected(&name, false);
+        metrics.count_source_restart(&name);
+        if started.elapsed() > SOURCE_RESTART_MAX {
+            backoff.reset();
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+    }
+}
+
 /// What a core stage's task ended with.
 enum Core {
     Buffer(Result<(), BufferError>),
@@ -266,5 +325,58 @@ fn core_failure(
                 reason: e.to_string(),
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    #[tokio::test]
+    async fn a_source_that_panics_is_started_again_and_stops_at_shutdown() {
+        let metrics = Arc::new(Metrics::new());
+        let shutdown = CancellationToken::new();
+        let starts = Arc::new(AtomicU32::new(0));
+        let counted = starts.clone();
+        let start: SourceStart = Box::new(move |shutdown: CancellationToken| {
+            let n = counted.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                assert!(n > 0, "first run fails");
+                shutdown.cancelled().await;
+                Ok(())
+            })
+        });
+        let task = tokio::spawn(supervise(
+            "dev".into(),
+            start,
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while starts.load(Ordering::SeqCst) < 2 {
+            assert!(std::time::Instant::now() < deadline, "never restarted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(metrics
+            .encode()
+            .contains("edgegate_source_restarts_total{source=\"dev\"} 1"));
+        shutdown.cancel();
+        assert!(task.await.unwrap().is_ok());
+        assert_eq!(starts.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_source_error_ends_the_gateway_instead_of_a_restart() {
+        let start: SourceStart = Box::new(|_| {
+            Box::pin(async { Err(SourceError::Serial(SerialError::NotOpen("/dev/x".into()))) })
+        });
+        let supervised = supervise(
+            "dev".into(),
+            start,
+            Arc::new(Metrics::new()),
+            CancellationToken::new(),
+        );
+        assert!(supervised.await.is_err());
     }
 }

@@ -75,6 +75,8 @@ pub struct Metrics {
     pub buffer_oldest_age_seconds: Gauge<f64, AtomicU64>,
     pub kafka_link_up: Gauge,
     pub source_connected: Family<SourceLabels, Gauge>,
+    /// Times a source task ended unexpectedly (a panic) and was restarted.
+    pub source_restarts: Family<SourceLabels, Counter>,
     /// Records a converter failed on (dead-lettered or dropped), per converter and kind.
     pub converter_errors: Family<ConverterErrorLabels, Counter>,
     /// Serial bytes that never became a record: oversize frames, frames cut by an unplug.
@@ -98,6 +100,7 @@ impl Metrics {
             buffer_oldest_age_seconds: Gauge::default(),
             kafka_link_up: Gauge::default(),
             source_connected: Family::default(),
+            source_restarts: Family::default(),
             converter_errors: Family::default(),
             serial_discarded: Family::default(),
             delivery_latency: Histogram::new([
@@ -146,6 +149,11 @@ impl Metrics {
             "source_connected",
             "1 while a source is connected to its device or broker",
             m.source_connected.clone(),
+        );
+        r.register(
+            "source_restarts",
+            "Times a source task ended unexpectedly and was restarted",
+            m.source_restarts.clone(),
         );
         r.register(
             "converter_errors",
@@ -239,6 +247,14 @@ impl Metrics {
                 source: source.into(),
             })
             .clone()
+    }
+
+    pub fn count_source_restart(&self, source: &str) {
+        self.source_restarts
+            .get_or_create(&SourceLabels {
+                source: source.into(),
+            })
+            .inc();
     }
 
     pub fn set_source_connected(&self, source: &str, up: bool) {

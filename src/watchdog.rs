@@ -27,7 +27,7 @@ pub enum Stage {
 impl Stage {
     const ALL: [Stage; 2] = [Stage::BufferCommit, Stage::Conversion];
 
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Stage::BufferCommit => "buffer commit",
             Stage::Conversion => "converter",

@@ -89,3 +89,41 @@ async fn metrics_move_with_traffic_and_with_the_uplink() {
         Duration::from_secs(10),
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_fails_while_a_stage_is_stalled() {
+    let mqtt = Mosquitto::start();
+    let kafka = Tansu::start();
+    kafka.create_topic("uplink", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    // A decoder that spins for its whole 20 s timeout: the converter stage is stalled meanwhile.
+    std::fs::write(dir.path().join("decoder.js"), "while (true) {}").unwrap();
+    let extra = format!(
+        "converter = \"spin\"\n[converters.spin]\nscript = \"decoder.js\"\ntimeout = \"20s\"\n\
+         [admin]\nlisten = \"127.0.0.1:{admin}\"\nstalled_after = \"1s\"\n"
+    );
+    let config = write_config(dir.path(), mqtt.port, &kafka.bootstrap(), "uplink", &extra);
+    let mut gateway = Gateway::start(&config);
+    gateway.wait_for("mqtt subscribed", Duration::from_secs(30));
+    assert_eq!(http_get(admin, "/healthz").0, 200);
+    assert_eq!(http_get(admin, "/readyz").0, 200);
+    let publisher = Publisher::connect(mqtt.port, "stall-device").await;
+    publisher.publish("sensors/a", b"{}".to_vec()).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let stalled = loop {
+        let (status, body) = http_get(admin, "/healthz");
+        if status == 503 {
+            break body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "healthz stayed {status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(stalled.contains("stalled: converter"), "{stalled}");
+    // Stalled is not unready: the gateway still takes and stores records.
+    assert_eq!(http_get(admin, "/readyz").0, 200);
+    gateway.terminate();
+}
