@@ -123,6 +123,41 @@ impl ChunkInfo {
 fn chunk_key(seq: u64) -> [u8; 9] {
     prefixed(b'c', seq)
 }
+
+/// A chunk value is stored in pieces of at most this size: the first under its `chunk_key`, the
+/// others under that key plus the piece number. No sled value may become a blob: sled keeps blob
+/// pages in its cache for good (counted by the size of a pointer, never evicted), so a burst of
+/// 150 MQTT messages of 2 MiB held 390 MB of RSS, and it writes them to files of their own.
+const PIECE_MAX_BYTES: usize = CHUNK_MAX_BYTES;
+
+fn piece_key(seq: u64, piece: u32) -> Vec<u8> {
+    let mut key = chunk_key(seq).to_vec();
+    if piece > 0 {
+        key.extend_from_slice(&piece.to_be_bytes());
+    }
+    key
+}
+
+/// How many pieces a chunk value of `bytes` is stored in.
+fn pieces(bytes: u32) -> u32 {
+    (bytes as usize).div_ceil(PIECE_MAX_BYTES).max(1) as u32
+}
+
+/// Adds a chunk (its value in pieces) and its index entry to `batch`.
+fn insert_chunk(batch: &mut sled::Batch, info: &ChunkInfo, value: &[u8]) {
+    for (piece, bytes) in (0..).zip(value.chunks(PIECE_MAX_BYTES)) {
+        batch.insert(piece_key(info.first_seq, piece), bytes);
+    }
+    batch.insert(&info_key(info.first_seq), &info.to_bytes());
+}
+
+/// Adds the removal of a chunk of `bytes` (every piece) and of its index entry to `batch`.
+fn remove_chunk(batch: &mut sled::Batch, first_seq: u64, bytes: u32) {
+    for piece in 0..pieces(bytes) {
+        batch.remove(piece_key(first_seq, piece));
+    }
+    batch.remove(&info_key(first_seq));
+}
 fn info_key(seq: u64) -> [u8; 9] {
     prefixed(b'i', seq)
 }
@@ -214,9 +249,12 @@ struct Shared {
     /// batch or by housekeeping. sled rolls its IO buffer around every batch (two extra log
     /// writes), so a batch of their own per delivery report was half of sled's IO at a trickle.
     /// A crash before they are written only makes their records duplicates, never lost.
-    released: Mutex<Vec<u64>>,
+    released: Mutex<Vec<Released>>,
     failure: Failure,
 }
+
+/// A released chunk still in sled: its first sequence number and its size (for its pieces).
+type Released = (u64, u32);
 
 /// The first storage error after a write started. sled's memory may then differ from its disk,
 /// and after a failed fsync the kernel may have dropped the very pages it could not write (a
@@ -354,20 +392,32 @@ impl Shared {
         write().inspect_err(|e| self.fail(during, e))
     }
 
-    fn released(&self) -> MutexGuard<'_, Vec<u64>> {
+    fn released(&self) -> MutexGuard<'_, Vec<Released>> {
         self.released
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Adds the removal of every released chunk to `batch`.
-    fn take_releases(&self, batch: &mut sled::Batch) -> Vec<u64> {
+    fn take_releases(&self, batch: &mut sled::Batch) -> Vec<Released> {
         let taken = std::mem::take(&mut *self.released());
-        for &first_seq in &taken {
-            batch.remove(&chunk_key(first_seq));
-            batch.remove(&info_key(first_seq));
+        for &(first_seq, bytes) in &taken {
+            remove_chunk(batch, first_seq, bytes);
         }
         taken
+    }
+
+    /// A stored chunk's value, joined from its pieces; `None` when it is not there.
+    fn read_chunk(&self, info: &ChunkInfo) -> Result<Option<sled::IVec>, BufferError> {
+        if pieces(info.bytes) == 1 {
+            return Ok(self.tree.get(chunk_key(info.first_seq))?);
+        }
+        // Also reads a chunk written whole by an older version (one value over the piece size).
+        let mut value = Vec::with_capacity(info.bytes as usize);
+        for piece in self.tree.scan_prefix(chunk_key(info.first_seq)) {
+            value.extend_from_slice(&piece?.1);
+        }
+        Ok((!value.is_empty()).then(|| value.into()))
     }
 
     /// sled's `flush` writes its log with `sync_file_range`, which neither persists the file's

@@ -152,6 +152,10 @@ pub struct BufferConfig {
     /// durability (serial has no acks), so they can share flushes longer than MQTT messages.
     #[serde(default = "default_serial_commit_linger", with = "humantime_serde")]
     pub serial_commit_linger: Duration,
+    /// Bytes of records submitted and not yet durable, across every source; sources wait while
+    /// it is taken (MQTT stops reading, serial reads pause).
+    #[serde(default = "default_intake_max_bytes")]
+    pub intake_max_bytes: ByteSize,
 }
 
 impl Default for BufferConfig {
@@ -163,6 +167,7 @@ impl Default for BufferConfig {
             cache_bytes: default_cache_bytes(),
             commit_linger: default_commit_linger(),
             serial_commit_linger: default_serial_commit_linger(),
+            intake_max_bytes: default_intake_max_bytes(),
         }
     }
 }
@@ -178,6 +183,9 @@ fn default_commit_linger() -> Duration {
 }
 fn default_serial_commit_linger() -> Duration {
     Duration::from_millis(50)
+}
+fn default_intake_max_bytes() -> ByteSize {
+    ByteSize::mib(16)
 }
 fn default_cache_bytes() -> ByteSize {
     ByteSize::mib(8)
@@ -570,6 +578,10 @@ impl Config {
         }
         if self.buffer.max_bytes.as_u64() < ByteSize::mib(1).as_u64() {
             return err("buffer.max_bytes", "must be at least 1MiB");
+        }
+        let intake = self.buffer.intake_max_bytes.as_u64();
+        if !(ByteSize::kib(64).as_u64()..=ByteSize::gib(1).as_u64()).contains(&intake) {
+            return err("buffer.intake_max_bytes", "must be between 64KiB and 1GiB");
         }
         for (var_key, var) in &self.kafka.properties_env {
             if std::env::var(var).is_err() {

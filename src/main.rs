@@ -136,12 +136,21 @@ fn main() -> ExitCode {
 /// drain: 68-74 MB peak with the default, 56 MB with two arenas, 43-50 MB with one. One arena
 /// slows the converter (QuickJS allocates per object) by 10-15%, two do not (BENCHMARKS.md).
 /// `MALLOC_ARENA_MAX` in the environment still wins.
+///
+/// glibc also raises its mmap threshold to the size of every large block freed, so after the first
+/// 2 MiB MQTT message every later one came from the arenas, which kept the memory: a burst of 150
+/// such messages left 364 MB of RSS behind (tests/buffer_full.rs). A fixed threshold keeps blocks
+/// of 128 KiB and more in mmaps of their own that go back to the system when freed: 114 MB.
+/// `MALLOC_MMAP_THRESHOLD_` in the environment still wins.
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+    {
         // SAFETY: mallopt only tunes the allocator; it runs before any other thread exists.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
+        if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+            unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+        }
+        if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+            unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) };
         }
     }
 }

@@ -92,3 +92,58 @@ async fn drop_oldest_keeps_the_newest_and_counts_the_dropped() {
     );
     assert_eq!(dropped_at_stop(&gw), first, "dropped count is wrong");
 }
+
+/// A value in kB from `/proc/<pid>/status` (VmRSS, VmHWM).
+fn proc_status_kb(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// Peak RSS allowed during the burst below, debug build included (measured: 153-208 MB; before
+/// the intake was bounded by bytes, 500 MB and growing with the burst).
+const BURST_RSS_BOUND_KB: u64 = 256 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_large_messages_keeps_memory_bounded() {
+    let mqtt = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let extra = format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n");
+    // Kafka is unreachable: everything stays in the buffer, nothing leaves memory by delivery.
+    let config = write_config(dir.path(), mqtt.port, "127.0.0.1:9", "uplink", &extra);
+    let gw = Gateway::start(&config);
+    gw.wait_for("mqtt subscribed", Duration::from_secs(10));
+    let pid = gw.pid().unwrap();
+    let idle_kb = proc_status_kb(pid, "VmRSS:");
+    let publisher = Publisher::connect_with(mqtt.port, "burst", 500, 1000).await;
+    // 300 MiB of 2 MiB messages (the default max_payload_bytes), as fast as mosquitto takes them.
+    let n = 150u64;
+    for i in 0..n {
+        publisher
+            .publish("sensors/a", payload("sensors/a", i, 2 << 20))
+            .await;
+    }
+    publisher.wait_acked(n, Duration::from_secs(120)).await;
+    let stored = |v: f64| v >= n as f64;
+    wait_metric(
+        admin,
+        "edgegate_buffer_records",
+        stored,
+        Duration::from_secs(120),
+    );
+    let peak_kb = proc_status_kb(pid, "VmHWM:");
+    assert!(
+        peak_kb < BURST_RSS_BOUND_KB,
+        "peak RSS {peak_kb} kB (idle {idle_kb} kB) over {BURST_RSS_BOUND_KB} kB"
+    );
+}

@@ -87,8 +87,7 @@ impl Buffer {
         tracing::debug!(records = n, ?reason, "evicted from buffer");
         let mut batch = sled::Batch::default();
         for c in gone {
-            batch.remove(&chunk_key(c.first_seq));
-            batch.remove(&info_key(c.first_seq));
+            remove_chunk(&mut batch, c.first_seq, c.bytes);
         }
         let tree = &self.shared.tree;
         self.shared

@@ -67,7 +67,7 @@ impl Buffer {
         let Some(info) = self.claim_unread(Some(seq)) else {
             return Ok(None);
         };
-        let value = self.shared.tree.get(chunk_key(info.first_seq))?;
+        let value = self.shared.read_chunk(&info)?;
         match value.map(|v| record::decode_chunk(info.first_seq, &v)) {
             Some(Ok(records)) => Ok(Some(ReadChunk::single(info, records))),
             _ => {
@@ -82,7 +82,7 @@ impl Buffer {
             let Some(info) = self.claim_unread(None) else {
                 return Ok(None);
             };
-            let value = self.shared.tree.get(chunk_key(info.first_seq))?;
+            let value = self.shared.read_chunk(&info)?;
             let decoded = value
                 .as_deref()
                 .map(|v| record::decode_chunk(info.first_seq, v));
@@ -147,18 +147,23 @@ impl Buffer {
     /// Removes stored chunks whose every record Kafka confirmed: from memory now, from sled with
     /// the next commit (see [`Shared::released`]).
     pub fn release_parts(&self, parts: &[u64]) -> Result<(), BufferError> {
+        let mut gone = Vec::with_capacity(parts.len());
         {
             let mut s = self.state();
             for &first_seq in parts {
                 let idx = s.chunks.partition_point(|c| c.first_seq < first_seq);
-                if s.chunks.get(idx).is_some_and(|c| c.first_seq == first_seq) {
+                let found = s.chunks.get(idx).filter(|c| c.first_seq == first_seq);
+                // Not in memory (already gone): its first piece and index entry, if anything.
+                let bytes = found.map_or(0, |c| c.bytes);
+                if found.is_some() {
                     s.remove_at(idx);
                 }
+                gone.push((first_seq, bytes));
             }
         }
         let pending = {
             let mut released = self.shared.released();
-            released.extend_from_slice(parts);
+            released.extend(gone);
             released.len()
         };
         self.shared.space_freed.notify_one();

@@ -488,3 +488,26 @@ async fn expiry_makes_room_while_a_commit_waits_for_it() {
     assert!(h.metrics.dropped(DropReason::MaxAge) > 0);
     h.close().await;
 }
+
+#[tokio::test]
+async fn a_large_record_is_stored_in_pieces_and_no_value_becomes_a_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(dir.path(), BufferConfig::default());
+    let big = rec(0, 300 * 1024);
+    h.writer.append(big.clone()).await.unwrap();
+    h.writer.append(rec(1, 10)).await.unwrap();
+    let blobs = std::fs::read_dir(dir.path().join("buffer/blobs"))
+        .unwrap()
+        .count();
+    assert_eq!(blobs, 0, "sled wrote a value over its blob limit");
+    let chunks = h.drain_unread();
+    assert_eq!(seqs(&chunks), vec![0, 1]);
+    assert_eq!(chunks[0].records[0].payload, big.payload);
+    for c in &chunks {
+        h.buffer.release_parts(&c.parts).unwrap();
+    }
+    h.buffer.flush().unwrap();
+    // Every piece left with its chunk.
+    assert_eq!(h.buffer.shared.tree.scan_prefix([b'c']).count(), 0);
+    h.close().await;
+}

@@ -9,7 +9,7 @@ use base64::Engine as _;
 use serde::Serialize;
 
 use super::commit::chunk_info;
-use super::{chunk_key, info_key, Buffer, BufferError, ChunkInfo};
+use super::{insert_chunk, remove_chunk, Buffer, BufferError, ChunkInfo};
 use crate::record::{self, ChunkWriter, NewRecord, Record};
 
 /// What `buffer purge` removed.
@@ -64,8 +64,7 @@ impl Buffer {
         let gone = self.state().evict_unread(|_, c| c.last_ms < cutoff);
         let mut batch = sled::Batch::default();
         for c in &gone {
-            batch.remove(&chunk_key(c.first_seq));
-            batch.remove(&info_key(c.first_seq));
+            remove_chunk(&mut batch, c.first_seq, c.bytes);
             purged.records += u64::from(c.count);
             purged.bytes += u64::from(c.bytes);
         }
@@ -86,7 +85,7 @@ impl Buffer {
     /// Rewrites a chunk without its records older than `cutoff`, keeping the rest's sequence
     /// numbers (the chunk key moves to the first kept record).
     fn trim_prefix(&self, info: ChunkInfo, cutoff: u64) -> Result<Purged, BufferError> {
-        let Some(value) = self.shared.tree.get(chunk_key(info.first_seq))? else {
+        let Some(value) = self.shared.read_chunk(&info)? else {
             return Ok(Purged::default());
         };
         let Ok(records) = record::decode_chunk(info.first_seq, &value) else {
@@ -106,11 +105,9 @@ impl Buffer {
         }
         let new_info = chunk_info(info.first_seq + drop_n as u64, &chunk);
         let mut batch = sled::Batch::default();
-        batch.remove(&chunk_key(info.first_seq));
-        batch.remove(&info_key(info.first_seq));
+        remove_chunk(&mut batch, info.first_seq, info.bytes);
         if !kept.is_empty() {
-            batch.insert(&chunk_key(new_info.first_seq), chunk.value());
-            batch.insert(&info_key(new_info.first_seq), &new_info.to_bytes());
+            insert_chunk(&mut batch, &new_info, chunk.value());
         }
         self.shared.tree.apply_batch(batch)?;
         {

@@ -607,6 +607,11 @@ impl Gateway {
         }
     }
 
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The exit code once the process ended by itself (`None` while it runs, or for a signal).
     pub fn exit_code(&mut self) -> Option<i32> {
         let status = self.child.as_mut()?.try_wait().ok()??;

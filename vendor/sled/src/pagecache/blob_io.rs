@@ -90,16 +90,12 @@ pub(crate) fn write_blob<T: Serialize>(
     io_fail!(config, "write_blob write kind_byte");
     f.write_all(kind_buf)?;
     io_fail!(config, "write_blob write buf");
-    f.write_all(&data)?;
-    // edgegate: the log entry that points at this blob is made durable by the caller's flush and
-    // fdatasync of the log, so the blob and its directory entry must be durable before that entry
-    // is even written; sled itself never syncs blob files.
-    f.sync_all()?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    trace!("successfully wrote blob at {:?}", path);
-    Ok(())
+    f.write_all(&data)
+        .map(|r| {
+            trace!("successfully wrote blob at {:?}", path);
+            r
+        })
+        .map_err(|e| e.into())
 }
 
 pub(crate) fn gc_blobs(config: &Config, stable_lsn: Lsn) -> Result<()> {
