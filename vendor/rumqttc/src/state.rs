@@ -168,6 +168,7 @@ impl MqttState {
         let outgoing = match &packet {
             Incoming::PingResp => self.handle_incoming_pingresp()?,
             Incoming::Publish(publish) => self.handle_incoming_publish(publish)?,
+            Incoming::OversizedPublish { publish, .. } => self.handle_incoming_publish(publish)?,
             Incoming::SubAck(_suback) => self.handle_incoming_suback()?,
             Incoming::UnsubAck(_unsuback) => self.handle_incoming_unsuback()?,
             Incoming::PubAck(puback) => self.handle_incoming_puback(puback)?,
@@ -268,9 +269,11 @@ impl MqttState {
     }
 
     fn handle_incoming_pubrel(&mut self, pubrel: &PubRel) -> Result<Option<Packet>, StateError> {
+        // edgegate patch: a PUBREL of a PUBREC sent before a reconnect or restart (this state was
+        // cleaned since) still gets its PUBCOMP, as MQTT 3.1.1 section 4.3.3 requires. Refusing it
+        // disconnected, and the broker resent the same PUBREL first on every reconnect.
         if !self.incoming_pub.contains(pubrel.pkid as usize) {
-            error!("Unsolicited pubrel packet: {:?}", pubrel.pkid);
-            return Err(StateError::Unsolicited(pubrel.pkid));
+            debug!("Pubrel for a packet id of an earlier connection: {:?}", pubrel.pkid);
         }
 
         self.incoming_pub.set(pubrel.pkid as usize, false);

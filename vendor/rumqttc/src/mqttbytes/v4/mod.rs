@@ -36,6 +36,13 @@ pub enum Packet {
     Connect(Connect),
     ConnAck(ConnAck),
     Publish(Publish),
+    /// edgegate patch: an incoming PUBLISH larger than the codec's `max_incoming_size`. `publish`
+    /// has its topic, packet id and flags but no payload: the `payload_len` bytes were skipped
+    /// as they arrived, never held in memory. Acknowledge it like any publish.
+    OversizedPublish {
+        publish: Publish,
+        payload_len: usize,
+    },
     PubAck(PubAck),
     PubRec(PubRec),
     PubRel(PubRel),
@@ -53,6 +60,7 @@ impl Packet {
     pub fn size(&self) -> usize {
         match self {
             Self::Publish(publish) => publish.size(),
+            Self::OversizedPublish { publish, .. } => publish.size(),
             Self::Subscribe(subscription) => subscription.size(),
             Self::Unsubscribe(unsubscribe) => unsubscribe.size(),
             Self::ConnAck(ack) => ack.size(),
@@ -123,6 +131,7 @@ impl Packet {
             Packet::Connect(c) => c.write(stream),
             Packet::ConnAck(c) => c.write(stream),
             Packet::Publish(p) => p.write(stream),
+            Packet::OversizedPublish { .. } => Err(Error::PayloadSizeIncorrect),
             Packet::PubAck(p) => p.write(stream),
             Packet::PubRec(p) => p.write(stream),
             Packet::PubRel(p) => p.write(stream),
