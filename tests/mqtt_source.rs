@@ -621,3 +621,233 @@ async fn an_oversized_message_is_acknowledged_counted_and_dropped() {
     assert_eq!(tap.count(0, true, 4), 11);
     assert_eq!(redelivered_to(broker.port, "durable-test").await, 0);
 }
+
+fn qos(q: u8) -> rumqttc::QoS {
+    match q {
+        0 => rumqttc::QoS::AtMostOnce,
+        1 => rumqttc::QoS::AtLeastOnce,
+        _ => rumqttc::QoS::ExactlyOnce,
+    }
+}
+
+/// Publishes `topic`#0..10 at QoS `q` and waits until the broker has them. Under QoS 0 nothing
+/// queues for an offline subscriber, so it first waits until the source receives again: probes
+/// go out until one arrives (the guarantee is only "no wedge").
+async fn publish_batch(rig: &Rig, broker: &Mosquitto, q: u8, topic: &str) {
+    let publisher = Publisher::connect(broker.port, &format!("pub-{topic}")).await;
+    if q == 0 {
+        let before = rig.received();
+        let mut probes = 0;
+        while rig.received() == before {
+            assert!(probes < 300, "QoS 0 source never received again: wedged");
+            publisher
+                .publish_qos(
+                    "sensors/probe",
+                    qos(0),
+                    payload("sensors/probe", probes, 10),
+                )
+                .await;
+            probes += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    for i in 0..10 {
+        publisher
+            .publish_qos(topic, qos(q), payload(topic, i, 50))
+            .await;
+    }
+    if q > 0 {
+        publisher.wait_acked(10, Duration::from_secs(10)).await;
+    } else {
+        let before = rig.received();
+        rig.wait_received(before + 10, Duration::from_secs(10))
+            .await;
+    }
+}
+
+/// Issue 13: at each QoS the source survives a broker restart, a `kill -9` of itself and a cut
+/// connection, each right after a batch was published (messages in flight). QoS 1 and 2 lose
+/// nothing; QoS 0 receives again after each (no wedge). QoS 2 used to wedge when a PUBREL of an
+/// earlier connection came back (see `a_pubrel_left_by_a_crashed_gateway_is_answered`).
+async fn survives_restarts_crashes_and_reconnects(q: u8) {
+    let mut broker = Mosquitto::start_persistent();
+    let proxy = Proxy::start(free_port(), broker.port);
+    let mut rig = Rig::new();
+    rig.start_commits();
+    let config = source_config_with(proxy.port, &format!("qos = {q}\nreconnect_max = \"1s\"\n"));
+    rig.start_source(config.clone());
+    let connected = |rig: &Rig| {
+        rig.metrics
+            .encode()
+            .contains("edgegate_source_connected{source=\"s\"} 1")
+    };
+    wait_until(
+        Duration::from_secs(10),
+        || connected(&rig),
+        || "not connected".into(),
+    )
+    .await;
+    if q > 0 {
+        // The subscription must exist before anything is published; a first batch proves it.
+        publish_batch(&rig, &broker, q, "sensors/warmup").await;
+        rig.wait_received(10, Duration::from_secs(10)).await;
+    }
+
+    publish_batch(&rig, &broker, q, "sensors/before-restart").await;
+    broker.restart();
+    publish_batch(&rig, &broker, q, "sensors/before-crash").await;
+    rig.crash_source().await;
+    rig.start_source(config.clone());
+    publish_batch(&rig, &broker, q, "sensors/before-cut").await;
+    proxy.set(ProxyMode::Cut);
+    wait_until(
+        Duration::from_secs(10),
+        || !connected(&rig),
+        || "still connected".into(),
+    )
+    .await;
+    proxy.set(ProxyMode::Up);
+    publish_batch(&rig, &broker, q, "sensors/after-cut").await;
+
+    let topics = [
+        "sensors/before-restart",
+        "sensors/before-crash",
+        "sensors/before-cut",
+        "sensors/after-cut",
+    ];
+    let mut expected = std::collections::BTreeSet::new();
+    for t in topics {
+        expected.extend(all_of(t, 10));
+    }
+    // QoS 0: only what was published while connected is owed; the last batch was.
+    let owed = if q == 0 {
+        all_of("sensors/after-cut", 10)
+    } else {
+        expected
+    };
+    let mut stored = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        stored.extend(counters(&rig.stored()));
+        if owed.is_subset(&stored) {
+            break;
+        }
+        let missing: Vec<_> = owed.difference(&stored).collect();
+        assert!(std::time::Instant::now() < deadline, "missing: {missing:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    rig.stop_source().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos0_survives_restarts_crashes_and_reconnects() {
+    survives_restarts_crashes_and_reconnects(0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_survives_restarts_crashes_and_reconnects() {
+    survives_restarts_crashes_and_reconnects(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_survives_restarts_crashes_and_reconnects() {
+    survives_restarts_crashes_and_reconnects(2).await;
+}
+
+/// Plays a gateway that subscribed at QoS 2 with the source's client id, answered one message's
+/// PUBLISH with PUBREC, received the broker's PUBREL and died before its PUBCOMP.
+fn crash_between_pubrec_and_pubcomp(port: u16, publish_one: impl FnOnce()) {
+    use rumqttc::{Connect, PubRec, Subscribe};
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = tokio_util::bytes::BytesMut::new();
+    let send = |s: &mut std::net::TcpStream, p: Packet| {
+        let mut out = tokio_util::bytes::BytesMut::new();
+        p.write(&mut out, 1 << 20).unwrap();
+        s.write_all(&out).unwrap();
+    };
+    let mut receive = |s: &mut std::net::TcpStream| loop {
+        match Packet::read(&mut buf, 1 << 20) {
+            Ok(p) => return p,
+            Err(rumqttc::Error::InsufficientBytes(_)) => {
+                let mut chunk = [0u8; 4096];
+                let n = s.read(&mut chunk).unwrap();
+                assert!(n > 0, "broker closed");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let mut connect = Connect::new("durable-test");
+    connect.clean_session = false;
+    connect.keep_alive = 60;
+    send(&mut s, Packet::Connect(connect));
+    assert!(matches!(receive(&mut s), Packet::ConnAck(_)));
+    let mut subscribe = Subscribe::new("sensors/#", rumqttc::QoS::ExactlyOnce);
+    subscribe.pkid = 1;
+    send(&mut s, Packet::Subscribe(subscribe));
+    assert!(matches!(receive(&mut s), Packet::SubAck(_)));
+    publish_one();
+    let Packet::Publish(publish) = receive(&mut s) else {
+        panic!("no publish")
+    };
+    send(&mut s, Packet::PubRec(PubRec::new(publish.pkid)));
+    assert_eq!(
+        receive(&mut s),
+        Packet::PubRel(rumqttc::PubRel::new(publish.pkid))
+    );
+}
+
+/// Issue 13: the broker resends that PUBREL when the gateway comes back. rumqttc 0.25 refused a
+/// PUBREL it did not know, disconnected, and got the same PUBREL first on every reconnect: the
+/// QoS 2 source never received again (vendor/rumqttc, patch 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pubrel_left_by_a_crashed_gateway_is_answered() {
+    let broker = Mosquitto::start();
+    let publisher = Publisher::connect(broker.port, "pub").await;
+    let handle = tokio::runtime::Handle::current();
+    let port = broker.port;
+    tokio::task::block_in_place(|| {
+        crash_between_pubrec_and_pubcomp(port, || {
+            handle.block_on(publisher.publish_qos(
+                "sensors/q",
+                rumqttc::QoS::ExactlyOnce,
+                payload("sensors/q", 0, 20),
+            ));
+        })
+    });
+    let mut rig = Rig::new();
+    rig.start_commits();
+    let buffer = rig.buffer.clone();
+    let tap = Tap::start(broker.port, move || buffer.stats().records).await;
+    rig.start_source(source_config_with(tap.port, "qos = 2\n"));
+    for i in 1..=10 {
+        publisher
+            .publish_qos(
+                "sensors/q",
+                rumqttc::QoS::ExactlyOnce,
+                payload("sensors/q", i, 20),
+            )
+            .await;
+    }
+    rig.wait_received(10, Duration::from_secs(15)).await;
+    // The left-over PUBREL came first on the first connection and got its PUBCOMP there, and so
+    // did the PUBRELs of the ten new messages.
+    let first = tap
+        .seen()
+        .into_iter()
+        .find(|t| t.conn == 0 && !t.to_broker && t.kind != 2);
+    assert_eq!(first.map(|t| t.kind), Some(6), "first packet after CONNACK");
+    wait_until(
+        Duration::from_secs(10),
+        || tap.count(0, true, 7) == 11,
+        || format!("{} PUBCOMPs of 11", tap.count(0, true, 7)),
+    )
+    .await;
+    rig.stop_source().await;
+    assert_eq!(tap.count(1, true, 1), 0, "the source reconnected");
+    let stored = counters(&rig.stored());
+    let expected: Vec<_> = (1..=10).map(|i| ("sensors/q".to_owned(), i)).collect();
+    assert_eq!(stored, expected);
+}
