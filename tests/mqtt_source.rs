@@ -851,3 +851,42 @@ async fn a_pubrel_left_by_a_crashed_gateway_is_answered() {
     let expected: Vec<_> = (1..=10).map(|i| ("sensors/q".to_owned(), i)).collect();
     assert_eq!(stored, expected);
 }
+
+/// Issue 13, end to end: messages the gateway received but had not made durable when it was
+/// killed are redelivered by the broker after the restart, and reach Kafka with the header
+/// `edgegate-redelivered: 1` (and nothing is lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivery_after_kill_9_reaches_kafka_marked() {
+    let mqtt = Mosquitto::start();
+    let kafka = Tansu::start();
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    // A long linger keeps the first messages from becoming durable before the kill.
+    let slow = format!(
+        "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+         [buffer]\ncommit_linger = \"10s\"\nserial_commit_linger = \"10s\"\n"
+    );
+    let config = write_config(dir.path(), mqtt.port, &kafka.bootstrap(), "uplink", &slow);
+    let mut gw = Gateway::start(&config);
+    gw.wait_for("mqtt subscribed", Duration::from_secs(10));
+    let publisher = Publisher::connect(mqtt.port, "pub").await;
+    publish_all(&publisher, "sensors/x", 0..5).await;
+    let received = "edgegate_records_in_total{source=\"plant\"} 5";
+    wait_until(
+        Duration::from_secs(5),
+        || http_get(admin, "/metrics").1.contains(received),
+        || "gateway did not receive 5".into(),
+    )
+    .await;
+    gw.kill9();
+
+    write_config(dir.path(), mqtt.port, &kafka.bootstrap(), "uplink", "");
+    gw.restart();
+    let msgs = consume(&kafka.bootstrap(), "uplink", 5, Duration::from_secs(60));
+    let mut got: Vec<_> = msgs.iter().map(|m| parse_payload(&m.payload)).collect();
+    got.sort();
+    assert_eq!(got, all_of("sensors/x", 5).into_iter().collect::<Vec<_>>());
+    for m in &msgs {
+        assert_eq!(m.header("edgegate-redelivered"), "1", "{:?}", m.headers);
+    }
+}
