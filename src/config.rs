@@ -338,7 +338,7 @@ pub struct MqttSourceConfig {
     pub password_env: Option<String>,
     #[serde(default = "default_keep_alive", with = "humantime_serde")]
     pub keep_alive: Duration,
-    /// Largest accepted message; larger ones make the broker connection fail (rumqttc's rule).
+    /// Largest accepted payload; a larger message is acknowledged, counted and dropped.
     #[serde(default = "default_max_payload")]
     pub max_payload_bytes: ByteSize,
     /// Messages received but not yet durable; when reached the source stops reading (back-pressure).

@@ -51,6 +51,9 @@ pub enum DropReason {
     /// A record nobody acknowledges (a serial frame) that the buffer could not store: a disk
     /// failure, or larger than half of `buffer.max_bytes`.
     NotStored,
+    /// An MQTT message over the source's `max_payload_bytes`; acknowledged so that it is not
+    /// redelivered forever.
+    TooLarge,
 }
 
 impl DropReason {
@@ -62,6 +65,7 @@ impl DropReason {
             DropReason::Corrupt => "corrupt",
             DropReason::ConverterFailed => "converter_failed",
             DropReason::NotStored => "not_stored",
+            DropReason::TooLarge => "too_large",
         }
     }
 }
@@ -77,6 +81,8 @@ pub struct Metrics {
     pub source_connected: Family<SourceLabels, Gauge>,
     /// Times a source task ended unexpectedly (a panic) and was restarted.
     pub source_restarts: Family<SourceLabels, Counter>,
+    /// MQTT messages the broker redelivered (DUP flag), per source; possibly stored before.
+    pub mqtt_redelivered: Family<SourceLabels, Counter>,
     /// Records a converter failed on (dead-lettered or dropped), per converter and kind.
     pub converter_errors: Family<ConverterErrorLabels, Counter>,
     /// Serial bytes that never became a record: oversize frames, frames cut by an unplug.
@@ -101,6 +107,7 @@ impl Metrics {
             kafka_link_up: Gauge::default(),
             source_connected: Family::default(),
             source_restarts: Family::default(),
+            mqtt_redelivered: Family::default(),
             converter_errors: Family::default(),
             serial_discarded: Family::default(),
             delivery_latency: Histogram::new([
@@ -156,6 +163,11 @@ impl Metrics {
             m.source_restarts.clone(),
         );
         r.register(
+            "mqtt_redelivered",
+            "MQTT messages redelivered by the broker (DUP flag; header edgegate-redelivered), per source",
+            m.mqtt_redelivered.clone(),
+        );
+        r.register(
             "converter_errors",
             "Records a converter failed on, per converter and kind (exception, timeout, out_of_memory, invalid_result, suspended)",
             m.converter_errors.clone(),
@@ -197,6 +209,7 @@ impl Metrics {
             DropReason::Corrupt,
             DropReason::ConverterFailed,
             DropReason::NotStored,
+            DropReason::TooLarge,
         ]
         .into_iter()
         .map(|r| self.dropped(r))
@@ -255,6 +268,14 @@ impl Metrics {
                 source: source.into(),
             })
             .inc();
+    }
+
+    pub fn mqtt_redelivered(&self, source: &str) -> Counter {
+        self.mqtt_redelivered
+            .get_or_create(&SourceLabels {
+                source: source.into(),
+            })
+            .clone()
     }
 
     pub fn set_source_connected(&self, source: &str, up: bool) {

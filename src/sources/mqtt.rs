@@ -5,21 +5,28 @@
 //! reading the socket, and the broker's own inflight window stops sending. If that lasts longer
 //! than the keep-alive the broker drops the connection; unacknowledged messages are then
 //! redelivered on reconnect (possible duplicates, never losses).
+//!
+//! Acks belong to their connection: after a reconnect the acks not yet sent are dropped (the
+//! records are stored all the same), since the broker may have given their packet ids to other
+//! messages. It redelivers those messages with the DUP flag, and their records are marked
+//! `redelivered`. A message over `max_payload_bytes` is acknowledged and dropped, so it cannot
+//! wedge the source by being redelivered first forever.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Packet,
-    Publish, QoS, SubscribeFilter, SubscribeReasonCode, Transport,
+    Publish, QoS, Request, SubscribeFilter, SubscribeReasonCode, Transport,
 };
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::buffer::{BufferError, BufferWriter, PendingAppend};
 use crate::config::{MqttSourceConfig, TopicFilter};
-use crate::metrics::Metrics;
+use crate::metrics::{DropReason, Metrics};
 use crate::record::{now_ms, NewRecord, SourceType};
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +40,11 @@ pub enum MqttError {
     },
 }
 
+/// A PUBLISH's variable header at its largest: topic length, a 65,535-byte topic, packet id. With
+/// it, rumqttc reads every message whose payload is within `max_payload_bytes`; a larger one it
+/// hands over without its payload (vendored patch), so no message is held beyond this.
+const PUBLISH_HEADER_MAX: usize = 2 + 65_535 + 2;
+
 /// Everything the source needs besides its configuration.
 pub struct SourceContext {
     pub name: Arc<str>,
@@ -44,7 +56,7 @@ pub struct SourceContext {
 #[derive(Debug, PartialEq, Eq)]
 enum Conn {
     Connecting,
-    Connected,
+    Connected { session_present: bool },
     Down(String),
 }
 
@@ -60,21 +72,24 @@ impl ConnState {
             return;
         }
         match &next {
-            Conn::Connected => tracing::info!(source = %self.source, "mqtt connected"),
+            Conn::Connected { session_present } => {
+                tracing::info!(source = %self.source, session_present, "mqtt connected")
+            }
             Conn::Down(reason) => {
                 tracing::warn!(source = %self.source, %reason, "mqtt disconnected; retrying")
             }
             Conn::Connecting => {}
         }
         self.metrics
-            .set_source_connected(&self.source, next == Conn::Connected);
+            .set_source_connected(&self.source, matches!(next, Conn::Connected { .. }));
         self.state = next;
     }
 }
 
 /// A received message waiting for durability before its PUBACK.
 struct PendingAck {
-    append: PendingAppend,
+    /// `None`: nothing to store (the message was dropped as too large); acknowledged in turn.
+    append: Option<PendingAppend>,
     ack: AckId,
 }
 
@@ -84,16 +99,11 @@ struct PendingAck {
 struct AckId {
     pkid: u16,
     qos: QoS,
+    /// The connection the message arrived on; its ack is never sent on another one.
+    connection: u64,
 }
 
 impl AckId {
-    fn of(publish: &Publish) -> AckId {
-        AckId {
-            pkid: publish.pkid,
-            qos: publish.qos,
-        }
-    }
-
     /// The message as `try_ack` wants it; an empty topic and payload allocate nothing.
     fn as_publish(self) -> Publish {
         Publish {
@@ -107,23 +117,92 @@ impl AckId {
     }
 }
 
+/// Which connection is current, shared by the event-loop task and the acknowledging source.
+///
+/// An ack must never go out on a later connection than its message's: rumqttc forgets a lost
+/// connection's acks, and a broker that lost the session may give the packet id to a new message,
+/// which would then be acknowledged before it is durable. The lock makes "is this connection
+/// still current, then queue the ack" and "the connection ended, drop every queued ack" exclusive.
+#[derive(Clone, Default)]
+struct CurrentConnection(Arc<Mutex<u64>>);
+
+#[derive(Debug, PartialEq, Eq)]
+enum Queued {
+    Yes,
+    /// rumqttc's request channel is full; try again later.
+    ChannelFull,
+    /// The message arrived on an earlier connection; the broker redelivers it.
+    Stale,
+}
+
+impl CurrentConnection {
+    fn lock(&self) -> std::sync::MutexGuard<'_, u64> {
+        // A panic while holding it left a valid number behind.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn id(&self) -> u64 {
+        *self.lock()
+    }
+
+    fn try_ack(&self, client: &AsyncClient, ack: AckId) -> Queued {
+        let current = self.lock();
+        if ack.connection != *current {
+            return Queued::Stale;
+        }
+        match client.try_ack(&ack.as_publish()) {
+            Ok(()) => Queued::Yes,
+            Err(_) => Queued::ChannelFull,
+        }
+    }
+
+    /// Called after `poll` failed: later acks of this connection are refused, and the ones already
+    /// queued in rumqttc are dropped (its own clean-up keeps PUBRECs for the next connection).
+    fn end(&self, eventloop: &mut EventLoop) {
+        let mut current = self.lock();
+        *current += 1;
+        eventloop.clean();
+        eventloop
+            .pending
+            .retain(|r| !matches!(r, Request::PubAck(_) | Request::PubRec(_)));
+    }
+}
+
 /// Acknowledgements in arrival order: waiting for durability, then waiting to be queued.
 ///
-/// rumqttc only sends what sits in its request channel while its event loop is polled, so the
-/// loop is never blocked on anything the loop itself must drain: acks are queued with `try_ack`
-/// and kept here when the channel is full.
+/// rumqttc only sends what sits in its request channel while its event loop is polled, so acks
+/// are queued with `try_ack` and kept here when the channel is full.
 struct Acks {
     pending: VecDeque<PendingAck>,
     unsent: VecDeque<AckId>,
     store_failures: u64,
+    too_large: DropLog,
     source: Arc<str>,
+    metrics: Arc<Metrics>,
 }
 
 impl Acks {
+    fn new(source: Arc<str>, metrics: Arc<Metrics>) -> Acks {
+        Acks {
+            pending: VecDeque::new(),
+            unsent: VecDeque::new(),
+            store_failures: 0,
+            too_large: DropLog::default(),
+            source,
+            metrics,
+        }
+    }
+
     /// Resolves when the oldest pending record's append finished; never while none is pending.
     async fn oldest_done(&mut self) -> Result<u64, BufferError> {
         match self.pending.front_mut() {
-            Some(p) => (&mut p.append).await,
+            Some(PendingAck {
+                append: Some(append),
+                ..
+            }) => append.await,
+            Some(PendingAck { append: None, .. }) => Ok(0),
             None => std::future::pending().await,
         }
     }
@@ -136,7 +215,7 @@ impl Acks {
             Ok(_) => true,
             // It can never be stored; acknowledging stops endless redelivery of a poison message.
             Err(BufferError::TooLarge(size)) => {
-                tracing::warn!(source = %self.source, size, "message larger than the buffer allows; dropped");
+                self.drop_too_large(size);
                 true
             }
             Err(e) => {
@@ -153,9 +232,17 @@ impl Acks {
         }
     }
 
-    fn queue_unsent(&mut self, client: &AsyncClient) {
+    fn drop_too_large(&mut self, size: usize) {
+        self.metrics.count_dropped(DropReason::TooLarge, 1);
+        if let Some(dropped) = self.too_large.due() {
+            tracing::warn!(source = %self.source, size, dropped,
+                "message larger than max_payload_bytes; acknowledged and dropped (reason=\"too_large\")");
+        }
+    }
+
+    fn queue_unsent(&mut self, client: &AsyncClient, connection: &CurrentConnection) {
         while let Some(ack) = self.unsent.front() {
-            if client.try_ack(&ack.as_publish()).is_err() {
+            if connection.try_ack(client, *ack) == Queued::ChannelFull {
                 return;
             }
             self.unsent.pop_front();
@@ -167,6 +254,105 @@ impl Acks {
     }
 }
 
+/// Lets a repeated warning out at most once a minute, with how many it stands for.
+#[derive(Default)]
+struct DropLog {
+    last: Option<Instant>,
+    since_last: u64,
+}
+
+impl DropLog {
+    /// `Some(count since the last line)` when a line is due.
+    fn due(&mut self) -> Option<u64> {
+        self.since_last += 1;
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(60))
+        {
+            return None;
+        }
+        self.last = Some(Instant::now());
+        Some(std::mem::take(&mut self.since_last))
+    }
+}
+
+/// What the event-loop task reports.
+enum Polled {
+    Connected { session_present: bool },
+    Down(String),
+    Message(Message),
+    SubAck(Vec<SubscribeReasonCode>),
+}
+
+struct Message {
+    publish: Publish,
+    /// The payload's size when rumqttc skipped it (over its incoming limit).
+    skipped_payload: Option<usize>,
+    connection: u64,
+}
+
+/// Messages the event-loop task may read ahead of the source. Small: each may be as large as
+/// `max_payload_bytes`, and `max_pending` is the back-pressure that counts.
+const POLLED_CAPACITY: usize = 16;
+
+/// Polls rumqttc's event loop, which is not documented cancel-safe, in a task of its own that
+/// never drops a `poll` midway. Waiting to hand a message over stops the reading (back-pressure);
+/// a connection error ends the connection's acks, then waits out the backoff. Returns when the
+/// source is gone or, after `stop`, when the connection closes.
+async fn poll_events(
+    mut eventloop: EventLoop,
+    connection: CurrentConnection,
+    mut backoff: Backoff,
+    polled: mpsc::Sender<Polled>,
+    stop: CancellationToken,
+) {
+    loop {
+        let event = match eventloop.poll().await {
+            Ok(Event::Incoming(packet)) => packet,
+            Ok(Event::Outgoing(_)) => continue,
+            Err(e) => {
+                connection.end(&mut eventloop);
+                if stop.is_cancelled() || matches!(e, ConnectionError::RequestsDone) {
+                    return;
+                }
+                if polled.send(Polled::Down(describe(&e))).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next_delay()) => continue,
+                    _ = stop.cancelled() => return,
+                }
+            }
+        };
+        let report = match event {
+            Packet::ConnAck(connack) => {
+                backoff.reset();
+                Polled::Connected {
+                    session_present: connack.session_present,
+                }
+            }
+            Packet::Publish(publish) => Polled::Message(Message {
+                publish,
+                skipped_payload: None,
+                connection: connection.id(),
+            }),
+            Packet::OversizedPublish {
+                publish,
+                payload_len,
+            } => Polled::Message(Message {
+                publish,
+                skipped_payload: Some(payload_len),
+                connection: connection.id(),
+            }),
+            Packet::SubAck(ack) => Polled::SubAck(ack.return_codes),
+            _ => continue,
+        };
+        if polled.send(report).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Runs the source until `shutdown`, then acknowledges what became durable and disconnects.
 pub async fn run(
     config: MqttSourceConfig,
@@ -174,77 +360,114 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), MqttError> {
     let options = mqtt_options(&config, &ctx)?;
-    let (client, mut eventloop) = AsyncClient::new(options, config.max_pending * 2 + 64);
+    let (client, eventloop) = AsyncClient::new(options, config.max_pending * 2 + 64);
+    let connection = CurrentConnection::default();
+    let (polled_tx, mut polled) = mpsc::channel(POLLED_CAPACITY);
+    let stop_polling = CancellationToken::new();
+    let poller = AbortOnDrop(tokio::spawn(poll_events(
+        eventloop,
+        connection.clone(),
+        Backoff::new(config.reconnect_min, config.reconnect_max),
+        polled_tx,
+        stop_polling.clone(),
+    )));
     let filters = subscribe_filters(&config);
     let mut conn = ConnState {
         state: Conn::Connecting,
         source: ctx.name.clone(),
         metrics: ctx.metrics.clone(),
     };
-    let mut acks = Acks {
-        pending: VecDeque::new(),
-        unsent: VecDeque::new(),
-        store_failures: 0,
-        source: ctx.name.clone(),
-    };
+    let mut acks = Acks::new(ctx.name.clone(), ctx.metrics.clone());
     let received = ctx.metrics.source_in(&ctx.name);
-    let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
+    let redelivered = ctx.metrics.mqtt_redelivered(&ctx.name);
+    let max_payload = config.max_payload_bytes.as_u64() as usize;
     loop {
-        acks.queue_unsent(&client);
+        acks.queue_unsent(&client, &connection);
         // Reading stops while too many records wait for durability; the broker's window fills.
         let may_read = acks.pending.len() < config.max_pending;
-        let event = tokio::select! {
+        let report = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
             done = acks.oldest_done() => {
                 acks.complete_oldest(done);
                 continue;
             }
-            event = eventloop.poll(), if may_read => event,
+            report = polled.recv(), if may_read => report,
         };
-        match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                conn.set(Conn::Connected);
-                backoff.reset();
+        match report {
+            Some(Polled::Connected { session_present }) => {
+                conn.set(Conn::Connected { session_present });
                 if let Err(e) = client.try_subscribe_many(filters.clone()) {
                     tracing::error!(source = %ctx.name, error = %e, "cannot queue subscription");
                 }
             }
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
-                let ack = AckId::of(&publish);
-                let record = NewRecord {
-                    captured_ms: now_ms(),
-                    source: ctx.name.clone(),
-                    source_type: SourceType::Mqtt,
-                    meta: vec![("topic".to_owned(), publish.topic)],
-                    payload: publish.payload.to_vec(),
+            Some(Polled::Message(message)) => {
+                let ack = AckId {
+                    pkid: message.publish.pkid,
+                    qos: message.publish.qos,
+                    connection: message.connection,
                 };
+                let size = message
+                    .skipped_payload
+                    .unwrap_or(message.publish.payload.len());
+                if size > max_payload {
+                    acks.drop_too_large(size);
+                    acks.pending.push_back(PendingAck { append: None, ack });
+                    continue;
+                }
+                if message.publish.dup {
+                    redelivered.inc();
+                }
                 // Waits only while the buffer's intake is full (buffer full with `block`).
                 let submitted = tokio::select! {
-                    s = ctx.writer.submit(record) => s,
+                    s = ctx.writer.submit(record_of(&ctx.name, message.publish)) => s,
                     _ = shutdown.cancelled() => break,
                 };
                 let Ok(append) = submitted else { break };
                 received.inc();
-                acks.pending.push_back(PendingAck { append, ack });
+                acks.pending.push_back(PendingAck {
+                    append: Some(append),
+                    ack,
+                });
             }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                log_suback(&ctx.name, &ack.return_codes, &filters)
+            Some(Polled::SubAck(codes)) => log_suback(&ctx.name, &codes, &filters),
+            Some(Polled::Down(reason)) => {
+                // Their connection is gone; `CurrentConnection` would refuse them anyway.
+                acks.unsent.clear();
+                conn.set(Conn::Down(reason));
             }
-            Ok(_) => {}
-            Err(e) => {
-                conn.set(Conn::Down(describe(&e)));
-                let delay = backoff.next_delay();
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.cancelled() => break,
-                }
-            }
+            // The event loop only ends before `stop_polling` when the client is gone.
+            None => break,
         }
     }
-    finish(client, eventloop, acks, &ctx.name).await;
+    finish(
+        client,
+        poller,
+        polled,
+        stop_polling,
+        acks,
+        &connection,
+        &ctx.name,
+    )
+    .await;
     conn.set(Conn::Down("shut down".into()));
     Ok(())
+}
+
+/// The stored record of a message. A broker redelivery (DUP flag) is marked: it may already be
+/// stored under another sequence number (a crash or reconnect before its ack).
+fn record_of(source: &Arc<str>, publish: Publish) -> NewRecord {
+    let mut meta = vec![("topic".to_owned(), publish.topic)];
+    if publish.dup {
+        meta.push(("redelivered".to_owned(), "1".to_owned()));
+    }
+    NewRecord {
+        captured_ms: now_ms(),
+        source: source.clone(),
+        source_type: SourceType::Mqtt,
+        meta,
+        payload: publish.payload.to_vec(),
+    }
 }
 
 fn log_suback(name: &str, codes: &[SubscribeReasonCode], filters: &[SubscribeFilter]) {
@@ -263,23 +486,39 @@ fn log_suback(name: &str, codes: &[SubscribeReasonCode], filters: &[SubscribeFil
 }
 
 /// Acknowledges the records already handed to the buffer, then disconnects cleanly.
-async fn finish(client: AsyncClient, mut eventloop: EventLoop, mut acks: Acks, name: &str) {
+async fn finish(
+    client: AsyncClient,
+    mut poller: AbortOnDrop,
+    mut polled: mpsc::Receiver<Polled>,
+    stop_polling: CancellationToken,
+    mut acks: Acks,
+    connection: &CurrentConnection,
+    name: &str,
+) {
     let flush = async {
-        while !acks.pending.is_empty() {
-            let done = acks.oldest_done().await;
-            acks.complete_oldest(done);
-        }
         let mut disconnecting = false;
         loop {
-            acks.queue_unsent(&client);
-            if acks.unsent.is_empty() && !disconnecting {
+            acks.queue_unsent(&client, connection);
+            if acks.pending.is_empty() && acks.unsent.is_empty() && !disconnecting {
                 disconnecting = client.try_disconnect().is_ok();
+                if disconnecting {
+                    stop_polling.cancel();
+                }
             }
-            // Polling sends the queued acks and the DISCONNECT. Keep reading until the broker
-            // closes: closing with unread data would reset the connection, and a reset can make
-            // the broker discard acks it has not read yet.
-            if eventloop.poll().await.is_err() {
-                break;
+            // rumqttc's request channel was full: the event loop empties it without telling us.
+            let retry_soon = !disconnecting && acks.pending.is_empty();
+            // The event loop sends the queued acks and the DISCONNECT, and keeps reading until
+            // the broker closes: closing with unread data would reset the connection, and a reset
+            // can make the broker discard acks it has not read yet. What it still reports is not
+            // acknowledged; the broker redelivers it.
+            tokio::select! {
+                done = acks.oldest_done() => acks.complete_oldest(done),
+                report = polled.recv() => {
+                    if report.is_none() {
+                        break;
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(10)), if retry_soon => {}
             }
         }
     };
@@ -291,6 +530,19 @@ async fn finish(client: AsyncClient, mut eventloop: EventLoop, mut acks: Acks, n
             source = name,
             "mqtt shutdown timed out; unacknowledged messages will be redelivered"
         );
+    }
+    stop_polling.cancel();
+    // A poll cut short here loses nothing: the connection is being dropped with it.
+    let _ = tokio::time::timeout(Duration::from_secs(1), &mut poller.0).await;
+}
+
+/// The event-loop task ends with the source, also when the source's task is aborted: a
+/// leftover connection under the same client id would take the session back and forth.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -322,7 +574,7 @@ fn mqtt_options(config: &MqttSourceConfig, ctx: &SourceContext) -> Result<MqttOp
         .set_clean_session(false)
         .set_manual_acks(true)
         .set_max_packet_size(
-            config.max_payload_bytes.as_u64() as usize + 64 * 1024,
+            config.max_payload_bytes.as_u64() as usize + PUBLISH_HEADER_MAX,
             64 * 1024,
         );
     if let Some(user) = &config.username {
@@ -363,5 +615,76 @@ fn describe(e: &ConnectionError) -> String {
         },
         ConnectionError::Io(io) => format!("network: {io}"),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rumqttc::{Codec, Incoming, MqttState, PubComp, PubRel};
+    use tokio_util::bytes::BytesMut;
+    use tokio_util::codec::{Decoder, Encoder};
+
+    use super::*;
+
+    /// vendor/rumqttc patch 1: a broker resends the PUBREL of a PUBREC sent on an earlier
+    /// connection (or by the previous process); refusing it made rumqttc disconnect for good.
+    #[test]
+    fn a_pubrel_of_an_earlier_connection_gets_its_pubcomp() {
+        let mut state = MqttState::new(100, true);
+        let reply = state.handle_incoming_packet(Incoming::PubRel(PubRel::new(7)));
+        assert_eq!(reply.ok().flatten(), Some(Packet::PubComp(PubComp::new(7))));
+    }
+
+    /// vendor/rumqttc patch 2: a PUBLISH over the incoming limit comes out without its payload,
+    /// which is skipped as it arrives (never buffered whole), and the next packet still decodes.
+    #[test]
+    fn an_oversized_publish_is_skipped_and_keeps_its_packet_id() {
+        let mut codec = Codec {
+            max_incoming_size: 1024,
+            max_outgoing_size: 8 << 20,
+            skipping: 0,
+        };
+        let mut wire = BytesMut::new();
+        let mut big = Publish::new("sensors/big", QoS::AtLeastOnce, vec![7u8; 3 << 20]);
+        big.pkid = 5;
+        let mut small = Publish::new("sensors/small", QoS::ExactlyOnce, b"ok".to_vec());
+        small.pkid = 6;
+        codec.encode(Packet::Publish(big), &mut wire).unwrap();
+        codec
+            .encode(Packet::Publish(small.clone()), &mut wire)
+            .unwrap();
+
+        let mut src = BytesMut::new();
+        let mut out = Vec::new();
+        let mut largest_buffered = 0;
+        for piece in wire.chunks(8 * 1024) {
+            src.extend_from_slice(piece);
+            largest_buffered = largest_buffered.max(src.len());
+            while let Some(packet) = codec.decode(&mut src).unwrap() {
+                out.push(packet);
+            }
+        }
+        let Packet::OversizedPublish {
+            publish,
+            payload_len,
+        } = &out[0]
+        else {
+            panic!("{out:?}")
+        };
+        assert_eq!((publish.pkid, publish.topic.as_str()), (5, "sensors/big"));
+        assert_eq!((payload_len, publish.payload.len()), (&(3 << 20), 0));
+        assert_eq!(out[1], Packet::Publish(small));
+        assert_eq!(out.len(), 2);
+        assert!(largest_buffered <= 16 * 1024, "{largest_buffered}");
+    }
+
+    #[test]
+    fn a_dropped_message_warning_is_let_out_once_a_minute() {
+        let mut log = DropLog::default();
+        assert_eq!(log.due(), Some(1));
+        assert_eq!(log.due(), None);
+        assert_eq!(log.due(), None);
+        log.last = Some(Instant::now() - Duration::from_secs(61));
+        assert_eq!(log.due(), Some(3));
     }
 }

@@ -70,13 +70,30 @@ pub struct Mosquitto {
     pub dir: tempfile::TempDir,
 }
 
+fn spawn_mosquitto(dir: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("mosquitto.log"))
+        .unwrap();
+    Command::new(program("mosquitto"))
+        .arg("-c")
+        .arg(dir.join("mosquitto.conf"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("mosquitto not installed (apt-get install mosquitto)")
+}
+
 impl Mosquitto {
     pub fn start() -> Mosquitto {
         Mosquitto::start_with("allow_anonymous true\n")
     }
 
+    /// `{dir}` in `extra` stands for the broker's own directory (persistence_location).
     pub fn start_on(port: u16, extra: &str) -> Mosquitto {
         let dir = tempfile::tempdir().unwrap();
+        let extra = extra.replace("{dir}", &format!("{}/", dir.path().display()));
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
@@ -86,16 +103,37 @@ impl Mosquitto {
             ),
         )
         .unwrap();
-        let log = std::fs::File::create(dir.path().join("mosquitto.log")).unwrap();
-        let child = Command::new(program("mosquitto"))
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("mosquitto not installed (apt-get install mosquitto)");
+        let child = spawn_mosquitto(dir.path());
         wait_for_port(port, Duration::from_secs(10));
         Mosquitto { port, child, dir }
+    }
+
+    /// A broker that keeps sessions and queued messages across [`Mosquitto::restart`].
+    pub fn start_persistent() -> Mosquitto {
+        // `user root`: started as root, mosquitto would drop to its own user, which cannot write
+        // the database into our private temp dir (ignored when not started as root).
+        Mosquitto::start_with(
+            "allow_anonymous true\nuser root\npersistence true\npersistence_location {dir}\n",
+        )
+    }
+
+    /// Stops the broker with SIGTERM (a persistent one saves its state) and starts it again on
+    /// the same port and configuration.
+    pub fn restart(&mut self) {
+        // SAFETY: sending a signal to our own child process id.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+        self.child = spawn_mosquitto(self.dir.path());
+        wait_for_port(self.port, Duration::from_secs(10));
+    }
+
+    /// Kills the broker (SIGKILL: a persistent one loses what it did not save) and starts it again.
+    pub fn kill_and_restart(&mut self) {
+        kill(&mut self.child);
+        self.child = spawn_mosquitto(self.dir.path());
+        wait_for_port(self.port, Duration::from_secs(10));
     }
 
     pub fn start_with(extra: &str) -> Mosquitto {
@@ -418,7 +456,7 @@ pub fn consume_until(
     out
 }
 
-/// Publishes QoS1 messages and counts what the broker acknowledged.
+/// Publishes messages (QoS 1 unless told) and counts what the broker acknowledged.
 pub struct Publisher {
     client: rumqttc::AsyncClient,
     pub acked: Arc<std::sync::atomic::AtomicU64>,
@@ -446,7 +484,9 @@ impl Publisher {
         let task = tokio::spawn(async move {
             loop {
                 match eventloop.poll().await {
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                    Ok(rumqttc::Event::Incoming(
+                        rumqttc::Packet::PubAck(_) | rumqttc::Packet::PubComp(_),
+                    )) => {
                         counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     }
                     Ok(_) => {}
@@ -462,8 +502,14 @@ impl Publisher {
     }
 
     pub async fn publish(&self, topic: &str, payload: Vec<u8>) {
+        self.publish_qos(topic, rumqttc::QoS::AtLeastOnce, payload)
+            .await;
+    }
+
+    /// `acked` counts QoS 1 and 2 publishes once complete (PUBACK, PUBCOMP), never QoS 0 ones.
+    pub async fn publish_qos(&self, topic: &str, qos: rumqttc::QoS, payload: Vec<u8>) {
         self.client
-            .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+            .publish(topic, qos, false, payload)
             .await
             .unwrap();
     }
