@@ -20,7 +20,7 @@ use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Packet,
     Publish, QoS, Request, SubscribeFilter, SubscribeReasonCode, Transport,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
@@ -289,11 +289,16 @@ struct Message {
     /// The payload's size when rumqttc skipped it (over its incoming limit).
     skipped_payload: Option<usize>,
     connection: u64,
+    /// Its share of the read-ahead bytes, given back once the source took the payload.
+    _read_ahead: OwnedSemaphorePermit,
 }
 
-/// Messages the event-loop task may read ahead of the source. Small: each may be as large as
-/// `max_payload_bytes`, and `max_pending` is the back-pressure that counts.
+/// Messages the event-loop task may read ahead of the source. Small: `max_pending` is the
+/// back-pressure that counts.
 const POLLED_CAPACITY: usize = 16;
+/// Payload bytes the event-loop task may read ahead of the source (or one message, if larger):
+/// sixteen 2 MiB messages would otherwise wait in memory per source.
+const READ_AHEAD_BYTES: usize = 1024 * 1024;
 
 /// Polls rumqttc's event loop, which is not documented cancel-safe, in a task of its own that
 /// never drops a `poll` midway. Waiting to hand a message over stops the reading (back-pressure);
@@ -306,6 +311,12 @@ async fn poll_events(
     polled: mpsc::Sender<Polled>,
     stop: CancellationToken,
 ) {
+    let read_ahead = Arc::new(Semaphore::new(READ_AHEAD_BYTES));
+    // Between polls, never inside one: waiting for room is back-pressure like a full channel.
+    let room = |size: usize| {
+        let permits = size.clamp(1, READ_AHEAD_BYTES) as u32;
+        read_ahead.clone().acquire_many_owned(permits)
+    };
     loop {
         let event = match eventloop.poll().await {
             Ok(Event::Incoming(packet)) => packet,
@@ -331,19 +342,29 @@ async fn poll_events(
                     session_present: connack.session_present,
                 }
             }
-            Packet::Publish(publish) => Polled::Message(Message {
-                publish,
-                skipped_payload: None,
-                connection: connection.id(),
-            }),
+            Packet::Publish(publish) => {
+                let Ok(permit) = room(publish.payload.len()).await else {
+                    return;
+                };
+                Polled::Message(Message {
+                    publish,
+                    skipped_payload: None,
+                    connection: connection.id(),
+                    _read_ahead: permit,
+                })
+            }
             Packet::OversizedPublish {
                 publish,
                 payload_len,
-            } => Polled::Message(Message {
-                publish,
-                skipped_payload: Some(payload_len),
-                connection: connection.id(),
-            }),
+            } => {
+                let Ok(permit) = room(0).await else { return };
+                Polled::Message(Message {
+                    publish,
+                    skipped_payload: Some(payload_len),
+                    connection: connection.id(),
+                    _read_ahead: permit,
+                })
+            }
             Packet::SubAck(ack) => Polled::SubAck(ack.return_codes),
             _ => continue,
         };
