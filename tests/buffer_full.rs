@@ -8,7 +8,10 @@ use support::*;
 
 const TOTAL: u64 = 3000;
 
-async fn fill_while_cut(policy: &str) -> (Gateway, Tansu, Proxy, tempfile::TempDir, Mosquitto) {
+/// The gateway and its peers after mosquitto accepted every message, and the admin port.
+type Filled = (Gateway, Tansu, Proxy, tempfile::TempDir, Mosquitto, u16);
+
+async fn fill_while_cut(policy: &str) -> Filled {
     let mqtt = Mosquitto::start();
     let proxy_port = free_port();
     let kafka = Tansu::start_advertising(free_port(), proxy_port);
@@ -16,8 +19,10 @@ async fn fill_while_cut(policy: &str) -> (Gateway, Tansu, Proxy, tempfile::TempD
     let proxy = Proxy::start(proxy_port, kafka.port);
     proxy.set(ProxyMode::Cut);
     let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
     let extra = format!(
-        "max_payload_bytes = \"64KiB\"\n[buffer]\nmax_bytes = \"1MiB\"\nwhen_full = \"{policy}\"\n"
+        "max_payload_bytes = \"64KiB\"\n[buffer]\nmax_bytes = \"1MiB\"\nwhen_full = \"{policy}\"\n\
+         [admin]\nlisten = \"127.0.0.1:{admin}\"\n"
     );
     let config = write_config(dir.path(), mqtt.port, &kafka.bootstrap(), "uplink", &extra);
     let gw = Gateway::start(&config);
@@ -31,7 +36,7 @@ async fn fill_while_cut(policy: &str) -> (Gateway, Tansu, Proxy, tempfile::TempD
     // mosquitto accepted everything: from here on, losing any of it is the gateway's fault.
     publisher.wait_acked(TOTAL, Duration::from_secs(30)).await;
     gw.wait_for("buffer full", Duration::from_secs(20));
-    (gw, kafka, proxy, dir, mqtt)
+    (gw, kafka, proxy, dir, mqtt, admin)
 }
 
 fn dropped_at_stop(gw: &Gateway) -> u64 {
@@ -49,9 +54,8 @@ fn dropped_at_stop(gw: &Gateway) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block_holds_back_the_source_and_loses_nothing() {
-    let (mut gw, kafka, proxy, _dir, _mqtt) = fill_while_cut("block").await;
+    let (mut gw, kafka, proxy, _dir, _mqtt, _admin) = fill_while_cut("block").await;
     assert!(gw.log().contains("holding back sources"), "{}", gw.log());
-    tokio::time::sleep(Duration::from_secs(2)).await;
     proxy.set(ProxyMode::Up);
     let msgs = consume_distinct(
         &kafka.bootstrap(),
@@ -66,16 +70,21 @@ async fn block_holds_back_the_source_and_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drop_oldest_keeps_the_newest_and_counts_the_dropped() {
-    let (mut gw, kafka, proxy, _dir, _mqtt) = fill_while_cut("drop_oldest").await;
+    let (mut gw, kafka, proxy, _dir, _mqtt, admin) = fill_while_cut("drop_oldest").await;
     assert!(gw.log().contains("dropping oldest records"), "{}", gw.log());
-    // Ingesting 3000 small messages takes well under a second; leave margin before reconnecting.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Everything ingested while the uplink is still cut, so the drops are decided before it returns.
+    let all = |v: f64| v >= TOTAL as f64;
+    wait_metric(
+        admin,
+        "edgegate_records_in_total",
+        all,
+        Duration::from_secs(30),
+    );
     proxy.set(ProxyMode::Up);
     let msgs = consume_until(&kafka.bootstrap(), "uplink", Duration::from_secs(60), |m| {
         m.last()
             .is_some_and(|m| parse_payload(&m.payload).1 == TOTAL - 1)
     });
-    tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(gw.terminate(), Some(0));
     let counters: Vec<u64> = msgs.iter().map(|m| parse_payload(&m.payload).1).collect();
     let first = counters[0];

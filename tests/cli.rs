@@ -161,13 +161,16 @@ fn wrong_mqtt_credentials_give_one_clear_line_and_retries() {
         broker.port,
         "username = \"edgegate\"\npassword_env = \"EDGEGATE_TEST_MQTT_PW\"\n",
     );
-    // The variable is missing: a config error, not a silent empty password.
-    assert!(
-        !gw.is_running() || {
-            std::thread::sleep(Duration::from_millis(500));
-            !gw.is_running()
+    // The variable is missing: a config error (exit 2), not a silent empty password.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(code) = gw.exit_code() {
+            break code;
         }
-    );
+        assert!(std::time::Instant::now() < deadline, "still running");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(code, 2, "{}", gw.log());
     assert!(gw.log().contains("EDGEGATE_TEST_MQTT_PW"), "{}", gw.log());
 
     let config = write_config(

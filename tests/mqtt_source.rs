@@ -70,8 +70,11 @@ async fn redeliveries_after_run(commit: bool) -> usize {
         held_intake = Some(intake);
         None
     };
+    logs();
+    // Tests run side by side and share the log: the source's name tells them apart.
+    let name = if commit { "committed" } else { "held" };
     let ctx = SourceContext {
-        name: Arc::from("s"),
+        name: Arc::from(name),
         client_id: "durable-test".into(),
         writer,
         metrics: metrics.clone(),
@@ -82,8 +85,10 @@ async fn redeliveries_after_run(commit: bool) -> usize {
         ctx,
         source_shutdown.clone(),
     ));
-    let received = metrics.source_in("s");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let received = metrics.source_in(name);
+    // Messages published before the subscription exists would never reach the session.
+    let subscribed = format!("source=\"{name}\"");
+    wait_logged(&["mqtt subscribed", &subscribed], Duration::from_secs(10)).await;
 
     let publisher = Publisher::connect(broker.port, "pub").await;
     for i in 0..20u64 {
@@ -92,7 +97,13 @@ async fn redeliveries_after_run(commit: bool) -> usize {
             .await;
     }
     publisher.wait_acked(20, Duration::from_secs(10)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while received.get() < 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "received {}",
+            received.get()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     source_shutdown.cancel();
@@ -139,9 +150,64 @@ fn make_leaf(dir: &Path, name: &str, san: &str, ca: &str) {
     ));
 }
 
-/// Runs the source over TLS (client certificate required) and returns how many of 5 messages it
-/// received. `trusted_ca` is the CA file the source trusts.
-async fn received_over_tls(trusted_ca: &str) -> u64 {
+/// What the source logged, for every test in this file (tracing has one global subscriber).
+fn logs() -> Arc<std::sync::Mutex<Vec<u8>>> {
+    static LOGS: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = logs.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || LogSink(sink.clone()))
+            .try_init();
+        logs
+    })
+    .clone()
+}
+
+struct LogSink(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Whether a logged line contains every one of `needles`.
+fn logged(needles: &[&str]) -> bool {
+    String::from_utf8_lossy(&logs().lock().unwrap())
+        .lines()
+        .any(|l| needles.iter().all(|n| l.contains(n)))
+}
+
+async fn wait_logged(needles: &[&str], timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !logged(needles) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never logged {needles:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How a TLS source ended up: connected and received this many of 5 messages, or refused.
+#[derive(Debug, PartialEq, Eq)]
+enum OverTls {
+    Received(u64),
+    CertificateRefused,
+}
+
+/// Runs the source over TLS (client certificate required) and publishes 5 messages. `trusted_ca`
+/// is the CA file the source trusts.
+async fn received_over_tls(trusted_ca: &str) -> OverTls {
+    logs();
+    // Tests run side by side and share the log: each source gets a name of its own.
+    let name = trusted_ca.trim_end_matches(".pem");
     let certs = tempfile::tempdir().unwrap();
     make_ca(certs.path(), "ca");
     make_ca(certs.path(), "other-ca");
@@ -165,7 +231,7 @@ async fn received_over_tls(trusted_ca: &str) -> u64 {
     let shutdown = CancellationToken::new();
     let committer = tokio::spawn(buffer::run(buffer, intake, shutdown.clone()));
     let ctx = SourceContext {
-        name: Arc::from("s"),
+        name: Arc::from(name),
         client_id: "tls-test".into(),
         writer,
         metrics: metrics.clone(),
@@ -181,30 +247,52 @@ async fn received_over_tls(trusted_ca: &str) -> u64 {
         ctx,
         shutdown.clone(),
     ));
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let publisher = Publisher::connect(broker.port, "tls-pub").await;
-    for i in 0..5u64 {
-        publisher
-            .publish("sensors/tls", payload("sensors/tls", i, 20))
-            .await;
+    let connected = format!("edgegate_source_connected{{source=\"{name}\"}} 1");
+    // rustls: "invalid peer certificate: UnknownIssuer".
+    let source_field = format!("source={name} ");
+    let refused = [source_field.as_str(), "invalid peer certificate"];
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !metrics.encode().contains(&connected) && !logged(&refused) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "neither connected nor refused"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    publisher.wait_acked(5, Duration::from_secs(10)).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let received = metrics.source_in("s").get();
+    let outcome = if logged(&refused) {
+        OverTls::CertificateRefused
+    } else {
+        let publisher = Publisher::connect(broker.port, "tls-pub").await;
+        for i in 0..5u64 {
+            publisher
+                .publish("sensors/tls", payload("sensors/tls", i, 20))
+                .await;
+        }
+        publisher.wait_acked(5, Duration::from_secs(10)).await;
+        let received = metrics.source_in(name);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while received.get() < 5 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        OverTls::Received(received.get())
+    };
     shutdown.cancel();
     source.await.unwrap().unwrap();
     committer.await.unwrap().unwrap();
-    received
+    outcome
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_client_certificate_receives_messages() {
-    assert_eq!(received_over_tls("ca.pem").await, 5);
+    assert_eq!(received_over_tls("ca.pem").await, OverTls::Received(5));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_refuses_a_broker_signed_by_an_untrusted_ca() {
-    assert_eq!(received_over_tls("other-ca.pem").await, 0);
+    assert_eq!(
+        received_over_tls("other-ca.pem").await,
+        OverTls::CertificateRefused
+    );
 }
 
 /// A source and its buffer, in this process. The buffer's intake is held (nothing becomes
