@@ -346,7 +346,10 @@ async fn a_full_buffer_stops_reading_at_max_pending_and_loses_nothing() {
     let mut last = u64::MAX;
     let deadline = Instant::now() + Duration::from_secs(30);
     while received.get() != last {
-        assert!(Instant::now() < deadline, "the source never stopped reading");
+        assert!(
+            Instant::now() < deadline,
+            "the source never stopped reading"
+        );
         last = received.get();
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
