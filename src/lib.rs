@@ -2,7 +2,8 @@
 //! record durably on local disk while the uplink is down, and produces them to Kafka.
 //!
 //! Data flows one way through the stages, each with one `run(…, shutdown)` entry point:
-//! sources ([`sources::mqtt`]) → [`buffer`] → [`forwarder`] ([`converter`] → [`kafka`] sink).
+//! sources ([`sources::mqtt`], [`sources::serial`]) → [`buffer`] → [`forwarder`] ([`converter`] →
+//! [`kafka`] sink). [`gateway`] wires them together and supervises them.
 
 pub mod admin;
 pub mod backoff;
