@@ -22,6 +22,7 @@ use crate::buffer::ReadChunk;
 use crate::config::{Config, ConverterConfig};
 use crate::metrics::Metrics;
 use crate::record::Record;
+use crate::watchdog::Stage;
 
 pub use debug::DebugMode;
 use debug::{DebugEvent, DebugLog};
@@ -505,6 +506,9 @@ impl Worker {
                 let Some(&i) = self.by_source.get(&record.source) else {
                     return Conversion::Raw;
                 };
+                // Timed per record: a chunk of slow but valid records is progress, and a chunk
+                // can take longer than the watchdog interval.
+                let _running = self.metrics.health.begin(Stage::Conversion);
                 let converter = &mut self.converters[i];
                 let conversion = converter.convert_record(record, &self.gateway_id);
                 if let Conversion::Failed { converter, error } = &conversion {

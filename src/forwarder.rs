@@ -20,7 +20,6 @@ use crate::converter::{Conversion, ConvertError, Converters, ConvertersGone};
 use crate::kafka::{ClientEvent, Delivery, Out, Outcome, Sink, SinkError};
 use crate::metrics::{DropReason, Metrics};
 use crate::record::{now_ms, Record};
-use crate::watchdog::Stage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForwarderError {
@@ -296,8 +295,6 @@ impl Forwarder {
             parts: chunk.parts.clone(),
         };
         let (chunk, conversions) = if self.converters.applies_to(&chunk) {
-            let metrics = self.metrics.clone();
-            let _running = metrics.health.begin(Stage::Conversion);
             tokio::select! {
                 converted = self.converters.convert(chunk) => converted?,
                 // The chunk stays unreleased in the buffer and is sent after the restart.

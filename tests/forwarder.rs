@@ -186,3 +186,53 @@ async fn converted_records_are_resent_in_order_after_refusals() {
     assert_complete_in_order(&decoded, &["sensors/a".to_owned()], u64::from(n), true);
     h.stop().await;
 }
+
+/// A decoder that needs `ms` of CPU for every record, well under its timeout.
+fn slow_decoder(ms: u64) -> tempfile::NamedTempFile {
+    let script = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        script.path(),
+        format!(
+            "var end = Date.now() + {ms}; while (Date.now() < end) {{}}\n\
+             return {{deviceName: 'd', telemetry: {{p: decodeToString(payload)}}}};"
+        ),
+    )
+    .unwrap();
+    script
+}
+
+fn converter_extra(script: &Path, converter: &str) -> String {
+    format!(
+        "[sources.s]\ntype = \"serial\"\npath = \"/dev/unused\"\nconverter = \"c\"\n\
+         [converters.c]\nscript = \"{}\"\n{converter}\n",
+        script.display()
+    )
+}
+
+/// A chunk of slow but valid records takes far longer than the watchdog interval in all, yet
+/// every record is progress: the watched conversion never runs longer than one record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_chunk_of_slow_valid_records_keeps_the_watchdog_fed() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("uplink", 1, 1).unwrap();
+    let script = slow_decoder(20);
+    let extra = converter_extra(script.path(), "timeout = \"1s\"");
+    let n = 60;
+    let started = Instant::now();
+    let h = forward_with(&cluster.bootstrap_servers(), n, &extra).await;
+    let watchdog_interval = Duration::from_millis(400);
+    let mut worst = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while h.buffer.stats().records > 0 {
+        assert!(Instant::now() < deadline, "not drained");
+        if let Some((stage, running)) = h.metrics.health.stalled(watchdog_interval) {
+            worst = Some((stage, running));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The records took longer than the interval, so a per-chunk timing would have stalled.
+    assert!(started.elapsed() > watchdog_interval * 2);
+    assert_eq!(worst, None, "watchdog would have withheld its pings");
+    assert_eq!(h.metrics.dropped_total(), 0);
+    h.stop().await;
+}
