@@ -64,6 +64,10 @@ pub struct ConverterConfig {
     /// A script running longer than this on one record is interrupted.
     #[serde(default = "default_converter_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// After a timeout the converter pauses this long and tries the record again (a busy machine
+    /// times scripts out too); the third timeout of the same record gives it up.
+    #[serde(default = "default_timeout_retry_delay", with = "humantime_serde")]
+    pub timeout_retry_delay: Duration,
     /// Heap limit of the script's JavaScript runtime.
     #[serde(default = "default_converter_memory")]
     pub memory_limit: ByteSize,
@@ -83,6 +87,7 @@ impl ConverterConfig {
         ConverterConfig {
             script,
             timeout: default_converter_timeout(),
+            timeout_retry_delay: default_timeout_retry_delay(),
             memory_limit: default_converter_memory(),
             debug: DebugMode::Off,
             debug_max_bytes: default_debug_max_bytes(),
@@ -93,6 +98,9 @@ impl ConverterConfig {
 
 fn default_converter_timeout() -> Duration {
     Duration::from_millis(100)
+}
+fn default_timeout_retry_delay() -> Duration {
+    Duration::from_secs(15)
 }
 fn default_converter_memory() -> ByteSize {
     ByteSize::mib(16)

@@ -13,7 +13,7 @@ mod read;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytesize::ByteSize;
 use tokio::sync::oneshot;
@@ -50,71 +50,92 @@ pub enum ConverterError {
     Thread(std::io::Error),
 }
 
-/// Why one record could not be converted. The record goes to the dead-letter topic when one is
-/// configured, otherwise it is counted and dropped; either way the pipeline moves on.
+/// Why one record could not be converted. [`ConvertError::is_transient`] failures say nothing
+/// about the record: hold it (and everything after it) and convert it again after
+/// [`ConvertError::retry_in`]. The others are the record's own: it goes to the dead-letter topic
+/// when one is configured, otherwise it is counted and dropped, and the pipeline moves on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConvertError {
     /// The script threw an exception.
     #[error("script error: {0}")]
     Exception(String),
-    /// The script ran past its `timeout` and was interrupted.
-    #[error("script timed out after {0:?}")]
+    /// The script ran past its `timeout` on this record [`TIMEOUT_ATTEMPTS`] times, the attempts
+    /// `timeout_retry_delay` apart: it does not finish on this record.
+    #[error("script timed out after {0:?}, {TIMEOUT_ATTEMPTS} times on this record")]
     Timeout(Duration),
+    /// The script ran past its `timeout`, which a busy machine can cause as well as the record:
+    /// transient, retry the record after `retry_in`.
+    #[error("script timed out after {timeout:?}; retried in {retry_in:?}")]
+    TimedOut {
+        timeout: Duration,
+        retry_in: Duration,
+    },
     /// The script allocated past its `memory_limit`.
     #[error("script exceeded its memory limit of {0}")]
     OutOfMemory(ByteSize),
     /// The script returned something that is not a ThingsBoard uplink result.
     #[error("invalid result: {0}")]
     InvalidResult(String),
-    /// The converter timed out on several records in a row and is paused, so that it does not
-    /// hold up every other device; the record is handled like any other failure.
-    #[error("converter suspended for {0:?} after {BREAKER_TIMEOUTS} timeouts in a row")]
+    /// The converter is paused after a timeout on another record, so the record was not run:
+    /// transient, retry it when the pause ends (in the duration given).
+    #[error("converter paused for {0:?} after a timeout")]
     Suspended(Duration),
 }
 
-/// Timeouts in a row that suspend a converter, and for how long.
-pub const BREAKER_TIMEOUTS: u32 = 3;
-const BREAKER_PAUSE: Duration = Duration::from_secs(30);
+/// Timeouts of the same record after which the record, not the machine, is to blame.
+pub const TIMEOUT_ATTEMPTS: u32 = 3;
 
-/// Stops a converter that times out on every record from costing its full timeout each time:
-/// one forwarder serves every device, so that would stall them all.
+/// Pauses a converter after a timeout so that the record is tried again later, when a stall of
+/// the machine may be over, and counts the attempts of that record.
 #[derive(Debug, Default)]
 struct Breaker {
-    timeouts_in_a_row: u32,
-    open_until: Option<std::time::Instant>,
+    /// The record that timed out last, and how many times it has.
+    timed_out: Option<(u64, u32)>,
+    paused_until: Option<Instant>,
 }
 
 impl Breaker {
     fn check(&mut self, name: &str) -> Result<(), ConvertError> {
-        match self.open_until {
-            Some(until) if std::time::Instant::now() < until => {
-                Err(ConvertError::Suspended(BREAKER_PAUSE))
-            }
-            Some(_) => {
-                // Half open: one more timeout suspends it again at once.
-                tracing::info!(converter = name, "converter resumed after its pause");
-                self.open_until = None;
-                self.timeouts_in_a_row = BREAKER_TIMEOUTS - 1;
-                Ok(())
-            }
-            None => Ok(()),
+        let Some(until) = self.paused_until else {
+            return Ok(());
+        };
+        let left = until.saturating_duration_since(Instant::now());
+        if !left.is_zero() {
+            return Err(ConvertError::Suspended(left));
         }
+        tracing::info!(converter = name, "converter resumed after its pause");
+        self.paused_until = None;
+        Ok(())
     }
 
-    fn record(&mut self, name: &str, timed_out: bool) {
-        if !timed_out {
-            self.timeouts_in_a_row = 0;
-            return;
+    /// What a timeout of record `seq` means: transient (and a pause) until the same record has
+    /// timed out [`TIMEOUT_ATTEMPTS`] times.
+    fn timed_out(
+        &mut self,
+        name: &str,
+        seq: u64,
+        timeout: Duration,
+        delay: Duration,
+    ) -> ConvertError {
+        let attempts = match self.timed_out {
+            Some((s, n)) if s == seq => n + 1,
+            _ => 1,
+        };
+        if attempts >= TIMEOUT_ATTEMPTS {
+            self.timed_out = None;
+            return ConvertError::Timeout(timeout);
         }
-        self.timeouts_in_a_row += 1;
-        if self.timeouts_in_a_row >= BREAKER_TIMEOUTS {
-            tracing::warn!(
-                converter = name,
-                pause_s = BREAKER_PAUSE.as_secs(),
-                "converter timed out {} times in a row; suspended, its records fail at once",
-                self.timeouts_in_a_row
-            );
-            self.open_until = Some(std::time::Instant::now() + BREAKER_PAUSE);
+        self.timed_out = Some((seq, attempts));
+        self.paused_until = Some(Instant::now() + delay);
+        tracing::warn!(
+            converter = name,
+            attempt = attempts,
+            pause_s = delay.as_secs_f64(),
+            "converter timed out on a record; paused, the record and everything after it wait"
+        );
+        ConvertError::TimedOut {
+            timeout,
+            retry_in: delay,
         }
     }
 }
@@ -124,11 +145,24 @@ impl ConvertError {
     pub fn kind(&self) -> &'static str {
         match self {
             ConvertError::Exception(_) => "exception",
-            ConvertError::Timeout(_) => "timeout",
+            ConvertError::Timeout(_) | ConvertError::TimedOut { .. } => "timeout",
             ConvertError::OutOfMemory(_) => "out_of_memory",
             ConvertError::InvalidResult(_) => "invalid_result",
             ConvertError::Suspended(_) => "suspended",
         }
+    }
+
+    /// When the record must be converted again rather than given up, and after how long.
+    pub fn retry_in(&self) -> Option<Duration> {
+        match self {
+            ConvertError::TimedOut { retry_in, .. } => Some(*retry_in),
+            ConvertError::Suspended(left) => Some(*left),
+            _ => None,
+        }
+    }
+
+    pub fn is_transient(&self) -> bool {
+        self.retry_in().is_some()
     }
 }
 
@@ -167,6 +201,7 @@ pub struct Converter {
     engine: Option<Engine>,
     debug: DebugLog,
     breaker: Breaker,
+    timeout_retry_delay: Duration,
 }
 
 impl Converter {
@@ -205,6 +240,7 @@ impl Converter {
             engine: None,
             debug,
             breaker: Breaker::default(),
+            timeout_retry_delay: config.timeout_retry_delay,
         };
         converter.engine()?;
         Ok(converter)
@@ -262,13 +298,12 @@ impl Converter {
         }
     }
 
-    /// Runs the engine under the breaker; a runtime left in an unknown state is dropped.
+    /// Runs the engine; a runtime left in an unknown state is dropped.
     fn run<R>(
         &mut self,
         call: impl FnOnce(&mut Engine) -> Result<R, EngineError>,
     ) -> Result<R, ConvertError> {
         let limits = self.limits;
-        self.breaker.check(&self.name)?;
         let engine = self
             .engine()
             .map_err(|e| ConvertError::Exception(e.to_string()))?;
@@ -276,8 +311,6 @@ impl Converter {
         if result.as_ref().is_err_and(EngineError::poisons_runtime) {
             self.engine = None;
         }
-        let timed_out = matches!(result, Err(EngineError::Timeout));
-        self.breaker.record(&self.name, timed_out);
         result.map_err(|e| match e {
             EngineError::Timeout => ConvertError::Timeout(limits.timeout),
             EngineError::OutOfMemory => {
@@ -288,10 +321,25 @@ impl Converter {
     }
 
     /// Converts one buffered record, records a debug event, and encodes the entities.
+    /// A paused converter does not run; a timeout pauses it (see [`Breaker`]).
     fn convert_record(&mut self, record: &Record, gateway_id: &str) -> Conversion {
+        if let Err(error) = self.breaker.check(&self.name) {
+            return Conversion::Failed {
+                converter: self.name.clone(),
+                error,
+            };
+        }
         let static_meta = self.static_metadata.clone();
         let meta = script_metadata(&static_meta, &record.source, gateway_id, &record.meta);
-        let result = self.convert(&record.payload, &meta, record.captured_ms);
+        let result = match self.convert(&record.payload, &meta, record.captured_ms) {
+            Err(ConvertError::Timeout(timeout)) => Err(self.breaker.timed_out(
+                &self.name,
+                record.seq,
+                timeout,
+                self.timeout_retry_delay,
+            )),
+            other => other,
+        };
         self.record_debug(record, &meta, &result);
         match result {
             Ok(entities) => Conversion::Entities {
@@ -511,7 +559,14 @@ impl Worker {
                 let _running = self.metrics.health.begin(Stage::Conversion);
                 let converter = &mut self.converters[i];
                 let conversion = converter.convert_record(record, &self.gateway_id);
-                if let Conversion::Failed { converter, error } = &conversion {
+                let failed = match &conversion {
+                    Conversion::Failed { converter, error } => Some((converter, error)),
+                    _ => None,
+                };
+                // A paused converter's records did not fail, they wait.
+                if let Some((converter, error)) =
+                    failed.filter(|(_, e)| !matches!(e, ConvertError::Suspended(_)))
+                {
                     self.metrics.count_converter_error(converter, error.kind());
                 }
                 conversion

@@ -4,7 +4,8 @@
 //! Failures never skip records: a retryable failure stops sending, waits for every outstanding
 //! report, then rewinds the buffer to the oldest unconfirmed chunk and resends from there after a
 //! backoff (duplicates are possible and carry the same `edgegate-seq`). A fatal producer error
-//! replaces the producer and does the same.
+//! replaces the producer and does the same, and so does a converter timeout, which may be a stall
+//! of the machine: the rewind then waits for the converter's pause.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -133,6 +134,8 @@ struct Forwarder {
     outstanding_bytes: usize,
     /// Set when a retryable failure was reported: stop sending, rewind once all reports are in.
     rewind: Option<String>,
+    /// How long a converter asked the rewind to wait; the Kafka backoff otherwise.
+    hold_for: Option<Duration>,
     backoff: Backoff,
     last_progress: Instant,
     rejected_log: RateLimitedLog,
@@ -162,6 +165,7 @@ pub async fn run(
         outstanding: 0,
         outstanding_bytes: 0,
         rewind: None,
+        hold_for: None,
         backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(30)),
         last_progress: Instant::now(),
         rejected_log: RateLimitedLog::default(),
@@ -202,6 +206,18 @@ pub async fn run(
 /// Dropping a producer purges and flushes for up to 500 ms; keep that off the async threads.
 async fn drop_sink(sink: Arc<Sink>) {
     let _ = tokio::task::spawn_blocking(move || drop(sink)).await;
+}
+
+/// The deterministic failures; transient ones are held, never dropped.
+fn drop_reason(error: &ConvertError) -> DropReason {
+    match error {
+        ConvertError::Timeout(_) | ConvertError::TimedOut { .. } | ConvertError::Suspended(_) => {
+            DropReason::ConverterTimeout
+        }
+        ConvertError::Exception(_) => DropReason::ConverterException,
+        ConvertError::OutOfMemory(_) => DropReason::ConverterOutOfMemory,
+        ConvertError::InvalidResult(_) => DropReason::ConverterInvalidResult,
+    }
 }
 
 async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationToken) -> bool {
@@ -268,8 +284,12 @@ impl Forwarder {
                 }
             }
             if self.rewind.is_some() && self.outstanding == 0 {
+                let delay = match self.hold_for {
+                    Some(hold) => hold,
+                    None => self.backoff.next_delay(),
+                };
                 self.rewind_now();
-                if !sleep_or_shutdown(self.backoff.next_delay(), shutdown).await {
+                if !sleep_or_shutdown(delay, shutdown).await {
                     return Ok(PumpExit::Shutdown);
                 }
             }
@@ -332,6 +352,10 @@ impl Forwarder {
                     }
                     sent
                 }
+                Conversion::Failed { converter, error } if error.is_transient() => {
+                    self.hold(converter, error, &mut entry);
+                    false
+                }
                 Conversion::Failed { converter, error } => {
                     self.send_failed(sink, record, converter, error, &mut entry, shutdown)
                         .await
@@ -352,6 +376,17 @@ impl Forwarder {
                 .get_or_insert_with(|| "shutdown while sending".into());
         }
         Ok(())
+    }
+
+    /// A record its converter could not convert now (a timeout, a pause): it and everything after
+    /// it wait for the rewind, which comes after the converter's pause, so nothing is given up
+    /// for a stall of the machine. Every source waits with it, to keep the buffer's order.
+    fn hold(&mut self, converter: &Arc<str>, error: &ConvertError, entry: &mut InFlightChunk) {
+        entry.failed = true;
+        let wait = error.retry_in().unwrap_or_default();
+        self.hold_for = Some(self.hold_for.map_or(wait, |w| w.max(wait)));
+        self.rewind
+            .get_or_insert_with(|| format!("converter {converter}: {error}"));
     }
 
     /// A record its converter failed on: to the dead-letter topic, or counted and dropped.
@@ -376,7 +411,7 @@ impl Forwarder {
             .or_default()
             .warn_for(what, converter, &message);
         if !dead_letter {
-            self.metrics.count_dropped(DropReason::ConverterFailed, 1);
+            self.metrics.count_dropped(drop_reason(error), 1);
             return true;
         }
         let out = Out::DeadLetter {
@@ -487,6 +522,7 @@ impl Forwarder {
         self.outstanding = 0;
         self.outstanding_bytes = 0;
         self.rewind = None;
+        self.hold_for = None;
     }
 
     fn check_stall(&mut self) {

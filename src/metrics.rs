@@ -46,8 +46,14 @@ pub enum DropReason {
     RejectedByKafka,
     /// Its chunk on disk did not decode.
     Corrupt,
-    /// The converter failed on it and no dead-letter topic is configured.
-    ConverterFailed,
+    /// Its converter threw on it, and no dead-letter topic is configured.
+    ConverterException,
+    /// Its converter timed out on it three times, and no dead-letter topic is configured.
+    ConverterTimeout,
+    /// Its converter ran out of memory on it, and no dead-letter topic is configured.
+    ConverterOutOfMemory,
+    /// Its converter returned no valid result for it, and no dead-letter topic is configured.
+    ConverterInvalidResult,
     /// A record nobody acknowledges (a serial frame) that the buffer could not store: a disk
     /// failure, or larger than half of `buffer.max_bytes`.
     NotStored,
@@ -60,7 +66,10 @@ impl DropReason {
             DropReason::MaxAge => "max_age",
             DropReason::RejectedByKafka => "rejected_by_kafka",
             DropReason::Corrupt => "corrupt",
-            DropReason::ConverterFailed => "converter_failed",
+            DropReason::ConverterException => "converter_exception",
+            DropReason::ConverterTimeout => "converter_timeout",
+            DropReason::ConverterOutOfMemory => "converter_out_of_memory",
+            DropReason::ConverterInvalidResult => "converter_invalid_result",
             DropReason::NotStored => "not_stored",
         }
     }
@@ -149,7 +158,7 @@ impl Metrics {
         );
         r.register(
             "converter_errors",
-            "Records a converter failed on, per converter and kind (exception, timeout, out_of_memory, invalid_result, suspended)",
+            "Records a converter failed on, per converter and kind (exception, timeout, out_of_memory, invalid_result); every timeout counts, also those of records retried later",
             m.converter_errors.clone(),
         );
         r.register(
@@ -187,7 +196,10 @@ impl Metrics {
             DropReason::MaxAge,
             DropReason::RejectedByKafka,
             DropReason::Corrupt,
-            DropReason::ConverterFailed,
+            DropReason::ConverterException,
+            DropReason::ConverterTimeout,
+            DropReason::ConverterOutOfMemory,
+            DropReason::ConverterInvalidResult,
             DropReason::NotStored,
         ]
         .into_iter()
@@ -205,23 +217,17 @@ impl Metrics {
     }
 
     pub fn converter_errors_total(&self, converter: &str) -> u64 {
-        [
-            "exception",
-            "timeout",
-            "out_of_memory",
-            "invalid_result",
-            "suspended",
-        ]
-        .into_iter()
-        .map(|kind| {
-            self.converter_errors
-                .get_or_create(&ConverterErrorLabels {
-                    converter: converter.into(),
-                    kind: kind.into(),
-                })
-                .get()
-        })
-        .sum()
+        ["exception", "timeout", "out_of_memory", "invalid_result"]
+            .into_iter()
+            .map(|kind| {
+                self.converter_errors
+                    .get_or_create(&ConverterErrorLabels {
+                        converter: converter.into(),
+                        kind: kind.into(),
+                    })
+                    .get()
+            })
+            .sum()
     }
 
     pub fn count_serial_discarded(&self, source: &str, reason: &str, n: u64) {

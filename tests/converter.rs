@@ -152,7 +152,7 @@ async fn failing_records_go_to_the_dead_letter_topic_and_the_rest_keeps_flowing(
         &kafka.bootstrap(),
         MOODY_DECODER,
         "dead_letter_topic = \"uplink.dlq\"",
-        "timeout = \"200ms\"",
+        "timeout = \"200ms\"\ntimeout_retry_delay = \"1s\"",
     )
     .await;
     let bad = ["throw", "loop", "oom", "deep", "number", "undefined"];
@@ -250,7 +250,7 @@ async fn without_a_dead_letter_topic_failures_are_counted_logged_once_and_debugg
         "{metrics}"
     );
     assert!(
-        metrics.contains("edgegate_records_dropped_total{reason=\"converter_failed\"} 5"),
+        metrics.contains("edgegate_records_dropped_total{reason=\"converter_exception\"} 5"),
         "{metrics}"
     );
     assert_eq!(gw.count("converter failed on a record"), 1, "{}", gw.log());

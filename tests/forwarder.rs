@@ -236,3 +236,94 @@ async fn a_long_chunk_of_slow_valid_records_keeps_the_watchdog_fed() {
     assert_eq!(h.metrics.dropped_total(), 0);
     h.stop().await;
 }
+
+/// The sorted, distinct payload counters of converted records (`telemetry.p` holds the payload).
+fn converted_counters(bootstrap: &str, expected: usize) -> Vec<KafkaMessage> {
+    let msgs = consume_until(bootstrap, "uplink", Duration::from_secs(30), |m| {
+        m.iter()
+            .map(|m| m.seq())
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+            >= expected
+    });
+    msgs.into_iter()
+        .map(|mut m| {
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            m.payload = v["telemetry"][0]["values"]["p"]
+                .as_str()
+                .unwrap()
+                .as_bytes()
+                .to_vec();
+            m
+        })
+        .collect()
+}
+
+/// A decoder that runs past its timeout on every record until `until_ms` (a stall of the
+/// machine, as far as the gateway can tell), then converts normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_timing_out_during_a_stall_are_retried_in_order_and_none_is_dropped() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("uplink", 1, 1).unwrap();
+    let until_ms = now_ms() + 3000;
+    let script = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        script.path(),
+        format!(
+            "if (Date.now() < {until_ms}) {{ while (true) {{}} }}\n\
+             return {{deviceName: 'd', telemetry: {{p: decodeToString(payload)}}}};"
+        ),
+    )
+    .unwrap();
+    // Attempts at about 0 s, 2 s and 4 s: the first two time out, the stall is over by the third.
+    let extra = converter_extra(
+        script.path(),
+        "timeout = \"100ms\"\ntimeout_retry_delay = \"2s\"",
+    );
+    let n = 50;
+    let h = forward_with(&cluster.bootstrap_servers(), n, &extra).await;
+    h.wait_drained(Duration::from_secs(60)).await;
+    assert_eq!(h.metrics.dropped_total(), 0);
+    assert!(
+        h.metrics.converter_errors_total("c") >= 1,
+        "the decoder never timed out: the test proves nothing"
+    );
+    let msgs = converted_counters(&cluster.bootstrap_servers(), n as usize);
+    assert_complete_in_order(&msgs, &["sensors/a".to_owned()], u64::from(n), true);
+    h.stop().await;
+}
+
+/// A record the decoder never finishes is given up after three timeouts (counted by reason);
+/// the records around it all arrive, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_timing_out_three_times_is_dropped_by_reason_and_the_rest_arrives() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("uplink", 1, 1).unwrap();
+    let script = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        script.path(),
+        "var p = decodeToString(payload);\n\
+         if (p.split('#')[1] === '7') { while (true) {} }\n\
+         return {deviceName: 'd', telemetry: {p: p}};",
+    )
+    .unwrap();
+    let extra = converter_extra(
+        script.path(),
+        "timeout = \"100ms\"\ntimeout_retry_delay = \"300ms\"",
+    );
+    let n = 30;
+    let h = forward_with(&cluster.bootstrap_servers(), n, &extra).await;
+    h.wait_drained(Duration::from_secs(60)).await;
+    assert_eq!(h.metrics.dropped(DropReason::ConverterTimeout), 1);
+    assert_eq!(h.metrics.dropped_total(), 1);
+    let msgs = converted_counters(&cluster.bootstrap_servers(), n as usize - 1);
+    let mut seen = std::collections::HashSet::new();
+    let counters: Vec<u64> = msgs
+        .iter()
+        .filter(|m| seen.insert(m.seq()))
+        .map(|m| parse_payload(&m.payload).1)
+        .collect();
+    let expected: Vec<u64> = (0..u64::from(n)).filter(|&i| i != 7).collect();
+    assert_eq!(counters, expected);
+    h.stop().await;
+}

@@ -23,6 +23,7 @@ fn script(body: &str) -> Script {
         config: ConverterConfig {
             script: path,
             timeout: Duration::from_millis(100),
+            timeout_retry_delay: Duration::from_secs(30),
             memory_limit: ByteSize::mib(16),
             debug: DebugMode::Off,
             debug_max_bytes: ByteSize::mib(1),
@@ -383,52 +384,52 @@ fn results_read_directly_match_json_stringify() {
         .contains("TypeError"));
 }
 
-#[test]
-fn a_converter_timing_out_again_and_again_is_suspended_then_retried() {
-    let (_s, mut c) =
-        converter("if (payload[0] === 0x6c) { while (true) {} } return {deviceName: 'ok'};");
-    for _ in 0..BREAKER_TIMEOUTS {
-        assert!(matches!(
-            c.convert(b"loop", &[], T),
-            Err(ConvertError::Timeout(_))
-        ));
+fn record_seq(seq: u64, payload: &[u8]) -> Record {
+    Record {
+        seq,
+        ..record(payload)
     }
-    // Suspended: fails at once, without running, good records included.
-    let started = Instant::now();
-    assert!(matches!(
-        c.convert(b"fine", &[], T),
-        Err(ConvertError::Suspended(_))
-    ));
-    assert!(started.elapsed() < Duration::from_millis(20));
-    // After the pause one record runs again; a good one closes the breaker for good.
-    c.breaker.open_until = Some(Instant::now());
-    assert_eq!(c.convert(b"fine", &[], T).unwrap()[0].name, "ok");
-    assert!(matches!(
-        c.convert(b"loop", &[], T),
-        Err(ConvertError::Timeout(_))
-    ));
-    assert!(
-        c.convert(b"fine", &[], T).is_ok(),
-        "one timeout after recovery must not suspend"
-    );
+}
+
+fn failure(c: &mut Converter, r: &Record) -> Option<ConvertError> {
+    match c.convert_record(r, "gw") {
+        Conversion::Failed { error, .. } => Some(error),
+        _ => None,
+    }
+}
+
+const LOOPS_ON_L: &str = "if (payload[0] === 0x6c) { while (true) {} } return {deviceName: 'ok'};";
+
+#[test]
+fn a_timeout_pauses_the_converter_and_only_the_third_of_one_record_gives_it_up() {
+    let (_s, mut c) = converter(LOOPS_ON_L);
+    let (hangs, fine) = (record_seq(7, b"loop"), record_seq(8, b"fine"));
+    for attempt in 1..TIMEOUT_ATTEMPTS {
+        let error = failure(&mut c, &hangs).unwrap();
+        assert!(error.is_transient(), "attempt {attempt}: {error}");
+        assert_eq!(error.retry_in(), Some(Duration::from_secs(30)));
+        // Paused: records wait without running, good ones included.
+        let started = Instant::now();
+        let waiting = failure(&mut c, &fine).unwrap();
+        assert!(matches!(waiting, ConvertError::Suspended(_)), "{waiting}");
+        assert!(waiting.is_transient());
+        assert!(started.elapsed() < Duration::from_millis(20));
+        c.breaker.paused_until = Some(Instant::now());
+    }
+    let given_up = failure(&mut c, &hangs).unwrap();
+    assert!(matches!(given_up, ConvertError::Timeout(_)), "{given_up}");
+    assert!(!given_up.is_transient());
+    assert_eq!(failure(&mut c, &fine), None);
 }
 
 #[test]
-fn a_timeout_right_after_the_pause_suspends_again_at_once() {
-    let (_s, mut c) =
-        converter("if (payload[0] === 0x6c) { while (true) {} } return {deviceName: 'ok'};");
-    for _ in 0..BREAKER_TIMEOUTS {
-        let _ = c.convert(b"loop", &[], T);
+fn timeouts_of_different_records_are_each_transient() {
+    let (_s, mut c) = converter(LOOPS_ON_L);
+    for seq in 0..5 {
+        let error = failure(&mut c, &record_seq(seq, b"loop")).unwrap();
+        assert!(error.is_transient(), "record {seq}: {error}");
+        c.breaker.paused_until = Some(Instant::now());
     }
-    c.breaker.open_until = Some(Instant::now());
-    assert!(matches!(
-        c.convert(b"loop", &[], T),
-        Err(ConvertError::Timeout(_))
-    ));
-    assert!(matches!(
-        c.convert(b"fine", &[], T),
-        Err(ConvertError::Suspended(_))
-    ));
 }
 
 /// What `Engine::convert` did with a result.
