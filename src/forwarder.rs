@@ -172,12 +172,27 @@ pub async fn run(
         converters,
         converter_logs: HashMap::new(),
     };
+    let mut max_record_bytes = f.config.kafka.max_record_bytes.as_u64();
+    // Once per process: a broker that does not answer costs the describe's timeout each time.
+    let mut described = false;
     loop {
-        let (sink, (mut deliveries, mut events)) = Sink::new(&f.config)?;
+        let (sink, (mut deliveries, mut events)) = Sink::new(&f.config, max_record_bytes)?;
         let sink = Arc::new(sink);
-        if !f.wait_for_topic(&sink, &shutdown).await {
+        let Some(topic_limit) = f.wait_for_topic(&sink, !described, &shutdown).await else {
             drop_sink(sink).await;
             return f.finish();
+        };
+        described = true;
+        if let Some(lower) = topic_limit.filter(|&l| l < max_record_bytes) {
+            // message.max.bytes is fixed at creation; a batch must not exceed the topic's limit.
+            tracing::warn!(
+                topic_max_message_bytes = lower,
+                max_record_bytes,
+                "the topic takes smaller records than kafka.max_record_bytes; larger ones are dropped (reason=too_large): raise the topic's max.message.bytes or lower max_record_bytes"
+            );
+            max_record_bytes = lower;
+            drop_sink(sink).await;
+            continue;
         }
         match f
             .pump(&sink, &mut deliveries, &mut events, &shutdown)
@@ -228,22 +243,27 @@ async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationToken) -> boo
 }
 
 impl Forwarder {
-    /// Returns false when shutdown came first.
-    async fn wait_for_topic(&mut self, sink: &Arc<Sink>, shutdown: &CancellationToken) -> bool {
+    /// The topics' lowest `max.message.bytes` if the broker told; `None` when shutdown came first.
+    async fn wait_for_topic(
+        &mut self,
+        sink: &Arc<Sink>,
+        describe: bool,
+        shutdown: &CancellationToken,
+    ) -> Option<Option<u64>> {
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         loop {
             let (s, c) = (sink.clone(), self.config.clone());
             let checked = tokio::select! {
-                r = tokio::task::spawn_blocking(move || s.ensure_topic(&c, Duration::from_secs(5))) => r,
-                _ = shutdown.cancelled() => return false,
+                r = tokio::task::spawn_blocking(move || s.ensure_topic(&c, Duration::from_secs(5), describe)) => r,
+                _ = shutdown.cancelled() => return None,
             };
             match checked {
-                Ok(Ok(())) => return true,
+                Ok(Ok(limit)) => return Some(limit),
                 Ok(Err(e)) => self.link.set(Link::Down(e.to_string())),
                 Err(e) => self.link.set(Link::Down(e.to_string())),
             }
             if !sleep_or_shutdown(backoff.next_delay(), shutdown).await {
-                return false;
+                return None;
             }
         }
     }
@@ -453,9 +473,15 @@ impl Forwarder {
                     return false;
                 }
                 Err(e) => {
-                    self.metrics.count_dropped(DropReason::RejectedByKafka, 1);
-                    self.rejected_log
-                        .warn("record rejected by kafka producer; dropped", &e.to_string());
+                    let reason = match e {
+                        SinkError::TooLarge(_) => DropReason::TooLarge,
+                        _ => DropReason::RejectedByKafka,
+                    };
+                    self.metrics.count_dropped(reason, 1);
+                    self.rejected_log.warn(
+                        "record refused by the kafka producer; dropped",
+                        &e.to_string(),
+                    );
                     return true;
                 }
             }

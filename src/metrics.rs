@@ -42,8 +42,11 @@ pub enum DropReason {
     BufferFull,
     /// Older than `buffer.max_age`.
     MaxAge,
-    /// Kafka refused it permanently (too large, invalid).
+    /// Kafka refused it permanently (invalid, or a batch the broker found too large).
     RejectedByKafka,
+    /// Larger than one Kafka record may be (`kafka.max_record_bytes`, or the topic's
+    /// `max.message.bytes` when lower); refused alone, before it could take a batch with it.
+    TooLarge,
     /// Its chunk on disk did not decode.
     Corrupt,
     /// Its converter threw on it, and no dead-letter topic is configured.
@@ -65,6 +68,7 @@ impl DropReason {
             DropReason::BufferFull => "buffer_full",
             DropReason::MaxAge => "max_age",
             DropReason::RejectedByKafka => "rejected_by_kafka",
+            DropReason::TooLarge => "too_large",
             DropReason::Corrupt => "corrupt",
             DropReason::ConverterException => "converter_exception",
             DropReason::ConverterTimeout => "converter_timeout",
@@ -195,6 +199,7 @@ impl Metrics {
             DropReason::BufferFull,
             DropReason::MaxAge,
             DropReason::RejectedByKafka,
+            DropReason::TooLarge,
             DropReason::Corrupt,
             DropReason::ConverterException,
             DropReason::ConverterTimeout,

@@ -33,6 +33,12 @@ async fn forward(bootstrap: &str, n: u32) -> Harness {
 
 /// As [`forward`], with extra configuration (`{dir}` stands for the data directory).
 async fn forward_with(bootstrap: &str, n: u32, extra: &str) -> Harness {
+    let payloads = (0..n).map(|i| payload("sensors/a", u64::from(i), 50));
+    forward_payloads(bootstrap, payloads.collect(), extra).await
+}
+
+/// Buffers one record per payload (topic `sensors/a`), then starts the forwarder.
+async fn forward_payloads(bootstrap: &str, payloads: Vec<Vec<u8>>, extra: &str) -> Harness {
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
@@ -48,13 +54,13 @@ async fn forward_with(bootstrap: &str, n: u32, extra: &str) -> Harness {
     let shutdown = CancellationToken::new();
     let committer = tokio::spawn(buffer::run(buffer.clone(), intake, shutdown.clone()));
     let mut pending = Vec::new();
-    for i in 0..n {
+    for payload in payloads {
         let record = NewRecord {
             captured_ms: now_ms(),
             source: Arc::from("s"),
             source_type: SourceType::Mqtt,
             meta: vec![("topic".into(), "sensors/a".into())],
-            payload: payload("sensors/a", u64::from(i), 50),
+            payload,
         };
         pending.push(writer.submit(record).await.unwrap());
     }
@@ -265,7 +271,8 @@ fn converted_counters(bootstrap: &str, expected: usize) -> Vec<KafkaMessage> {
 async fn records_timing_out_during_a_stall_are_retried_in_order_and_none_is_dropped() {
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic("uplink", 1, 1).unwrap();
-    let until_ms = now_ms() + 3000;
+    // The mock cluster does not answer DescribeConfigs: conversions start after its 5 s timeout.
+    let until_ms = now_ms() + 8000;
     let script = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(
         script.path(),
@@ -275,10 +282,10 @@ async fn records_timing_out_during_a_stall_are_retried_in_order_and_none_is_drop
         ),
     )
     .unwrap();
-    // Attempts at about 0 s, 2 s and 4 s: the first two time out, the stall is over by the third.
+    // Attempts at about 5 s and 9 s: the first times out, the stall is over by the second.
     let extra = converter_extra(
         script.path(),
-        "timeout = \"100ms\"\ntimeout_retry_delay = \"2s\"",
+        "timeout = \"100ms\"\ntimeout_retry_delay = \"4s\"",
     );
     let n = 50;
     let h = forward_with(&cluster.bootstrap_servers(), n, &extra).await;
@@ -325,5 +332,41 @@ async fn a_record_timing_out_three_times_is_dropped_by_reason_and_the_rest_arriv
         .collect();
     let expected: Vec<u64> = (0..u64::from(n)).filter(|&i| i != 7).collect();
     assert_eq!(counters, expected);
+    h.stop().await;
+}
+
+/// Records too large for Kafka between normal ones, against a real broker: one above
+/// `kafka.max_record_bytes`, one below it but above the topic's `max.message.bytes` (learnt from
+/// the broker). Both are refused alone and counted; every normal record arrives, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_too_large_for_kafka_are_counted_and_take_no_other_record_with_them() {
+    let kafka = Tansu::start();
+    kafka.create_topic_with("uplink", 1, &[("max.message.bytes", "300000")]);
+    let mut payloads = Vec::new();
+    let mut n = 0;
+    for big in [1536 * 1024, 400 * 1000] {
+        for _ in 0..10 {
+            payloads.push(payload("sensors/a", n, 200));
+            n += 1;
+        }
+        // Would break the counters' order if it arrived.
+        payloads.push(payload("sensors/a", 1_000_000 + n, big));
+    }
+    for _ in 0..10 {
+        payloads.push(payload("sensors/a", n, 200));
+        n += 1;
+    }
+    let h = forward_payloads(&kafka.bootstrap(), payloads, "").await;
+    h.wait_drained(Duration::from_secs(60)).await;
+    assert_eq!(h.metrics.dropped(DropReason::TooLarge), 2);
+    assert_eq!(h.metrics.dropped_total(), 2);
+    // Tansu's high watermark can lag: count what reads back.
+    let msgs = consume_distinct(
+        &kafka.bootstrap(),
+        "uplink",
+        n as usize,
+        Duration::from_secs(30),
+    );
+    assert_complete_in_order(&msgs, &["sensors/a".to_owned()], n, false);
     h.stop().await;
 }
