@@ -7,7 +7,7 @@
 //! replaces the producer and does the same, and so does a converter timeout, which may be a stall
 //! of the machine: the rewind then waits for the converter's pause.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,7 @@ use crate::backoff::Backoff;
 use crate::buffer::{Buffer, BufferError, ReadChunk};
 use crate::config::Config;
 use crate::converter::{Conversion, ConvertError, Converters, ConvertersGone};
-use crate::kafka::{ClientEvent, Delivery, Out, Outcome, Sink, SinkError};
+use crate::kafka::{Batching, ClientEvent, Delivery, Out, Outcome, Sink, SinkError};
 use crate::metrics::{DropReason, Metrics};
 use crate::record::{now_ms, Record};
 
@@ -122,6 +122,8 @@ impl RateLimitedLog {
 enum PumpExit {
     Shutdown,
     Recreate(String),
+    /// Nothing is outstanding and the producer must batch differently ([`Forwarder::batching`]).
+    Rebatch,
 }
 
 struct Forwarder {
@@ -136,6 +138,16 @@ struct Forwarder {
     rewind: Option<String>,
     /// How long a converter asked the rewind to wait; the Kafka backoff otherwise.
     hold_for: Option<Duration>,
+    /// What the producer is (or is to be) created with.
+    batching: Batching,
+    /// After a batch the broker refused as too large, records below this sequence number go one
+    /// per batch, so only the culprit is refused.
+    one_by_one_until: Option<u64>,
+    /// `batching` changed: stop sending and recreate the producer once nothing is outstanding.
+    rebatch: bool,
+    /// Kafka records (seq, part) refused for good and counted, in chunks not yet released: a
+    /// rewind resends their chunk, and they must be neither sent nor counted again.
+    given_up: BTreeSet<(u64, u32)>,
     backoff: Backoff,
     last_progress: Instant,
     rejected_log: RateLimitedLog,
@@ -153,6 +165,10 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<(), ForwarderError> {
+    let batching = Batching {
+        max_record_bytes: config.kafka.max_record_bytes.as_u64(),
+        one_record_per_batch: false,
+    };
     let mut f = Forwarder {
         link: LinkState {
             state: Link::Unknown,
@@ -166,31 +182,28 @@ pub async fn run(
         outstanding_bytes: 0,
         rewind: None,
         hold_for: None,
+        batching,
+        one_by_one_until: None,
+        rebatch: false,
+        given_up: BTreeSet::new(),
         backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(30)),
         last_progress: Instant::now(),
         rejected_log: RateLimitedLog::default(),
         converters,
         converter_logs: HashMap::new(),
     };
-    let mut max_record_bytes = f.config.kafka.max_record_bytes.as_u64();
     // Once per process: a broker that does not answer costs the describe's timeout each time.
     let mut described = false;
     loop {
-        let (sink, (mut deliveries, mut events)) = Sink::new(&f.config, max_record_bytes)?;
+        let (sink, (mut deliveries, mut events)) = Sink::new(&f.config, f.batching)?;
         let sink = Arc::new(sink);
         let Some(topic_limit) = f.wait_for_topic(&sink, !described, &shutdown).await else {
             drop_sink(sink).await;
             return f.finish();
         };
         described = true;
-        if let Some(lower) = topic_limit.filter(|&l| l < max_record_bytes) {
+        if f.lower_record_limit(topic_limit) {
             // message.max.bytes is fixed at creation; a batch must not exceed the topic's limit.
-            tracing::warn!(
-                topic_max_message_bytes = lower,
-                max_record_bytes,
-                "the topic takes smaller records than kafka.max_record_bytes; larger ones are dropped (reason=too_large): raise the topic's max.message.bytes or lower max_record_bytes"
-            );
-            max_record_bytes = lower;
             drop_sink(sink).await;
             continue;
         }
@@ -213,6 +226,11 @@ pub async fn run(
                 if !sleep_or_shutdown(f.backoff.next_delay(), &shutdown).await {
                     return f.finish();
                 }
+            }
+            PumpExit::Rebatch => {
+                drop_sink(sink).await;
+                f.rebatch = false;
+                f.rewind_now();
             }
         }
     }
@@ -243,6 +261,21 @@ async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationToken) -> boo
 }
 
 impl Forwarder {
+    /// True when the topic takes smaller records than the producer is set up for.
+    fn lower_record_limit(&mut self, topic_limit: Option<u64>) -> bool {
+        let current = self.batching.max_record_bytes;
+        let Some(lower) = topic_limit.filter(|&l| l < current) else {
+            return false;
+        };
+        tracing::warn!(
+            topic_max_message_bytes = lower,
+            max_record_bytes = current,
+            "the topic takes smaller records than kafka.max_record_bytes; larger ones are dropped (reason=too_large): raise the topic's max.message.bytes or lower max_record_bytes"
+        );
+        self.batching.max_record_bytes = lower;
+        true
+    }
+
     /// The topics' lowest `max.message.bytes` if the broker told; `None` when shutdown came first.
     async fn wait_for_topic(
         &mut self,
@@ -270,6 +303,7 @@ impl Forwarder {
 
     fn can_send(&self) -> bool {
         self.rewind.is_none()
+            && !self.rebatch
             && self.outstanding < self.config.kafka.max_in_flight
             && (self.outstanding_bytes as u64) < self.config.kafka.max_in_flight_bytes.as_u64()
     }
@@ -312,6 +346,9 @@ impl Forwarder {
                 if !sleep_or_shutdown(delay, shutdown).await {
                     return Ok(PumpExit::Shutdown);
                 }
+            }
+            if self.rebatch && self.outstanding == 0 {
+                return Ok(PumpExit::Rebatch);
             }
         }
     }
@@ -451,6 +488,9 @@ impl Forwarder {
         entry: &mut InFlightChunk,
         shutdown: &CancellationToken,
     ) -> bool {
+        if self.given_up.contains(&(record.seq, out.part())) {
+            return true;
+        }
         loop {
             match sink.send(record, out) {
                 Ok(()) => {
@@ -491,6 +531,11 @@ impl Forwarder {
     fn on_delivery(&mut self, d: Delivery) {
         self.outstanding = self.outstanding.saturating_sub(1);
         self.last_progress = Instant::now();
+        // Everything sent so far may share a batch with the record the broker refused.
+        let sent_end = self
+            .in_flight
+            .back()
+            .map_or(d.seq + 1, |c| c.first_seq + u64::from(c.count));
         let idx = self.in_flight.partition_point(|c| c.first_seq <= d.seq);
         let Some(chunk) = idx.checked_sub(1).and_then(|i| self.in_flight.get_mut(i)) else {
             return; // From before a rewind; that chunk is being resent.
@@ -509,9 +554,27 @@ impl Forwarder {
             }
             Outcome::Rejected(reason) => {
                 chunk.unconfirmed = chunk.unconfirmed.saturating_sub(1);
+                self.given_up.insert((d.seq, d.part));
                 self.metrics.count_dropped(DropReason::RejectedByKafka, 1);
                 self.rejected_log
                     .warn("record rejected by kafka; dropped", &reason);
+            }
+            // Resent after the rewind anyway; its outcome then is the one that counts.
+            Outcome::TooLarge(_) if chunk.failed => {}
+            Outcome::TooLarge(reason) if self.batching.one_record_per_batch => {
+                chunk.unconfirmed = chunk.unconfirmed.saturating_sub(1);
+                self.given_up.insert((d.seq, d.part));
+                self.metrics.count_dropped(DropReason::TooLarge, 1);
+                self.rejected_log
+                    .warn("record too large for the broker; dropped", &reason);
+            }
+            Outcome::TooLarge(reason) => {
+                chunk.failed = true;
+                tracing::warn!(%reason, "the broker refused a batch as too large; resending its records one per batch");
+                self.rewind.get_or_insert(reason);
+                self.one_by_one_until = Some(sent_end);
+                self.batching.one_record_per_batch = true;
+                self.rebatch = true;
             }
             Outcome::Retry(reason) => {
                 chunk.failed = true;
@@ -534,7 +597,15 @@ impl Forwarder {
                 break;
             }
             self.outstanding_bytes = self.outstanding_bytes.saturating_sub(front.bytes);
+            let end = front.first_seq + u64::from(front.count);
             self.in_flight.pop_front();
+            self.given_up = self.given_up.split_off(&(end, 0));
+            if self.one_by_one_until.is_some_and(|until| end >= until) {
+                tracing::info!("the batch's records are through; batching again");
+                self.one_by_one_until = None;
+                self.batching.one_record_per_batch = false;
+                self.rebatch = true;
+            }
         }
     }
 

@@ -26,8 +26,11 @@ use crate::record::Record;
 pub enum Outcome {
     /// Written to all in-sync replicas.
     Delivered,
-    /// Kafka will never take it (too large, invalid): retrying cannot help.
+    /// Kafka will never take it (invalid): retrying cannot help.
     Rejected(String),
+    /// The broker refused the record's whole batch as too large. Alone in its batch, the record
+    /// is too large; otherwise any record of the batch may be: resend them one per batch.
+    TooLarge(String),
     /// Not written; send it again after a pause (authorisation, unknown topic, …).
     Retry(String),
     /// Purged from the producer's queue because the producer is being replaced.
@@ -37,6 +40,8 @@ pub enum Outcome {
 #[derive(Debug)]
 pub struct Delivery {
     pub seq: u64,
+    /// Which Kafka record made from the buffered record: the entity index, 0 otherwise.
+    pub part: u32,
     pub captured_ms: u64,
     pub outcome: Outcome,
 }
@@ -120,6 +125,7 @@ impl ClientContext for SinkContext {
 /// Carried through librdkafka with each message.
 pub struct Opaque {
     seq: u64,
+    part: u32,
     captured_ms: u64,
 }
 
@@ -133,6 +139,7 @@ impl ProducerContext for SinkContext {
         };
         let _ = self.deliveries.send(Delivery {
             seq: opaque.seq,
+            part: opaque.part,
             captured_ms: opaque.captured_ms,
             outcome,
         });
@@ -142,9 +149,9 @@ impl ProducerContext for SinkContext {
 fn classify(e: &KafkaError) -> Outcome {
     match e.rdkafka_error_code() {
         Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight) => Outcome::Purged,
+        Some(RDKafkaErrorCode::MessageSizeTooLarge) => Outcome::TooLarge(e.to_string()),
         Some(
-            RDKafkaErrorCode::MessageSizeTooLarge
-            | RDKafkaErrorCode::InvalidMessageSize
+            RDKafkaErrorCode::InvalidMessageSize
             | RDKafkaErrorCode::InvalidMessage
             | RDKafkaErrorCode::InvalidRecord
             | RDKafkaErrorCode::BadMessage,
@@ -155,7 +162,8 @@ fn classify(e: &KafkaError) -> Outcome {
 
 /// edgegate's producer settings; `[kafka.properties]` may override all but the guarantees, which
 /// `check` refuses to weaken. `max_record_bytes` caps each record and each produce batch.
-fn producer_config(config: &Config, max_record_bytes: u64) -> ClientConfig {
+fn producer_config(config: &Config, batching: Batching) -> ClientConfig {
+    let max_record_bytes = batching.max_record_bytes;
     let k = &config.kafka;
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &k.bootstrap_servers)
@@ -186,7 +194,20 @@ fn producer_config(config: &Config, max_record_bytes: u64) -> ClientConfig {
     for (key, value) in config.kafka_properties() {
         c.set(key, value);
     }
+    if batching.one_record_per_batch {
+        c.set("batch.num.messages", "1");
+    }
     c
+}
+
+/// How the producer cuts records into produce batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    /// librdkafka's `message.max.bytes`: the largest record, and the largest batch.
+    pub max_record_bytes: u64,
+    /// Every record in a batch of its own, so that a broker refusing a batch as too large
+    /// refuses that one record only.
+    pub one_record_per_batch: bool,
 }
 
 /// Properties that would break the no-loss guarantee if a user overrode them.
@@ -214,7 +235,11 @@ pub fn check_guarantees(config: &Config) -> Result<(), (String, String)> {
     // Let librdkafka itself validate every property name and value now, not at the first send.
     let (tx, _) = mpsc::unbounded_channel();
     let (etx, _) = mpsc::unbounded_channel();
-    producer_config(config, config.kafka.max_record_bytes.as_u64())
+    let batching = Batching {
+        max_record_bytes: config.kafka.max_record_bytes.as_u64(),
+        one_record_per_batch: false,
+    };
+    producer_config(config, batching)
         .create_with_context::<_, BaseProducer<SinkContext>>(SinkContext {
             deliveries: tx,
             events: etx,
@@ -248,18 +273,29 @@ pub enum Out<'a> {
     DeadLetter { converter: &'a str, error: &'a str },
 }
 
+impl Out<'_> {
+    /// Tells the Kafka records made from one buffered record apart (see [`Delivery::part`]).
+    pub fn part(&self) -> u32 {
+        match self {
+            Out::Entity { index, .. } => u32::try_from(*index).unwrap_or(u32::MAX),
+            Out::Raw | Out::DeadLetter { .. } => 0,
+        }
+    }
+}
+
 pub type Receivers = (
     mpsc::UnboundedReceiver<Delivery>,
     mpsc::UnboundedReceiver<ClientEvent>,
 );
 
 impl Sink {
-    /// A producer that refuses records above `max_record_bytes` (see [`SinkError::TooLarge`]).
-    pub fn new(config: &Config, max_record_bytes: u64) -> Result<(Sink, Receivers), SinkError> {
+    /// A producer that refuses records above `batching.max_record_bytes` (see
+    /// [`SinkError::TooLarge`]).
+    pub fn new(config: &Config, batching: Batching) -> Result<(Sink, Receivers), SinkError> {
         let (deliveries, drx) = mpsc::unbounded_channel();
         let (events, erx) = mpsc::unbounded_channel();
         let producer: Arc<BaseProducer<SinkContext>> = Arc::new(
-            producer_config(config, max_record_bytes)
+            producer_config(config, batching)
                 .create_with_context(SinkContext { deliveries, events })
                 .map_err(SinkError::Config)?,
         );
@@ -321,6 +357,7 @@ impl Sink {
         }
         let opaque = Box::new(Opaque {
             seq: record.seq,
+            part: out.part(),
             captured_ms: record.captured_ms,
         });
         let mut message = BaseRecord::with_opaque_to(topic, opaque)
@@ -341,6 +378,7 @@ impl Sink {
             // The rule of delivery reports: only a record Kafka can never take is given up.
             match classify(&e) {
                 Outcome::Rejected(reason) => SinkError::Rejected(reason),
+                Outcome::TooLarge(reason) => SinkError::TooLarge(reason),
                 Outcome::Retry(reason) => SinkError::Retry(reason),
                 Outcome::Delivered | Outcome::Purged => SinkError::Retry(e.to_string()),
             }
@@ -492,6 +530,10 @@ mod tests {
         let e = |c| KafkaError::MessageProduction(c);
         assert!(matches!(
             classify(&e(RDKafkaErrorCode::MessageSizeTooLarge)),
+            Outcome::TooLarge(_)
+        ));
+        assert!(matches!(
+            classify(&e(RDKafkaErrorCode::InvalidRecord)),
             Outcome::Rejected(_)
         ));
         assert!(matches!(

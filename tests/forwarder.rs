@@ -124,19 +124,52 @@ async fn authorisation_failures_are_retried_until_everything_is_delivered_in_ord
     h.stop().await;
 }
 
+/// Records Kafka refuses for good (invalid) are counted once each, not resent, and the others
+/// all arrive: every record is either delivered or counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn permanently_refused_records_are_dropped_counted_and_do_not_stall_the_rest() {
+async fn permanently_refused_records_are_dropped_counted_once_and_do_not_stall_the_rest() {
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic("uplink", 1, 1).unwrap();
     cluster.request_errors(
         RDKafkaApiKey::Produce,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD],
     );
     let h = forward(&cluster.bootstrap_servers(), 50).await;
     h.wait_drained(Duration::from_secs(30)).await;
     let rejected = h.metrics.dropped(DropReason::RejectedByKafka);
     assert!(rejected >= 1, "the refused batch was not counted");
     assert_eq!(h.metrics.records_out.get() + rejected, 50);
+    h.stop().await;
+}
+
+/// The broker refuses a whole batch as too large (as Kafka does when its limit is below the
+/// producer's): the batch is resent one record per batch, and only the record refused alone is
+/// dropped and counted; every other record arrives, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_refused_as_too_large_loses_only_the_record_refused_alone() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("uplink", 1, 1).unwrap();
+    // The first request (the batch), then the first record resent alone.
+    let too_large = [RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE; 2];
+    cluster.request_errors(RDKafkaApiKey::Produce, &too_large);
+    let n = 50;
+    let h = forward(&cluster.bootstrap_servers(), n).await;
+    h.wait_drained(Duration::from_secs(60)).await;
+    assert_eq!(h.metrics.dropped(DropReason::TooLarge), 1);
+    assert_eq!(h.metrics.dropped_total(), 1);
+    let msgs = consume_distinct(
+        &cluster.bootstrap_servers(),
+        "uplink",
+        n as usize - 1,
+        Duration::from_secs(30),
+    );
+    let mut seen = std::collections::HashSet::new();
+    let counters: Vec<u64> = msgs
+        .iter()
+        .filter(|m| seen.insert(m.seq()))
+        .map(|m| parse_payload(&m.payload).1)
+        .collect();
+    assert_eq!(counters, (1..u64::from(n)).collect::<Vec<_>>());
     h.stop().await;
 }
 
