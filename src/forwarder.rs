@@ -145,9 +145,11 @@ struct Forwarder {
     one_by_one_until: Option<u64>,
     /// `batching` changed: stop sending and recreate the producer once nothing is outstanding.
     rebatch: bool,
-    /// Kafka records (seq, part) refused for good and counted, in chunks not yet released: a
-    /// rewind resends their chunk, and they must be neither sent nor counted again.
-    given_up: BTreeSet<(u64, u32)>,
+    /// Kafka records (seq, part) of chunks not yet released that need no more sending: delivered
+    /// in a chunk that failed (so is resent after the rewind), or refused for good and counted.
+    /// Without it, a converter's hold would resend, and duplicate, everything before the held
+    /// record each time.
+    settled: BTreeSet<(u64, u32)>,
     backoff: Backoff,
     last_progress: Instant,
     rejected_log: RateLimitedLog,
@@ -185,7 +187,7 @@ pub async fn run(
         batching,
         one_by_one_until: None,
         rebatch: false,
-        given_up: BTreeSet::new(),
+        settled: BTreeSet::new(),
         backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(30)),
         last_progress: Instant::now(),
         rejected_log: RateLimitedLog::default(),
@@ -488,7 +490,7 @@ impl Forwarder {
         entry: &mut InFlightChunk,
         shutdown: &CancellationToken,
     ) -> bool {
-        if self.given_up.contains(&(record.seq, out.part())) {
+        if self.settled.contains(&(record.seq, out.part())) {
             return true;
         }
         loop {
@@ -546,6 +548,9 @@ impl Forwarder {
         match d.outcome {
             Outcome::Delivered => {
                 chunk.unconfirmed = chunk.unconfirmed.saturating_sub(1);
+                if chunk.failed {
+                    self.settled.insert((d.seq, d.part));
+                }
                 self.metrics.records_out.inc();
                 let latency = now_ms().saturating_sub(d.captured_ms) as f64 / 1000.0;
                 self.metrics.delivery_latency.observe(latency);
@@ -554,7 +559,7 @@ impl Forwarder {
             }
             Outcome::Rejected(reason) => {
                 chunk.unconfirmed = chunk.unconfirmed.saturating_sub(1);
-                self.given_up.insert((d.seq, d.part));
+                self.settled.insert((d.seq, d.part));
                 self.metrics.count_dropped(DropReason::RejectedByKafka, 1);
                 self.rejected_log
                     .warn("record rejected by kafka; dropped", &reason);
@@ -563,7 +568,7 @@ impl Forwarder {
             Outcome::TooLarge(_) if chunk.failed => {}
             Outcome::TooLarge(reason) if self.batching.one_record_per_batch => {
                 chunk.unconfirmed = chunk.unconfirmed.saturating_sub(1);
-                self.given_up.insert((d.seq, d.part));
+                self.settled.insert((d.seq, d.part));
                 self.metrics.count_dropped(DropReason::TooLarge, 1);
                 self.rejected_log
                     .warn("record too large for the broker; dropped", &reason);
@@ -599,7 +604,7 @@ impl Forwarder {
             self.outstanding_bytes = self.outstanding_bytes.saturating_sub(front.bytes);
             let end = front.first_seq + u64::from(front.count);
             self.in_flight.pop_front();
-            self.given_up = self.given_up.split_off(&(end, 0));
+            self.settled = self.settled.split_off(&(end, 0));
             if self.one_by_one_until.is_some_and(|until| end >= until) {
                 tracing::info!("the batch's records are through; batching again");
                 self.one_by_one_until = None;

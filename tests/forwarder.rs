@@ -329,7 +329,8 @@ async fn records_timing_out_during_a_stall_are_retried_in_order_and_none_is_drop
         "the decoder never timed out: the test proves nothing"
     );
     let msgs = converted_counters(&cluster.bootstrap_servers(), n as usize);
-    assert_complete_in_order(&msgs, &["sensors/a".to_owned()], u64::from(n), true);
+    // Held records are resent, those delivered before them are not: no duplicates either.
+    assert_complete_in_order(&msgs, &["sensors/a".to_owned()], u64::from(n), false);
     h.stop().await;
 }
 
