@@ -76,6 +76,11 @@ pub enum ConvertError {
     /// The script returned something that is not a ThingsBoard uplink result.
     #[error("invalid result: {0}")]
     InvalidResult(String),
+    /// Converting this record panicked (a bug in edgegate or in QuickJS); the runtime is
+    /// recreated and the record given up like a script error, rather than taking the converter
+    /// thread, and with it the process, down on every restart.
+    #[error("converter panicked: {0}")]
+    Panicked(String),
     /// The converter is paused after a timeout on another record, so the record was not run:
     /// transient, retry it when the pause ends (in the duration given).
     #[error("converter paused for {0:?} after a timeout")]
@@ -148,6 +153,7 @@ impl ConvertError {
             ConvertError::Timeout(_) | ConvertError::TimedOut { .. } => "timeout",
             ConvertError::OutOfMemory(_) => "out_of_memory",
             ConvertError::InvalidResult(_) => "invalid_result",
+            ConvertError::Panicked(_) => "panic",
             ConvertError::Suspended(_) => "suspended",
         }
     }
@@ -323,6 +329,10 @@ impl Converter {
     /// Converts one buffered record, records a debug event, and encodes the entities.
     /// A paused converter does not run; a timeout pauses it (see [`Breaker`]).
     fn convert_record(&mut self, record: &Record, gateway_id: &str) -> Conversion {
+        #[cfg(test)]
+        if record.payload == tests::PANIC_PAYLOAD {
+            panic!("a test asked for a panic");
+        }
         if let Err(error) = self.breaker.check(&self.name) {
             return Conversion::Failed {
                 converter: self.name.clone(),
@@ -547,6 +557,7 @@ struct Worker {
 
 impl Worker {
     fn convert_chunk(&mut self, chunk: &ReadChunk) -> Vec<Conversion> {
+        let metrics = self.metrics.clone();
         let conversions = chunk
             .records
             .iter()
@@ -556,9 +567,8 @@ impl Worker {
                 };
                 // Timed per record: a chunk of slow but valid records is progress, and a chunk
                 // can take longer than the watchdog interval.
-                let _running = self.metrics.health.begin(Stage::Conversion);
-                let converter = &mut self.converters[i];
-                let conversion = converter.convert_record(record, &self.gateway_id);
+                let _running = metrics.health.begin(Stage::Conversion);
+                let conversion = self.convert_guarded(i, record);
                 let failed = match &conversion {
                     Conversion::Failed { converter, error } => Some((converter, error)),
                     _ => None,
@@ -567,7 +577,7 @@ impl Worker {
                 if let Some((converter, error)) =
                     failed.filter(|(_, e)| !matches!(e, ConvertError::Suspended(_)))
                 {
-                    self.metrics.count_converter_error(converter, error.kind());
+                    metrics.count_converter_error(converter, error.kind());
                 }
                 conversion
             })
@@ -577,6 +587,34 @@ impl Worker {
         }
         conversions
     }
+
+    /// Converts one record; a panic fails this record only (the release profile unwinds).
+    fn convert_guarded(&mut self, i: usize, record: &Record) -> Conversion {
+        let converter = &mut self.converters[i];
+        let gateway_id = &self.gateway_id;
+        let converted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            converter.convert_record(record, gateway_id)
+        }));
+        converted.unwrap_or_else(|panic| {
+            let message = panic_message(&*panic);
+            tracing::error!(converter = %converter.name, seq = record.seq, %message,
+                "converter panicked on a record; the record fails, the runtime is recreated");
+            // Whatever the runtime was doing is unfinished; start from a fresh one.
+            converter.engine = None;
+            Conversion::Failed {
+                converter: converter.name.clone(),
+                error: ConvertError::Panicked(message),
+            }
+        })
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-text panic".into())
 }
 
 #[cfg(test)]

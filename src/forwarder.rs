@@ -252,6 +252,7 @@ fn drop_reason(error: &ConvertError) -> DropReason {
         ConvertError::Exception(_) => DropReason::ConverterException,
         ConvertError::OutOfMemory(_) => DropReason::ConverterOutOfMemory,
         ConvertError::InvalidResult(_) => DropReason::ConverterInvalidResult,
+        ConvertError::Panicked(_) => DropReason::ConverterPanic,
     }
 }
 

@@ -57,6 +57,8 @@ pub enum DropReason {
     ConverterOutOfMemory,
     /// Its converter returned no valid result for it, and no dead-letter topic is configured.
     ConverterInvalidResult,
+    /// Converting it panicked, and no dead-letter topic is configured.
+    ConverterPanic,
     /// A record nobody acknowledges (a serial frame) that the buffer could not store: a disk
     /// failure, or larger than half of `buffer.max_bytes`.
     NotStored,
@@ -74,6 +76,7 @@ impl DropReason {
             DropReason::ConverterTimeout => "converter_timeout",
             DropReason::ConverterOutOfMemory => "converter_out_of_memory",
             DropReason::ConverterInvalidResult => "converter_invalid_result",
+            DropReason::ConverterPanic => "converter_panic",
             DropReason::NotStored => "not_stored",
         }
     }
@@ -162,7 +165,7 @@ impl Metrics {
         );
         r.register(
             "converter_errors",
-            "Records a converter failed on, per converter and kind (exception, timeout, out_of_memory, invalid_result); every timeout counts, also those of records retried later",
+            "Records a converter failed on, per converter and kind (exception, timeout, out_of_memory, invalid_result, panic); every timeout counts, also those of records retried later",
             m.converter_errors.clone(),
         );
         r.register(
@@ -205,6 +208,7 @@ impl Metrics {
             DropReason::ConverterTimeout,
             DropReason::ConverterOutOfMemory,
             DropReason::ConverterInvalidResult,
+            DropReason::ConverterPanic,
             DropReason::NotStored,
         ]
         .into_iter()
@@ -222,17 +226,23 @@ impl Metrics {
     }
 
     pub fn converter_errors_total(&self, converter: &str) -> u64 {
-        ["exception", "timeout", "out_of_memory", "invalid_result"]
-            .into_iter()
-            .map(|kind| {
-                self.converter_errors
-                    .get_or_create(&ConverterErrorLabels {
-                        converter: converter.into(),
-                        kind: kind.into(),
-                    })
-                    .get()
-            })
-            .sum()
+        [
+            "exception",
+            "timeout",
+            "out_of_memory",
+            "invalid_result",
+            "panic",
+        ]
+        .into_iter()
+        .map(|kind| {
+            self.converter_errors
+                .get_or_create(&ConverterErrorLabels {
+                    converter: converter.into(),
+                    kind: kind.into(),
+                })
+                .get()
+        })
+        .sum()
     }
 
     pub fn count_serial_discarded(&self, source: &str, reason: &str, n: u64) {

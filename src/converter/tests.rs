@@ -541,3 +541,45 @@ fn metadata_keys_kept_as_atoms_carry_each_records_own_values() {
         assert_eq!(out["k79"], format!("k79-{round}"));
     }
 }
+
+/// A payload that makes `convert_record` panic, to stand for a bug in the conversion.
+pub(super) const PANIC_PAYLOAD: &[u8] = b"\xffedgegate-test-panic";
+
+#[test]
+fn a_panic_fails_its_record_only_and_the_converter_goes_on() {
+    let (_s, c) = converter("return {deviceName: decodeToString(payload)};");
+    let metrics = Arc::new(Metrics::new());
+    let mut worker = Worker {
+        converters: vec![c],
+        by_source: HashMap::from([("plant".to_owned(), 0)]),
+        gateway_id: "gw".into(),
+        metrics: metrics.clone(),
+    };
+    let records = vec![
+        record_seq(1, b"a"),
+        record_seq(2, PANIC_PAYLOAD),
+        record_seq(3, b"b"),
+    ];
+    let chunk = ReadChunk {
+        info: crate::buffer::ChunkInfo {
+            first_seq: 1,
+            count: 3,
+            bytes: 0,
+            first_ms: T,
+            last_ms: T,
+        },
+        records,
+        parts: vec![1],
+    };
+    let conversions = worker.convert_chunk(&chunk);
+    let names: Vec<String> = conversions
+        .iter()
+        .map(|c| match c {
+            Conversion::Entities { entities, .. } => entities[0].key.clone(),
+            Conversion::Failed { error, .. } => error.kind().to_owned(),
+            Conversion::Raw => "raw".into(),
+        })
+        .collect();
+    assert_eq!(names, ["a", "panic", "b"]);
+    assert_eq!(metrics.converter_errors_total("test"), 1);
+}
