@@ -5,12 +5,14 @@
 //! script applies to everything still buffered. QuickJS runtimes are not `Send`; all converters
 //! live on one dedicated thread ([`Converters`]) that the forwarder hands whole chunks to.
 
+mod crash;
 mod debug;
 mod engine;
 mod normalize;
 mod read;
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,6 +26,7 @@ use crate::metrics::Metrics;
 use crate::record::Record;
 use crate::watchdog::Stage;
 
+use crash::{CrashLog, StopHandle};
 pub use debug::DebugMode;
 use debug::{DebugEvent, DebugLog};
 use engine::{Converted, Engine, EngineError, Limits};
@@ -81,6 +84,11 @@ pub enum ConvertError {
     /// thread, and with it the process, down on every restart.
     #[error("converter panicked: {0}")]
     Panicked(String),
+    /// Converting this record ended the process twice (a crash in the script engine, the
+    /// watchdog aborting a script stuck past `WatchdogSec`, an out-of-memory kill); it is given up
+    /// without running again rather than crash-looping the gateway.
+    #[error("converting this record ended the process twice; not run again")]
+    Crashed,
     /// The converter is paused after a timeout on another record, so the record was not run:
     /// transient, retry it when the pause ends (in the duration given).
     #[error("converter paused for {0:?} after a timeout")]
@@ -154,6 +162,7 @@ impl ConvertError {
             ConvertError::OutOfMemory(_) => "out_of_memory",
             ConvertError::InvalidResult(_) => "invalid_result",
             ConvertError::Panicked(_) => "panic",
+            ConvertError::Crashed => "crash",
             ConvertError::Suspended(_) => "suspended",
         }
     }
@@ -448,6 +457,16 @@ pub struct Converters {
     jobs: Option<std::sync::mpsc::Sender<Job>>,
     _thread: Option<std::thread::JoinHandle<()>>,
     by_source: HashMap<String, usize>,
+    /// Marks the converter idle when the gateway stops cleanly.
+    stop: Option<StopHandle>,
+}
+
+impl Drop for Converters {
+    fn drop(&mut self) {
+        if let Some(stop) = &self.stop {
+            stop.stop();
+        }
+    }
 }
 
 /// The converter thread has gone (it panicked); the forwarder must stop and the process restart.
@@ -478,10 +497,13 @@ impl Converters {
                 jobs: None,
                 _thread: None,
                 by_source,
+                stop: None,
             });
         }
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let (loaded_tx, loaded_rx) = std::sync::mpsc::sync_channel(1);
+        let crash = CrashLog::open(&config.gateway.data_dir);
+        let stop = crash.stop_handle();
         let config = config.clone();
         let routes = by_source.clone();
         let thread = std::thread::Builder::new()
@@ -502,6 +524,7 @@ impl Converters {
                     by_source: routes,
                     gateway_id: config.gateway.id.clone(),
                     metrics,
+                    crash,
                 };
                 while let Ok(job) = rx.recv() {
                     let conversions = worker.convert_chunk(&job.chunk);
@@ -519,6 +542,7 @@ impl Converters {
             jobs: Some(tx),
             _thread: Some(thread),
             by_source,
+            stop: Some(stop),
         };
         loaded.map(|()| converters)
     }
@@ -553,11 +577,14 @@ struct Worker {
     by_source: HashMap<String, usize>,
     gateway_id: String,
     metrics: Arc<Metrics>,
+    crash: CrashLog,
 }
 
 impl Worker {
     fn convert_chunk(&mut self, chunk: &ReadChunk) -> Vec<Conversion> {
         let metrics = self.metrics.clone();
+        let range = chunk.info.first_seq..chunk.info.end_seq();
+        self.crash.begin_chunk(&range);
         let conversions = chunk
             .records
             .iter()
@@ -568,7 +595,7 @@ impl Worker {
                 // Timed per record: a chunk of slow but valid records is progress, and a chunk
                 // can take longer than the watchdog interval.
                 let _running = metrics.health.begin(Stage::Conversion);
-                let conversion = self.convert_guarded(i, record);
+                let conversion = self.convert_logged(i, record, &range);
                 let failed = match &conversion {
                     Conversion::Failed { converter, error } => Some((converter, error)),
                     _ => None,
@@ -582,10 +609,23 @@ impl Worker {
                 conversion
             })
             .collect();
+        self.crash.end_chunk(&range);
         for c in &mut self.converters {
             c.debug.flush();
         }
         conversions
+    }
+
+    /// Converts one record unless it ended the process twice (see [`CrashLog`]).
+    fn convert_logged(&mut self, i: usize, record: &Record, chunk: &Range<u64>) -> Conversion {
+        if self.crash.is_poison(record.seq) {
+            return Conversion::Failed {
+                converter: self.converters[i].name.clone(),
+                error: ConvertError::Crashed,
+            };
+        }
+        self.crash.begin_record(record.seq, chunk);
+        self.convert_guarded(i, record)
     }
 
     /// Converts one record; a panic fails this record only (the release profile unwinds).

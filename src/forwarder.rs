@@ -253,6 +253,7 @@ fn drop_reason(error: &ConvertError) -> DropReason {
         ConvertError::OutOfMemory(_) => DropReason::ConverterOutOfMemory,
         ConvertError::InvalidResult(_) => DropReason::ConverterInvalidResult,
         ConvertError::Panicked(_) => DropReason::ConverterPanic,
+        ConvertError::Crashed => DropReason::ConverterCrash,
     }
 }
 

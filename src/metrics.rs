@@ -59,6 +59,8 @@ pub enum DropReason {
     ConverterInvalidResult,
     /// Converting it panicked, and no dead-letter topic is configured.
     ConverterPanic,
+    /// Converting it ended the process twice, and no dead-letter topic is configured.
+    ConverterCrash,
     /// A record nobody acknowledges (a serial frame) that the buffer could not store: a disk
     /// failure, or larger than half of `buffer.max_bytes`.
     NotStored,
@@ -77,6 +79,7 @@ impl DropReason {
             DropReason::ConverterOutOfMemory => "converter_out_of_memory",
             DropReason::ConverterInvalidResult => "converter_invalid_result",
             DropReason::ConverterPanic => "converter_panic",
+            DropReason::ConverterCrash => "converter_crash",
             DropReason::NotStored => "not_stored",
         }
     }
@@ -165,7 +168,7 @@ impl Metrics {
         );
         r.register(
             "converter_errors",
-            "Records a converter failed on, per converter and kind (exception, timeout, out_of_memory, invalid_result, panic); every timeout counts, also those of records retried later",
+            "Records a converter failed on, per converter and kind (exception, timeout, out_of_memory, invalid_result, panic, crash); every timeout counts, also those of records retried later",
             m.converter_errors.clone(),
         );
         r.register(
@@ -209,6 +212,7 @@ impl Metrics {
             DropReason::ConverterOutOfMemory,
             DropReason::ConverterInvalidResult,
             DropReason::ConverterPanic,
+            DropReason::ConverterCrash,
             DropReason::NotStored,
         ]
         .into_iter()

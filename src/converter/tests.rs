@@ -549,11 +549,13 @@ pub(super) const PANIC_PAYLOAD: &[u8] = b"\xffedgegate-test-panic";
 fn a_panic_fails_its_record_only_and_the_converter_goes_on() {
     let (_s, c) = converter("return {deviceName: decodeToString(payload)};");
     let metrics = Arc::new(Metrics::new());
+    let dir = tempfile::tempdir().unwrap();
     let mut worker = Worker {
         converters: vec![c],
         by_source: HashMap::from([("plant".to_owned(), 0)]),
         gateway_id: "gw".into(),
         metrics: metrics.clone(),
+        crash: CrashLog::open(dir.path()),
     };
     let records = vec![
         record_seq(1, b"a"),
