@@ -459,6 +459,8 @@ pub struct Converters {
     by_source: HashMap<String, usize>,
     /// Marks the converter idle when the gateway stops cleanly.
     stop: Option<StopHandle>,
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
 }
 
 impl Drop for Converters {
@@ -469,7 +471,8 @@ impl Drop for Converters {
     }
 }
 
-/// The converter thread has gone (it panicked); the forwarder must stop and the process restart.
+/// The converter thread has gone (it panicked): [`Converters::restart`] it, and convert the chunk
+/// it had again.
 #[derive(Debug, thiserror::Error)]
 #[error("the converter thread stopped")]
 pub struct ConvertersGone;
@@ -492,20 +495,36 @@ impl Converters {
                 Some((name.clone(), i))
             })
             .collect();
-        if by_source.is_empty() {
-            return Ok(Converters {
-                jobs: None,
-                _thread: None,
-                by_source,
-                stop: None,
-            });
+        let mut converters = Converters {
+            jobs: None,
+            _thread: None,
+            by_source,
+            stop: None,
+            config: config.clone(),
+            metrics,
+        };
+        if !converters.by_source.is_empty() {
+            converters.spawn()?;
         }
+        Ok(converters)
+    }
+
+    /// Starts a new converter thread after the last one died; its scripts compiled before.
+    pub fn restart(&mut self) -> Result<(), ConvertersGone> {
+        tracing::error!("the converter thread stopped; starting a new one");
+        self.spawn().map_err(|(_, e)| {
+            tracing::error!(error = %e, "the converter thread cannot be restarted");
+            ConvertersGone
+        })
+    }
+
+    fn spawn(&mut self) -> Result<(), (String, ConverterError)> {
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let (loaded_tx, loaded_rx) = std::sync::mpsc::sync_channel(1);
-        let crash = CrashLog::open(&config.gateway.data_dir);
+        let crash = CrashLog::open(&self.config.gateway.data_dir);
         let stop = crash.stop_handle();
-        let config = config.clone();
-        let routes = by_source.clone();
+        let (config, metrics) = (self.config.clone(), self.metrics.clone());
+        let routes = self.by_source.clone();
         let thread = std::thread::Builder::new()
             .name("edgegate-converter".into())
             .stack_size(engine::THREAD_STACK_BYTES)
@@ -532,19 +551,16 @@ impl Converters {
                 }
             })
             .map_err(|e| ("converters".to_owned(), ConverterError::Thread(e)))?;
-        let loaded = loaded_rx.recv().unwrap_or_else(|_| {
+        loaded_rx.recv().unwrap_or_else(|_| {
             Err((
                 "converters".to_owned(),
                 ConverterError::Thread(std::io::Error::other("converter thread died at start")),
             ))
-        });
-        let converters = Converters {
-            jobs: Some(tx),
-            _thread: Some(thread),
-            by_source,
-            stop: Some(stop),
-        };
-        loaded.map(|()| converters)
+        })?;
+        self.jobs = Some(tx);
+        self._thread = Some(thread);
+        self.stop = Some(stop);
+        Ok(())
     }
 
     /// Whether any record of this chunk comes from a source with a converter.
@@ -582,6 +598,14 @@ struct Worker {
 
 impl Worker {
     fn convert_chunk(&mut self, chunk: &ReadChunk) -> Vec<Conversion> {
+        #[cfg(test)]
+        if chunk
+            .records
+            .iter()
+            .any(|r| r.payload == tests::KILL_THREAD_PAYLOAD)
+        {
+            panic!("a test asked the converter thread to die");
+        }
         let metrics = self.metrics.clone();
         let range = chunk.info.first_seq..chunk.info.end_seq();
         self.crash.begin_chunk(&range);

@@ -30,7 +30,8 @@ pub enum ForwarderError {
     /// The buffer failed underneath; fatal, the disk needs attention.
     #[error(transparent)]
     Buffer(#[from] BufferError),
-    /// The converter thread died; fatal, the process restarts and resends from the buffer.
+    /// The converter thread died again and again (or cannot be restarted); fatal, the process
+    /// restarts and resends from the buffer.
     #[error(transparent)]
     Converter(#[from] ConvertersGone),
 }
@@ -68,6 +69,10 @@ impl LinkState {
 /// drain of 200-byte records: each record in flight added ~1.8 KB of RSS. Counting it makes
 /// `kafka.max_in_flight_bytes` bound memory rather than payload bytes.
 const IN_FLIGHT_RECORD_COST: usize = 1024;
+
+/// Converter thread deaths in a row survived by restarting it: enough for the converter's crash
+/// log to find and skip a record that kills it (two deaths), few enough not to spin.
+const CONVERTER_RESTARTS: u32 = 3;
 
 struct InFlightChunk {
     first_seq: u64,
@@ -156,6 +161,8 @@ struct Forwarder {
     converters: Converters,
     /// One log line per converter per minute for records it failed on.
     converter_logs: HashMap<Arc<str>, RateLimitedLog>,
+    /// Converter thread deaths since the last chunk it converted.
+    converter_restarts: u32,
 }
 
 /// Forwards buffered records to Kafka, through their source's converter where one is configured,
@@ -193,6 +200,7 @@ pub async fn run(
         rejected_log: RateLimitedLog::default(),
         converters,
         converter_logs: HashMap::new(),
+        converter_restarts: 0,
     };
     // Once per process: a broker that does not answer costs the describe's timeout each time.
     let mut described = false;
@@ -376,10 +384,17 @@ impl Forwarder {
             parts: chunk.parts.clone(),
         };
         let (chunk, conversions) = if self.converters.applies_to(&chunk) {
-            tokio::select! {
-                converted = self.converters.convert(chunk) => converted?,
+            let converted = tokio::select! {
+                converted = self.converters.convert(chunk) => converted,
                 // The chunk stays unreleased in the buffer and is sent after the restart.
                 _ = shutdown.cancelled() => return Ok(()),
+            };
+            match converted {
+                Ok(converted) => {
+                    self.converter_restarts = 0;
+                    converted
+                }
+                Err(ConvertersGone) => return self.restart_converters(entry.first_seq),
             }
         } else {
             (chunk, Vec::new())
@@ -436,6 +451,19 @@ impl Forwarder {
             self.rewind
                 .get_or_insert_with(|| "shutdown while sending".into());
         }
+        Ok(())
+    }
+
+    /// The converter thread died with the chunk from `first_seq`: a new thread converts it again
+    /// (one record at a time, see the converter's crash log). Fatal after
+    /// [`CONVERTER_RESTARTS`] deaths in a row: the process restarts and carries on from there.
+    fn restart_converters(&mut self, first_seq: u64) -> Result<(), ForwarderError> {
+        self.converter_restarts += 1;
+        if self.converter_restarts > CONVERTER_RESTARTS {
+            return Err(ConvertersGone.into());
+        }
+        self.converters.restart()?;
+        self.buffer.rewind(first_seq);
         Ok(())
     }
 

@@ -585,3 +585,46 @@ fn a_panic_fails_its_record_only_and_the_converter_goes_on() {
     assert_eq!(names, ["a", "panic", "b"]);
     assert_eq!(metrics.converter_errors_total("test"), 1);
 }
+
+/// A chunk holding this payload makes the converter thread itself panic (outside any record).
+pub(super) const KILL_THREAD_PAYLOAD: &[u8] = b"\xffedgegate-test-kill-thread";
+
+fn chunk_of(records: Vec<Record>) -> ReadChunk {
+    let first_seq = records[0].seq;
+    ReadChunk {
+        info: crate::buffer::ChunkInfo {
+            first_seq,
+            count: records.len() as u32,
+            bytes: 0,
+            first_ms: T,
+            last_ms: T,
+        },
+        records,
+        parts: vec![first_seq],
+    }
+}
+
+#[tokio::test]
+async fn a_dead_converter_thread_is_restarted() {
+    let s = script("return {deviceName: decodeToString(payload)};");
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[gateway]\nid = \"gw\"\ndata_dir = \"{}\"\n[kafka]\nbootstrap_servers = \"127.0.0.1:1\"\n\
+         topic = \"t\"\n[sources.plant]\ntype = \"serial\"\npath = \"/dev/unused\"\n\
+         converter = \"c\"\n[converters.c]\nscript = \"{}\"\n",
+        dir.path().display(),
+        s.config.script.display()
+    );
+    let config = Arc::new(Config::parse(&text, std::path::Path::new("t.toml")).unwrap());
+    let mut converters = Converters::start(&config, Arc::new(Metrics::new())).unwrap();
+    let killing = chunk_of(vec![record_seq(1, KILL_THREAD_PAYLOAD)]);
+    assert!(converters.convert(killing).await.is_err());
+    converters.restart().unwrap();
+    let (_, conversions) = converters
+        .convert(chunk_of(vec![record_seq(2, b"a")]))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&conversions[0], Conversion::Entities { entities, .. } if entities[0].key == "a")
+    );
+}
