@@ -550,6 +550,8 @@ impl Forwarder {
                         _ => DropReason::RejectedByKafka,
                     };
                     self.metrics.count_dropped(reason, 1);
+                    // Refused again after any rewind: neither resend nor count it twice.
+                    self.settled.insert((record.seq, out.part()));
                     self.rejected_log.warn(
                         "record refused by the kafka producer; dropped",
                         &e.to_string(),

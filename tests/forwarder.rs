@@ -404,3 +404,28 @@ async fn records_too_large_for_kafka_are_counted_and_take_no_other_record_with_t
     assert_complete_in_order(&msgs, &["sensors/a".to_owned()], n, false);
     h.stop().await;
 }
+
+/// A record refused locally as too large is counted once, even when its chunk is resent after a
+/// retryable failure of the records around it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_too_large_record_is_counted_once_through_rewinds() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("uplink", 1, 1).unwrap();
+    let refusals = [RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED];
+    cluster.request_errors(RDKafkaApiKey::Produce, &refusals);
+    let mut payloads: Vec<Vec<u8>> = (0..5).map(|i| payload("sensors/a", i, 100)).collect();
+    payloads.push(payload("sensors/a", 1_000_000, 1536 * 1024));
+    payloads.extend((5..10).map(|i| payload("sensors/a", i, 100)));
+    let h = forward_payloads(&cluster.bootstrap_servers(), payloads, "").await;
+    h.wait_drained(Duration::from_secs(60)).await;
+    assert_eq!(h.metrics.dropped(DropReason::TooLarge), 1);
+    assert_eq!(h.metrics.dropped_total(), 1);
+    let msgs = consume_distinct(
+        &cluster.bootstrap_servers(),
+        "uplink",
+        10,
+        Duration::from_secs(30),
+    );
+    assert_complete_in_order(&msgs, &["sensors/a".to_owned()], 10, true);
+    h.stop().await;
+}
