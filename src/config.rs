@@ -64,6 +64,10 @@ pub struct ConverterConfig {
     /// A script running longer than this on one record is interrupted.
     #[serde(default = "default_converter_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// After a timeout the converter pauses this long and tries the record again (a busy machine
+    /// times scripts out too); the third timeout of the same record gives it up.
+    #[serde(default = "default_timeout_retry_delay", with = "humantime_serde")]
+    pub timeout_retry_delay: Duration,
     /// Heap limit of the script's JavaScript runtime.
     #[serde(default = "default_converter_memory")]
     pub memory_limit: ByteSize,
@@ -83,6 +87,7 @@ impl ConverterConfig {
         ConverterConfig {
             script,
             timeout: default_converter_timeout(),
+            timeout_retry_delay: default_timeout_retry_delay(),
             memory_limit: default_converter_memory(),
             debug: DebugMode::Off,
             debug_max_bytes: default_debug_max_bytes(),
@@ -93,6 +98,9 @@ impl ConverterConfig {
 
 fn default_converter_timeout() -> Duration {
     Duration::from_millis(100)
+}
+fn default_timeout_retry_delay() -> Duration {
+    Duration::from_secs(15)
 }
 fn default_converter_memory() -> ByteSize {
     ByteSize::mib(16)
@@ -250,6 +258,11 @@ pub struct KafkaConfig {
     /// How long shutdown waits for in-flight deliveries.
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// The largest Kafka record produced (key, value and headers), and the producer's
+    /// `message.max.bytes`; lowered to the topic's `max.message.bytes` when the broker reports
+    /// less. Sources must not accept payloads that cannot fit ([`KafkaConfig::max_payload_bytes`]).
+    #[serde(default = "default_max_record_bytes")]
+    pub max_record_bytes: ByteSize,
     /// Records the converter cannot convert go here (raw payload, error in a header); without it
     /// they are counted and dropped.
     #[serde(default)]
@@ -264,6 +277,24 @@ pub struct KafkaConfig {
 
 fn yes() -> bool {
     true
+}
+/// Kafka's own default (`message.max.bytes` 1048588 less the 12 bytes of batch framing).
+fn default_max_record_bytes() -> ByteSize {
+    ByteSize::mib(1)
+}
+
+/// Room for what edgegate adds to a payload in Kafka: key (the MQTT topic), headers (gateway, seq,
+/// source, topic or port) and librdkafka's framing, with a topic of up to ~7 KiB.
+pub const RECORD_OVERHEAD: u64 = 16 * 1024;
+
+impl KafkaConfig {
+    /// The largest payload a source may accept so that its record fits `max_record_bytes`; the
+    /// MQTT and serial limits are checked against it, and a source refuses (and counts) more.
+    pub fn max_payload_bytes(&self) -> u64 {
+        self.max_record_bytes
+            .as_u64()
+            .saturating_sub(RECORD_OVERHEAD)
+    }
 }
 fn default_partitions() -> i32 {
     1
@@ -511,7 +542,8 @@ fn default_keep_alive() -> Duration {
     Duration::from_secs(30)
 }
 fn default_max_payload() -> ByteSize {
-    ByteSize::mib(2)
+    // Fits the default kafka.max_record_bytes (1 MiB) with RECORD_OVERHEAD to spare.
+    ByteSize::kib(1000)
 }
 fn default_max_pending() -> usize {
     1000
@@ -593,6 +625,13 @@ impl Config {
         if self.kafka.max_in_flight == 0 {
             return err("kafka.max_in_flight", "must be at least 1");
         }
+        let record = self.kafka.max_record_bytes.as_u64();
+        if !(2 * RECORD_OVERHEAD..=1_000_000_000).contains(&record) {
+            return err(
+                "kafka.max_record_bytes",
+                "must be between 32KiB and 1000000000 (librdkafka's largest message.max.bytes)",
+            );
+        }
         if self.buffer.max_bytes.as_u64() < ByteSize::mib(1).as_u64() {
             return err("buffer.max_bytes", "must be at least 1MiB");
         }
@@ -640,6 +679,7 @@ impl Config {
                 SourceConfig::Mqtt(m) => validate_mqtt(m, &prefix, &self.buffer)?,
                 SourceConfig::Serial(s) => validate_serial(s, &prefix, &self.buffer)?,
             }
+            self.check_fits_kafka(source, &prefix)?;
             if let Some(c) = source.converter() {
                 if !self.converters.contains_key(c) {
                     return Err((
@@ -725,6 +765,29 @@ impl Config {
                 largest.join(", ")
             ),
         ))
+    }
+
+    /// A payload a source accepts must fit one Kafka record: one it acknowledged and Kafka then
+    /// refused would be lost.
+    fn check_fits_kafka(
+        &self,
+        source: &SourceConfig,
+        prefix: &str,
+    ) -> Result<(), (String, String)> {
+        let (key, max) = match source {
+            SourceConfig::Mqtt(m) => ("max_payload_bytes", m.max_payload_bytes),
+            SourceConfig::Serial(s) => ("max_frame_bytes", s.max_frame_bytes),
+        };
+        let fits = self.kafka.max_payload_bytes();
+        if max.as_u64() > fits {
+            return Err((
+                format!("{prefix}.{key}"),
+                format!(
+                    "must be at most kafka.max_record_bytes less {RECORD_OVERHEAD} bytes for key and headers ({fits}); raise kafka.max_record_bytes (and the topic's max.message.bytes) to accept more"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The MQTT client id for a source: configured, or derived from the gateway id.
@@ -1018,6 +1081,27 @@ topics = ["sensors/#", { filter = "cmd/+", qos = 0 }]
         assert!(msg.contains("duplicate"), "{msg}");
         let (key, _, _) = invalid(&MINIMAL.replace("\"mqtt\"", "\"carrier-pigeon\""));
         assert_eq!(key, "sources.plant.type");
+    }
+
+    #[test]
+    fn source_limits_must_fit_one_kafka_record() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.kafka.max_record_bytes, ByteSize::mib(1));
+        let big = MINIMAL.replace(
+            "type = \"mqtt\"",
+            "type = \"mqtt\"\nmax_payload_bytes = \"1MiB\"",
+        );
+        let (key, _, msg) = invalid(&big);
+        assert_eq!(key, "sources.plant.max_payload_bytes");
+        assert!(msg.contains("kafka.max_record_bytes"), "{msg}");
+        let raised = big.replace(
+            "topic = \"t\"",
+            "topic = \"t\"\nmax_record_bytes = \"2MiB\"",
+        );
+        assert_eq!(
+            parse(&raised).unwrap().kafka.max_payload_bytes(),
+            2 * 1024 * 1024 - RECORD_OVERHEAD
+        );
     }
 
     #[test]

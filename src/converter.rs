@@ -5,15 +5,17 @@
 //! script applies to everything still buffered. QuickJS runtimes are not `Send`; all converters
 //! live on one dedicated thread ([`Converters`]) that the forwarder hands whole chunks to.
 
+mod crash;
 mod debug;
 mod engine;
 mod normalize;
 mod read;
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytesize::ByteSize;
 use tokio::sync::oneshot;
@@ -22,7 +24,9 @@ use crate::buffer::ReadChunk;
 use crate::config::{Config, ConverterConfig};
 use crate::metrics::Metrics;
 use crate::record::Record;
+use crate::watchdog::Stage;
 
+use crash::{CrashLog, StopHandle};
 pub use debug::DebugMode;
 use debug::{DebugEvent, DebugLog};
 use engine::{Converted, Engine, EngineError, Limits};
@@ -49,71 +53,102 @@ pub enum ConverterError {
     Thread(std::io::Error),
 }
 
-/// Why one record could not be converted. The record goes to the dead-letter topic when one is
-/// configured, otherwise it is counted and dropped; either way the pipeline moves on.
+/// Why one record could not be converted. [`ConvertError::is_transient`] failures say nothing
+/// about the record: hold it (and everything after it) and convert it again after
+/// [`ConvertError::retry_in`]. The others are the record's own: it goes to the dead-letter topic
+/// when one is configured, otherwise it is counted and dropped, and the pipeline moves on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConvertError {
     /// The script threw an exception.
     #[error("script error: {0}")]
     Exception(String),
-    /// The script ran past its `timeout` and was interrupted.
-    #[error("script timed out after {0:?}")]
+    /// The script ran past its `timeout` on this record [`TIMEOUT_ATTEMPTS`] times, the attempts
+    /// `timeout_retry_delay` apart: it does not finish on this record.
+    #[error("script timed out after {0:?}, {TIMEOUT_ATTEMPTS} times on this record")]
     Timeout(Duration),
+    /// The script ran past its `timeout`, which a busy machine can cause as well as the record:
+    /// transient, retry the record after `retry_in`.
+    #[error("script timed out after {timeout:?}; retried in {retry_in:?}")]
+    TimedOut {
+        timeout: Duration,
+        retry_in: Duration,
+    },
     /// The script allocated past its `memory_limit`.
     #[error("script exceeded its memory limit of {0}")]
     OutOfMemory(ByteSize),
     /// The script returned something that is not a ThingsBoard uplink result.
     #[error("invalid result: {0}")]
     InvalidResult(String),
-    /// The converter timed out on several records in a row and is paused, so that it does not
-    /// hold up every other device; the record is handled like any other failure.
-    #[error("converter suspended for {0:?} after {BREAKER_TIMEOUTS} timeouts in a row")]
+    /// Converting this record panicked (a bug in edgegate or in QuickJS); the runtime is
+    /// recreated and the record given up like a script error, rather than taking the converter
+    /// thread, and with it the process, down on every restart.
+    #[error("converter panicked: {0}")]
+    Panicked(String),
+    /// Converting this record ended the process twice (a crash in the script engine, the
+    /// watchdog aborting a script stuck past `WatchdogSec`, an out-of-memory kill); it is given up
+    /// without running again rather than crash-looping the gateway.
+    #[error("converting this record ended the process twice; not run again")]
+    Crashed,
+    /// The converter is paused after a timeout on another record, so the record was not run:
+    /// transient, retry it when the pause ends (in the duration given).
+    #[error("converter paused for {0:?} after a timeout")]
     Suspended(Duration),
 }
 
-/// Timeouts in a row that suspend a converter, and for how long.
-pub const BREAKER_TIMEOUTS: u32 = 3;
-const BREAKER_PAUSE: Duration = Duration::from_secs(30);
+/// Timeouts of the same record after which the record, not the machine, is to blame.
+pub const TIMEOUT_ATTEMPTS: u32 = 3;
 
-/// Stops a converter that times out on every record from costing its full timeout each time:
-/// one forwarder serves every device, so that would stall them all.
+/// Pauses a converter after a timeout so that the record is tried again later, when a stall of
+/// the machine may be over, and counts the attempts of that record.
 #[derive(Debug, Default)]
 struct Breaker {
-    timeouts_in_a_row: u32,
-    open_until: Option<std::time::Instant>,
+    /// The record that timed out last, and how many times it has.
+    timed_out: Option<(u64, u32)>,
+    paused_until: Option<Instant>,
 }
 
 impl Breaker {
     fn check(&mut self, name: &str) -> Result<(), ConvertError> {
-        match self.open_until {
-            Some(until) if std::time::Instant::now() < until => {
-                Err(ConvertError::Suspended(BREAKER_PAUSE))
-            }
-            Some(_) => {
-                // Half open: one more timeout suspends it again at once.
-                tracing::info!(converter = name, "converter resumed after its pause");
-                self.open_until = None;
-                self.timeouts_in_a_row = BREAKER_TIMEOUTS - 1;
-                Ok(())
-            }
-            None => Ok(()),
+        let Some(until) = self.paused_until else {
+            return Ok(());
+        };
+        let left = until.saturating_duration_since(Instant::now());
+        if !left.is_zero() {
+            return Err(ConvertError::Suspended(left));
         }
+        tracing::info!(converter = name, "converter resumed after its pause");
+        self.paused_until = None;
+        Ok(())
     }
 
-    fn record(&mut self, name: &str, timed_out: bool) {
-        if !timed_out {
-            self.timeouts_in_a_row = 0;
-            return;
+    /// What a timeout of record `seq` means: transient (and a pause) until the same record has
+    /// timed out [`TIMEOUT_ATTEMPTS`] times.
+    fn timed_out(
+        &mut self,
+        name: &str,
+        seq: u64,
+        timeout: Duration,
+        delay: Duration,
+    ) -> ConvertError {
+        let attempts = match self.timed_out {
+            Some((s, n)) if s == seq => n + 1,
+            _ => 1,
+        };
+        if attempts >= TIMEOUT_ATTEMPTS {
+            self.timed_out = None;
+            return ConvertError::Timeout(timeout);
         }
-        self.timeouts_in_a_row += 1;
-        if self.timeouts_in_a_row >= BREAKER_TIMEOUTS {
-            tracing::warn!(
-                converter = name,
-                pause_s = BREAKER_PAUSE.as_secs(),
-                "converter timed out {} times in a row; suspended, its records fail at once",
-                self.timeouts_in_a_row
-            );
-            self.open_until = Some(std::time::Instant::now() + BREAKER_PAUSE);
+        self.timed_out = Some((seq, attempts));
+        self.paused_until = Some(Instant::now() + delay);
+        tracing::warn!(
+            converter = name,
+            attempt = attempts,
+            pause_s = delay.as_secs_f64(),
+            "converter timed out on a record; paused, the record and everything after it wait"
+        );
+        ConvertError::TimedOut {
+            timeout,
+            retry_in: delay,
         }
     }
 }
@@ -123,11 +158,26 @@ impl ConvertError {
     pub fn kind(&self) -> &'static str {
         match self {
             ConvertError::Exception(_) => "exception",
-            ConvertError::Timeout(_) => "timeout",
+            ConvertError::Timeout(_) | ConvertError::TimedOut { .. } => "timeout",
             ConvertError::OutOfMemory(_) => "out_of_memory",
             ConvertError::InvalidResult(_) => "invalid_result",
+            ConvertError::Panicked(_) => "panic",
+            ConvertError::Crashed => "crash",
             ConvertError::Suspended(_) => "suspended",
         }
+    }
+
+    /// When the record must be converted again rather than given up, and after how long.
+    pub fn retry_in(&self) -> Option<Duration> {
+        match self {
+            ConvertError::TimedOut { retry_in, .. } => Some(*retry_in),
+            ConvertError::Suspended(left) => Some(*left),
+            _ => None,
+        }
+    }
+
+    pub fn is_transient(&self) -> bool {
+        self.retry_in().is_some()
     }
 }
 
@@ -166,6 +216,7 @@ pub struct Converter {
     engine: Option<Engine>,
     debug: DebugLog,
     breaker: Breaker,
+    timeout_retry_delay: Duration,
 }
 
 impl Converter {
@@ -204,6 +255,7 @@ impl Converter {
             engine: None,
             debug,
             breaker: Breaker::default(),
+            timeout_retry_delay: config.timeout_retry_delay,
         };
         converter.engine()?;
         Ok(converter)
@@ -261,13 +313,12 @@ impl Converter {
         }
     }
 
-    /// Runs the engine under the breaker; a runtime left in an unknown state is dropped.
+    /// Runs the engine; a runtime left in an unknown state is dropped.
     fn run<R>(
         &mut self,
         call: impl FnOnce(&mut Engine) -> Result<R, EngineError>,
     ) -> Result<R, ConvertError> {
         let limits = self.limits;
-        self.breaker.check(&self.name)?;
         let engine = self
             .engine()
             .map_err(|e| ConvertError::Exception(e.to_string()))?;
@@ -275,8 +326,6 @@ impl Converter {
         if result.as_ref().is_err_and(EngineError::poisons_runtime) {
             self.engine = None;
         }
-        let timed_out = matches!(result, Err(EngineError::Timeout));
-        self.breaker.record(&self.name, timed_out);
         result.map_err(|e| match e {
             EngineError::Timeout => ConvertError::Timeout(limits.timeout),
             EngineError::OutOfMemory => {
@@ -287,10 +336,29 @@ impl Converter {
     }
 
     /// Converts one buffered record, records a debug event, and encodes the entities.
+    /// A paused converter does not run; a timeout pauses it (see [`Breaker`]).
     fn convert_record(&mut self, record: &Record, gateway_id: &str) -> Conversion {
+        #[cfg(test)]
+        if record.payload == tests::PANIC_PAYLOAD {
+            panic!("a test asked for a panic");
+        }
+        if let Err(error) = self.breaker.check(&self.name) {
+            return Conversion::Failed {
+                converter: self.name.clone(),
+                error,
+            };
+        }
         let static_meta = self.static_metadata.clone();
         let meta = script_metadata(&static_meta, &record.source, gateway_id, &record.meta);
-        let result = self.convert(&record.payload, &meta, record.captured_ms);
+        let result = match self.convert(&record.payload, &meta, record.captured_ms) {
+            Err(ConvertError::Timeout(timeout)) => Err(self.breaker.timed_out(
+                &self.name,
+                record.seq,
+                timeout,
+                self.timeout_retry_delay,
+            )),
+            other => other,
+        };
         self.record_debug(record, &meta, &result);
         match result {
             Ok(entities) => Conversion::Entities {
@@ -389,9 +457,22 @@ pub struct Converters {
     jobs: Option<std::sync::mpsc::Sender<Job>>,
     _thread: Option<std::thread::JoinHandle<()>>,
     by_source: HashMap<String, usize>,
+    /// Marks the converter idle when the gateway stops cleanly.
+    stop: Option<StopHandle>,
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
 }
 
-/// The converter thread has gone (it panicked); the forwarder must stop and the process restart.
+impl Drop for Converters {
+    fn drop(&mut self) {
+        if let Some(stop) = &self.stop {
+            stop.stop();
+        }
+    }
+}
+
+/// The converter thread has gone (it panicked): [`Converters::restart`] it, and convert the chunk
+/// it had again.
 #[derive(Debug, thiserror::Error)]
 #[error("the converter thread stopped")]
 pub struct ConvertersGone;
@@ -414,17 +495,36 @@ impl Converters {
                 Some((name.clone(), i))
             })
             .collect();
-        if by_source.is_empty() {
-            return Ok(Converters {
-                jobs: None,
-                _thread: None,
-                by_source,
-            });
+        let mut converters = Converters {
+            jobs: None,
+            _thread: None,
+            by_source,
+            stop: None,
+            config: config.clone(),
+            metrics,
+        };
+        if !converters.by_source.is_empty() {
+            converters.spawn()?;
         }
+        Ok(converters)
+    }
+
+    /// Starts a new converter thread after the last one died; its scripts compiled before.
+    pub fn restart(&mut self) -> Result<(), ConvertersGone> {
+        tracing::error!("the converter thread stopped; starting a new one");
+        self.spawn().map_err(|(_, e)| {
+            tracing::error!(error = %e, "the converter thread cannot be restarted");
+            ConvertersGone
+        })
+    }
+
+    fn spawn(&mut self) -> Result<(), (String, ConverterError)> {
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let (loaded_tx, loaded_rx) = std::sync::mpsc::sync_channel(1);
-        let config = config.clone();
-        let routes = by_source.clone();
+        let crash = CrashLog::open(&self.config.gateway.data_dir);
+        let stop = crash.stop_handle();
+        let (config, metrics) = (self.config.clone(), self.metrics.clone());
+        let routes = self.by_source.clone();
         let thread = std::thread::Builder::new()
             .name("edgegate-converter".into())
             .stack_size(engine::THREAD_STACK_BYTES)
@@ -443,6 +543,7 @@ impl Converters {
                     by_source: routes,
                     gateway_id: config.gateway.id.clone(),
                     metrics,
+                    crash,
                 };
                 while let Ok(job) = rx.recv() {
                     let conversions = worker.convert_chunk(&job.chunk);
@@ -450,18 +551,16 @@ impl Converters {
                 }
             })
             .map_err(|e| ("converters".to_owned(), ConverterError::Thread(e)))?;
-        let loaded = loaded_rx.recv().unwrap_or_else(|_| {
+        loaded_rx.recv().unwrap_or_else(|_| {
             Err((
                 "converters".to_owned(),
                 ConverterError::Thread(std::io::Error::other("converter thread died at start")),
             ))
-        });
-        let converters = Converters {
-            jobs: Some(tx),
-            _thread: Some(thread),
-            by_source,
-        };
-        loaded.map(|()| converters)
+        })?;
+        self.jobs = Some(tx);
+        self._thread = Some(thread);
+        self.stop = Some(stop);
+        Ok(())
     }
 
     /// Whether any record of this chunk comes from a source with a converter.
@@ -494,10 +593,22 @@ struct Worker {
     by_source: HashMap<String, usize>,
     gateway_id: String,
     metrics: Arc<Metrics>,
+    crash: CrashLog,
 }
 
 impl Worker {
     fn convert_chunk(&mut self, chunk: &ReadChunk) -> Vec<Conversion> {
+        #[cfg(test)]
+        if chunk
+            .records
+            .iter()
+            .any(|r| r.payload == tests::KILL_THREAD_PAYLOAD)
+        {
+            panic!("a test asked the converter thread to die");
+        }
+        let metrics = self.metrics.clone();
+        let range = chunk.info.first_seq..chunk.info.end_seq();
+        self.crash.begin_chunk(&range);
         let conversions = chunk
             .records
             .iter()
@@ -505,19 +616,69 @@ impl Worker {
                 let Some(&i) = self.by_source.get(&record.source) else {
                     return Conversion::Raw;
                 };
-                let converter = &mut self.converters[i];
-                let conversion = converter.convert_record(record, &self.gateway_id);
-                if let Conversion::Failed { converter, error } = &conversion {
-                    self.metrics.count_converter_error(converter, error.kind());
+                // Timed per record: a chunk of slow but valid records is progress, and a chunk
+                // can take longer than the watchdog interval.
+                let _running = metrics.health.begin(Stage::Conversion);
+                let conversion = self.convert_logged(i, record, &range);
+                let failed = match &conversion {
+                    Conversion::Failed { converter, error } => Some((converter, error)),
+                    _ => None,
+                };
+                // A paused converter's records did not fail, they wait.
+                if let Some((converter, error)) =
+                    failed.filter(|(_, e)| !matches!(e, ConvertError::Suspended(_)))
+                {
+                    metrics.count_converter_error(converter, error.kind());
                 }
                 conversion
             })
             .collect();
+        self.crash.end_chunk(&range);
         for c in &mut self.converters {
             c.debug.flush();
         }
         conversions
     }
+
+    /// Converts one record unless it ended the process twice (see [`CrashLog`]).
+    fn convert_logged(&mut self, i: usize, record: &Record, chunk: &Range<u64>) -> Conversion {
+        if self.crash.is_poison(record.seq) {
+            return Conversion::Failed {
+                converter: self.converters[i].name.clone(),
+                error: ConvertError::Crashed,
+            };
+        }
+        self.crash.begin_record(record.seq, chunk);
+        self.convert_guarded(i, record)
+    }
+
+    /// Converts one record; a panic fails this record only (the release profile unwinds).
+    fn convert_guarded(&mut self, i: usize, record: &Record) -> Conversion {
+        let converter = &mut self.converters[i];
+        let gateway_id = &self.gateway_id;
+        let converted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            converter.convert_record(record, gateway_id)
+        }));
+        converted.unwrap_or_else(|panic| {
+            let message = panic_message(&*panic);
+            tracing::error!(converter = %converter.name, seq = record.seq, %message,
+                "converter panicked on a record; the record fails, the runtime is recreated");
+            // Whatever the runtime was doing is unfinished; start from a fresh one.
+            converter.engine = None;
+            Conversion::Failed {
+                converter: converter.name.clone(),
+                error: ConvertError::Panicked(message),
+            }
+        })
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-text panic".into())
 }
 
 #[cfg(test)]

@@ -4,9 +4,10 @@
 //! Failures never skip records: a retryable failure stops sending, waits for every outstanding
 //! report, then rewinds the buffer to the oldest unconfirmed chunk and resends from there after a
 //! backoff (duplicates are possible and carry the same `edgegate-seq`). A fatal producer error
-//! replaces the producer and does the same.
+//! replaces the producer and does the same, and so does a converter timeout, which may be a stall
+//! of the machine: the rewind then waits for the converter's pause.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,10 +18,9 @@ use crate::backoff::Backoff;
 use crate::buffer::{Buffer, BufferError, ReadChunk};
 use crate::config::Config;
 use crate::converter::{Conversion, ConvertError, Converters, ConvertersGone};
-use crate::kafka::{ClientEvent, Delivery, Out, Outcome, Sink, SinkError};
+use crate::kafka::{Batching, ClientEvent, Delivery, Out, Outcome, Sink, SinkError};
 use crate::metrics::{DropReason, Metrics};
 use crate::record::{now_ms, Record};
-use crate::watchdog::Stage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForwarderError {
@@ -30,7 +30,8 @@ pub enum ForwarderError {
     /// The buffer failed underneath; fatal, the disk needs attention.
     #[error(transparent)]
     Buffer(#[from] BufferError),
-    /// The converter thread died; fatal, the process restarts and resends from the buffer.
+    /// The converter thread died again and again (or cannot be restarted); fatal, the process
+    /// restarts and resends from the buffer.
     #[error(transparent)]
     Converter(#[from] ConvertersGone),
 }
@@ -68,6 +69,10 @@ impl LinkState {
 /// drain of 200-byte records: each record in flight added ~1.8 KB of RSS. Counting it makes
 /// `kafka.max_in_flight_bytes` bound memory rather than payload bytes.
 const IN_FLIGHT_RECORD_COST: usize = 1024;
+
+/// Converter thread deaths in a row survived by restarting it: enough for the converter's crash
+/// log to find and skip a record that kills it (two deaths), few enough not to spin.
+const CONVERTER_RESTARTS: u32 = 3;
 
 struct InFlightChunk {
     first_seq: u64,
@@ -122,6 +127,8 @@ impl RateLimitedLog {
 enum PumpExit {
     Shutdown,
     Recreate(String),
+    /// Nothing is outstanding and the producer must batch differently ([`Forwarder::batching`]).
+    Rebatch,
 }
 
 struct Forwarder {
@@ -134,12 +141,28 @@ struct Forwarder {
     outstanding_bytes: usize,
     /// Set when a retryable failure was reported: stop sending, rewind once all reports are in.
     rewind: Option<String>,
+    /// How long a converter asked the rewind to wait; the Kafka backoff otherwise.
+    hold_for: Option<Duration>,
+    /// What the producer is (or is to be) created with.
+    batching: Batching,
+    /// After a batch the broker refused as too large, records below this sequence number go one
+    /// per batch, so only the culprit is refused.
+    one_by_one_until: Option<u64>,
+    /// `batching` changed: stop sending and recreate the producer once nothing is outstanding.
+    rebatch: bool,
+    /// Kafka records (seq, part) of chunks not yet released that need no more sending: delivered
+    /// in a chunk that failed (so is resent after the rewind), or refused for good and counted.
+    /// Without it, a converter's hold would resend, and duplicate, everything before the held
+    /// record each time.
+    settled: BTreeSet<(u64, u32)>,
     backoff: Backoff,
     last_progress: Instant,
     rejected_log: RateLimitedLog,
     converters: Converters,
     /// One log line per converter per minute for records it failed on.
     converter_logs: HashMap<Arc<str>, RateLimitedLog>,
+    /// Converter thread deaths since the last chunk it converted.
+    converter_restarts: u32,
 }
 
 /// Forwards buffered records to Kafka, through their source's converter where one is configured,
@@ -151,6 +174,10 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<(), ForwarderError> {
+    let batching = Batching {
+        max_record_bytes: config.kafka.max_record_bytes.as_u64(),
+        one_record_per_batch: false,
+    };
     let mut f = Forwarder {
         link: LinkState {
             state: Link::Unknown,
@@ -163,18 +190,32 @@ pub async fn run(
         outstanding: 0,
         outstanding_bytes: 0,
         rewind: None,
+        hold_for: None,
+        batching,
+        one_by_one_until: None,
+        rebatch: false,
+        settled: BTreeSet::new(),
         backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(30)),
         last_progress: Instant::now(),
         rejected_log: RateLimitedLog::default(),
         converters,
         converter_logs: HashMap::new(),
+        converter_restarts: 0,
     };
+    // Once per process: a broker that does not answer costs the describe's timeout each time.
+    let mut described = false;
     loop {
-        let (sink, (mut deliveries, mut events)) = Sink::new(&f.config)?;
+        let (sink, (mut deliveries, mut events)) = Sink::new(&f.config, f.batching)?;
         let sink = Arc::new(sink);
-        if !f.wait_for_topic(&sink, &shutdown).await {
+        let Some(topic_limit) = f.wait_for_topic(&sink, !described, &shutdown).await else {
             drop_sink(sink).await;
             return f.finish();
+        };
+        described = true;
+        if f.lower_record_limit(topic_limit) {
+            // message.max.bytes is fixed at creation; a batch must not exceed the topic's limit.
+            drop_sink(sink).await;
+            continue;
         }
         match f
             .pump(&sink, &mut deliveries, &mut events, &shutdown)
@@ -196,6 +237,11 @@ pub async fn run(
                     return f.finish();
                 }
             }
+            PumpExit::Rebatch => {
+                drop_sink(sink).await;
+                f.rebatch = false;
+                f.rewind_now();
+            }
         }
     }
 }
@@ -203,6 +249,20 @@ pub async fn run(
 /// Dropping a producer purges and flushes for up to 500 ms; keep that off the async threads.
 async fn drop_sink(sink: Arc<Sink>) {
     let _ = tokio::task::spawn_blocking(move || drop(sink)).await;
+}
+
+/// The deterministic failures; transient ones are held, never dropped.
+fn drop_reason(error: &ConvertError) -> DropReason {
+    match error {
+        ConvertError::Timeout(_) | ConvertError::TimedOut { .. } | ConvertError::Suspended(_) => {
+            DropReason::ConverterTimeout
+        }
+        ConvertError::Exception(_) => DropReason::ConverterException,
+        ConvertError::OutOfMemory(_) => DropReason::ConverterOutOfMemory,
+        ConvertError::InvalidResult(_) => DropReason::ConverterInvalidResult,
+        ConvertError::Panicked(_) => DropReason::ConverterPanic,
+        ConvertError::Crashed => DropReason::ConverterCrash,
+    }
 }
 
 async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationToken) -> bool {
@@ -213,28 +273,49 @@ async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationToken) -> boo
 }
 
 impl Forwarder {
-    /// Returns false when shutdown came first.
-    async fn wait_for_topic(&mut self, sink: &Arc<Sink>, shutdown: &CancellationToken) -> bool {
+    /// True when the topic takes smaller records than the producer is set up for.
+    fn lower_record_limit(&mut self, topic_limit: Option<u64>) -> bool {
+        let current = self.batching.max_record_bytes;
+        let Some(lower) = topic_limit.filter(|&l| l < current) else {
+            return false;
+        };
+        tracing::warn!(
+            topic_max_message_bytes = lower,
+            max_record_bytes = current,
+            "the topic takes smaller records than kafka.max_record_bytes; larger ones are dropped (reason=too_large): raise the topic's max.message.bytes or lower max_record_bytes"
+        );
+        self.batching.max_record_bytes = lower;
+        true
+    }
+
+    /// The topics' lowest `max.message.bytes` if the broker told; `None` when shutdown came first.
+    async fn wait_for_topic(
+        &mut self,
+        sink: &Arc<Sink>,
+        describe: bool,
+        shutdown: &CancellationToken,
+    ) -> Option<Option<u64>> {
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         loop {
             let (s, c) = (sink.clone(), self.config.clone());
             let checked = tokio::select! {
-                r = tokio::task::spawn_blocking(move || s.ensure_topic(&c, Duration::from_secs(5))) => r,
-                _ = shutdown.cancelled() => return false,
+                r = tokio::task::spawn_blocking(move || s.ensure_topic(&c, Duration::from_secs(5), describe)) => r,
+                _ = shutdown.cancelled() => return None,
             };
             match checked {
-                Ok(Ok(())) => return true,
+                Ok(Ok(limit)) => return Some(limit),
                 Ok(Err(e)) => self.link.set(Link::Down(e.to_string())),
                 Err(e) => self.link.set(Link::Down(e.to_string())),
             }
             if !sleep_or_shutdown(backoff.next_delay(), shutdown).await {
-                return false;
+                return None;
             }
         }
     }
 
     fn can_send(&self) -> bool {
         self.rewind.is_none()
+            && !self.rebatch
             && self.outstanding < self.config.kafka.max_in_flight
             && (self.outstanding_bytes as u64) < self.config.kafka.max_in_flight_bytes.as_u64()
     }
@@ -269,10 +350,17 @@ impl Forwarder {
                 }
             }
             if self.rewind.is_some() && self.outstanding == 0 {
+                let delay = match self.hold_for {
+                    Some(hold) => hold,
+                    None => self.backoff.next_delay(),
+                };
                 self.rewind_now();
-                if !sleep_or_shutdown(self.backoff.next_delay(), shutdown).await {
+                if !sleep_or_shutdown(delay, shutdown).await {
                     return Ok(PumpExit::Shutdown);
                 }
+            }
+            if self.rebatch && self.outstanding == 0 {
+                return Ok(PumpExit::Rebatch);
             }
         }
     }
@@ -296,12 +384,17 @@ impl Forwarder {
             parts: chunk.parts.clone(),
         };
         let (chunk, conversions) = if self.converters.applies_to(&chunk) {
-            let metrics = self.metrics.clone();
-            let _running = metrics.health.begin(Stage::Conversion);
-            tokio::select! {
-                converted = self.converters.convert(chunk) => converted?,
+            let converted = tokio::select! {
+                converted = self.converters.convert(chunk) => converted,
                 // The chunk stays unreleased in the buffer and is sent after the restart.
                 _ = shutdown.cancelled() => return Ok(()),
+            };
+            match converted {
+                Ok(converted) => {
+                    self.converter_restarts = 0;
+                    converted
+                }
+                Err(ConvertersGone) => return self.restart_converters(entry.first_seq),
             }
         } else {
             (chunk, Vec::new())
@@ -335,6 +428,10 @@ impl Forwarder {
                     }
                     sent
                 }
+                Conversion::Failed { converter, error } if error.is_transient() => {
+                    self.hold(converter, error, &mut entry);
+                    false
+                }
                 Conversion::Failed { converter, error } => {
                     self.send_failed(sink, record, converter, error, &mut entry, shutdown)
                         .await
@@ -355,6 +452,30 @@ impl Forwarder {
                 .get_or_insert_with(|| "shutdown while sending".into());
         }
         Ok(())
+    }
+
+    /// The converter thread died with the chunk from `first_seq`: a new thread converts it again
+    /// (one record at a time, see the converter's crash log). Fatal after
+    /// [`CONVERTER_RESTARTS`] deaths in a row: the process restarts and carries on from there.
+    fn restart_converters(&mut self, first_seq: u64) -> Result<(), ForwarderError> {
+        self.converter_restarts += 1;
+        if self.converter_restarts > CONVERTER_RESTARTS {
+            return Err(ConvertersGone.into());
+        }
+        self.converters.restart()?;
+        self.buffer.rewind(first_seq);
+        Ok(())
+    }
+
+    /// A record its converter could not convert now (a timeout, a pause): it and everything after
+    /// it wait for the rewind, which comes after the converter's pause, so nothing is given up
+    /// for a stall of the machine. Every source waits with it, to keep the buffer's order.
+    fn hold(&mut self, converter: &Arc<str>, error: &ConvertError, entry: &mut InFlightChunk) {
+        entry.failed = true;
+        let wait = error.retry_in().unwrap_or_default();
+        self.hold_for = Some(self.hold_for.map_or(wait, |w| w.max(wait)));
+        self.rewind
+            .get_or_insert_with(|| format!("converter {converter}: {error}"));
     }
 
     /// A record its converter failed on: to the dead-letter topic, or counted and dropped.
@@ -379,7 +500,7 @@ impl Forwarder {
             .or_default()
             .warn_for(what, converter, &message);
         if !dead_letter {
-            self.metrics.count_dropped(DropReason::ConverterFailed, 1);
+            self.metrics.count_dropped(drop_reason(error), 1);
             return true;
         }
         let out = Out::DeadLetter {
@@ -399,6 +520,9 @@ impl Forwarder {
         entry: &mut InFlightChunk,
         shutdown: &CancellationToken,
     ) -> bool {
+        if self.settled.contains(&(record.seq, out.part())) {
+            return true;
+        }
         loop {
             match sink.send(record, out) {
                 Ok(()) => {
@@ -421,9 +545,17 @@ impl Forwarder {
                     return false;
                 }
                 Err(e) => {
-                    self.metrics.count_dropped(DropReason::RejectedByKafka, 1);
-                    self.rejected_log
-                        .warn("record rejected by kafka producer; dropped", &e.to_string());
+                    let reason = match e {
+                        SinkError::TooLarge(_) => DropReason::TooLarge,
+                        _ => DropReason::RejectedByKafka,
+                    };
+                    self.metrics.count_dropped(reason, 1);
+                    // Refused again after any rewind: neither resend nor count it twice.
+                    self.settled.insert((record.seq, out.part()));
+                    self.rejected_log.warn(
+                        "record refused by the kafka producer; dropped",
+                        &e.to_string(),
+                    );
                     return true;
                 }
             }
@@ -433,6 +565,11 @@ impl Forwarder {
     fn on_delivery(&mut self, d: Delivery) {
         self.outstanding = self.outstanding.saturating_sub(1);
         self.last_progress = Instant::now();
+        // Everything sent so far may share a batch with the record the broker refused.
+        let sent_end = self
+            .in_flight
+            .back()
+            .map_or(d.seq + 1, |c| c.first_seq + u64::from(c.count));
         let idx = self.in_flight.partition_point(|c| c.first_seq <= d.seq);
         let Some(chunk) = idx.checked_sub(1).and_then(|i| self.in_flight.get_mut(i)) else {
             return; // From before a rewind; that chunk is being resent.
@@ -443,6 +580,9 @@ impl Forwarder {
         match d.outcome {
             Outcome::Delivered => {
                 chunk.unconfirmed = chunk.unconfirmed.saturating_sub(1);
+                if chunk.failed {
+                    self.settled.insert((d.seq, d.part));
+                }
                 self.metrics.records_out.inc();
                 let latency = now_ms().saturating_sub(d.captured_ms) as f64 / 1000.0;
                 self.metrics.delivery_latency.observe(latency);
@@ -451,9 +591,27 @@ impl Forwarder {
             }
             Outcome::Rejected(reason) => {
                 chunk.unconfirmed = chunk.unconfirmed.saturating_sub(1);
+                self.settled.insert((d.seq, d.part));
                 self.metrics.count_dropped(DropReason::RejectedByKafka, 1);
                 self.rejected_log
                     .warn("record rejected by kafka; dropped", &reason);
+            }
+            // Resent after the rewind anyway; its outcome then is the one that counts.
+            Outcome::TooLarge(_) if chunk.failed => {}
+            Outcome::TooLarge(reason) if self.batching.one_record_per_batch => {
+                chunk.unconfirmed = chunk.unconfirmed.saturating_sub(1);
+                self.settled.insert((d.seq, d.part));
+                self.metrics.count_dropped(DropReason::TooLarge, 1);
+                self.rejected_log
+                    .warn("record too large for the broker; dropped", &reason);
+            }
+            Outcome::TooLarge(reason) => {
+                chunk.failed = true;
+                tracing::warn!(%reason, "the broker refused a batch as too large; resending its records one per batch");
+                self.rewind.get_or_insert(reason);
+                self.one_by_one_until = Some(sent_end);
+                self.batching.one_record_per_batch = true;
+                self.rebatch = true;
             }
             Outcome::Retry(reason) => {
                 chunk.failed = true;
@@ -476,7 +634,15 @@ impl Forwarder {
                 break;
             }
             self.outstanding_bytes = self.outstanding_bytes.saturating_sub(front.bytes);
+            let end = front.first_seq + u64::from(front.count);
             self.in_flight.pop_front();
+            self.settled = self.settled.split_off(&(end, 0));
+            if self.one_by_one_until.is_some_and(|until| end >= until) {
+                tracing::info!("the batch's records are through; batching again");
+                self.one_by_one_until = None;
+                self.batching.one_record_per_batch = false;
+                self.rebatch = true;
+            }
         }
     }
 
@@ -490,6 +656,7 @@ impl Forwarder {
         self.outstanding = 0;
         self.outstanding_bytes = 0;
         self.rewind = None;
+        self.hold_for = None;
     }
 
     fn check_stall(&mut self) {

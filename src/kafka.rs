@@ -10,7 +10,7 @@ mod reports;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -26,8 +26,11 @@ use crate::record::Record;
 pub enum Outcome {
     /// Written to all in-sync replicas.
     Delivered,
-    /// Kafka will never take it (too large, invalid): retrying cannot help.
+    /// Kafka will never take it (invalid): retrying cannot help.
     Rejected(String),
+    /// The broker refused the record's whole batch as too large. Alone in its batch, the record
+    /// is too large; otherwise any record of the batch may be: resend them one per batch.
+    TooLarge(String),
     /// Not written; send it again after a pause (authorisation, unknown topic, …).
     Retry(String),
     /// Purged from the producer's queue because the producer is being replaced.
@@ -37,6 +40,8 @@ pub enum Outcome {
 #[derive(Debug)]
 pub struct Delivery {
     pub seq: u64,
+    /// Which Kafka record made from the buffered record: the entity index, 0 otherwise.
+    pub part: u32,
     pub captured_ms: u64,
     pub outcome: Outcome,
 }
@@ -58,9 +63,14 @@ pub enum SinkError {
     /// librdkafka's queue is full; wait for deliveries and send again.
     #[error("producer queue full")]
     QueueFull,
-    /// This record can never be produced (for example larger than `message.max.bytes`).
+    /// This record can never be produced (invalid); count it dropped and go on.
     #[error("record rejected: {0}")]
     Rejected(String),
+    /// This record is larger than the producer's limit (`kafka.max_record_bytes`, or the topic's
+    /// `max.message.bytes` when lower): it can never be produced. Count it (`too_large`) and go
+    /// on; refusing it here keeps it out of a produce request the broker would refuse whole.
+    #[error("record too large: {0}")]
+    TooLarge(String),
     /// Not accepted now (for example the topic is not authorised yet); resend it later.
     #[error("record not accepted now: {0}")]
     Retry(String),
@@ -115,6 +125,7 @@ impl ClientContext for SinkContext {
 /// Carried through librdkafka with each message.
 pub struct Opaque {
     seq: u64,
+    part: u32,
     captured_ms: u64,
 }
 
@@ -128,6 +139,7 @@ impl ProducerContext for SinkContext {
         };
         let _ = self.deliveries.send(Delivery {
             seq: opaque.seq,
+            part: opaque.part,
             captured_ms: opaque.captured_ms,
             outcome,
         });
@@ -137,9 +149,9 @@ impl ProducerContext for SinkContext {
 fn classify(e: &KafkaError) -> Outcome {
     match e.rdkafka_error_code() {
         Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight) => Outcome::Purged,
+        Some(RDKafkaErrorCode::MessageSizeTooLarge) => Outcome::TooLarge(e.to_string()),
         Some(
-            RDKafkaErrorCode::MessageSizeTooLarge
-            | RDKafkaErrorCode::InvalidMessageSize
+            RDKafkaErrorCode::InvalidMessageSize
             | RDKafkaErrorCode::InvalidMessage
             | RDKafkaErrorCode::InvalidRecord
             | RDKafkaErrorCode::BadMessage,
@@ -149,8 +161,9 @@ fn classify(e: &KafkaError) -> Outcome {
 }
 
 /// edgegate's producer settings; `[kafka.properties]` may override all but the guarantees, which
-/// `check` refuses to weaken.
-fn producer_config(config: &Config) -> ClientConfig {
+/// `check` refuses to weaken. `max_record_bytes` caps each record and each produce batch.
+fn producer_config(config: &Config, batching: Batching) -> ClientConfig {
+    let max_record_bytes = batching.max_record_bytes;
     let k = &config.kafka;
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &k.bootstrap_servers)
@@ -166,9 +179,11 @@ fn producer_config(config: &Config) -> ClientConfig {
         .set(
             "queue.buffering.max.kbytes",
             // Headroom over our own limit for headers and one record of up to message.max.bytes.
-            (k.max_in_flight_bytes.as_u64() / 1024 + 16 * 1024 + 1024).to_string(),
+            (k.max_in_flight_bytes.as_u64() / 1024 + max_record_bytes / 1024 + 1024).to_string(),
         )
-        .set("message.max.bytes", "16777216")
+        // A record above it is refused by `send`, alone; a batch never exceeds it, so the broker
+        // never refuses a whole batch for one record.
+        .set("message.max.bytes", max_record_bytes.to_string())
         .set("linger.ms", "5")
         .set("socket.keepalive.enable", "true")
         .set("socket.timeout.ms", "10000")
@@ -179,12 +194,32 @@ fn producer_config(config: &Config) -> ClientConfig {
     for (key, value) in config.kafka_properties() {
         c.set(key, value);
     }
+    if batching.one_record_per_batch {
+        c.set("batch.num.messages", "1");
+    }
     c
+}
+
+/// How the producer cuts records into produce batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    /// librdkafka's `message.max.bytes`: the largest record, and the largest batch.
+    pub max_record_bytes: u64,
+    /// Every record in a batch of its own, so that a broker refusing a batch as too large
+    /// refuses that one record only.
+    pub one_record_per_batch: bool,
 }
 
 /// Properties that would break the no-loss guarantee if a user overrode them.
 pub fn check_guarantees(config: &Config) -> Result<(), (String, String)> {
     for (key, value) in config.kafka_properties() {
+        if key == "message.max.bytes" {
+            return Err((
+                format!("kafka.properties.{key}"),
+                "set kafka.max_record_bytes instead: the sources' limits are checked against it"
+                    .into(),
+            ));
+        }
         let bad = match key.as_str() {
             "acks" | "request.required.acks" => !matches!(value.as_str(), "all" | "-1"),
             "enable.idempotence" => value != "true",
@@ -200,7 +235,11 @@ pub fn check_guarantees(config: &Config) -> Result<(), (String, String)> {
     // Let librdkafka itself validate every property name and value now, not at the first send.
     let (tx, _) = mpsc::unbounded_channel();
     let (etx, _) = mpsc::unbounded_channel();
-    producer_config(config)
+    let batching = Batching {
+        max_record_bytes: config.kafka.max_record_bytes.as_u64(),
+        one_record_per_batch: false,
+    };
+    producer_config(config, batching)
         .create_with_context::<_, BaseProducer<SinkContext>>(SinkContext {
             deliveries: tx,
             events: etx,
@@ -234,17 +273,29 @@ pub enum Out<'a> {
     DeadLetter { converter: &'a str, error: &'a str },
 }
 
+impl Out<'_> {
+    /// Tells the Kafka records made from one buffered record apart (see [`Delivery::part`]).
+    pub fn part(&self) -> u32 {
+        match self {
+            Out::Entity { index, .. } => u32::try_from(*index).unwrap_or(u32::MAX),
+            Out::Raw | Out::DeadLetter { .. } => 0,
+        }
+    }
+}
+
 pub type Receivers = (
     mpsc::UnboundedReceiver<Delivery>,
     mpsc::UnboundedReceiver<ClientEvent>,
 );
 
 impl Sink {
-    pub fn new(config: &Config) -> Result<(Sink, Receivers), SinkError> {
+    /// A producer that refuses records above `batching.max_record_bytes` (see
+    /// [`SinkError::TooLarge`]).
+    pub fn new(config: &Config, batching: Batching) -> Result<(Sink, Receivers), SinkError> {
         let (deliveries, drx) = mpsc::unbounded_channel();
         let (events, erx) = mpsc::unbounded_channel();
         let producer: Arc<BaseProducer<SinkContext>> = Arc::new(
-            producer_config(config)
+            producer_config(config, batching)
                 .create_with_context(SinkContext { deliveries, events })
                 .map_err(SinkError::Config)?,
         );
@@ -306,6 +357,7 @@ impl Sink {
         }
         let opaque = Box::new(Opaque {
             seq: record.seq,
+            part: out.part(),
             captured_ms: record.captured_ms,
         });
         let mut message = BaseRecord::with_opaque_to(topic, opaque)
@@ -316,12 +368,17 @@ impl Sink {
             message = message.key(key);
         }
         self.producer.send(message).map_err(|(e, _)| {
-            if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) {
-                return SinkError::QueueFull;
+            match e.rdkafka_error_code() {
+                Some(RDKafkaErrorCode::QueueFull) => return SinkError::QueueFull,
+                Some(RDKafkaErrorCode::MessageSizeTooLarge) => {
+                    return SinkError::TooLarge(e.to_string())
+                }
+                _ => {}
             }
             // The rule of delivery reports: only a record Kafka can never take is given up.
             match classify(&e) {
                 Outcome::Rejected(reason) => SinkError::Rejected(reason),
+                Outcome::TooLarge(reason) => SinkError::TooLarge(reason),
                 Outcome::Retry(reason) => SinkError::Retry(reason),
                 Outcome::Delivered | Outcome::Purged => SinkError::Retry(e.to_string()),
             }
@@ -338,12 +395,25 @@ impl Sink {
     }
 
     /// Makes sure the topic (and the dead-letter topic) exist, creating them when
-    /// `create_topic` is set. Blocking.
-    pub fn ensure_topic(&self, config: &Config, timeout: Duration) -> Result<(), SinkError> {
+    /// `create_topic` is set, and with `describe` returns the lowest `max.message.bytes` among
+    /// them when the broker tells. Blocking.
+    pub fn ensure_topic(
+        &self,
+        config: &Config,
+        timeout: Duration,
+        describe: bool,
+    ) -> Result<Option<u64>, SinkError> {
+        let mut limit: Option<u64> = None;
         for topic in std::iter::once(&self.topic).chain(&self.dead_letter_topic) {
             self.ensure_one_topic(config, topic, timeout)?;
+            if !describe {
+                continue;
+            }
+            if let Some(l) = topic_limit(config, topic, timeout) {
+                limit = Some(limit.map_or(l, |m| m.min(l)));
+            }
         }
-        Ok(())
+        Ok(limit)
     }
 
     fn ensure_one_topic(
@@ -393,25 +463,54 @@ fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a [u8]> {
     }
 }
 
-fn create_topic(config: &Config, topic: &str, timeout: Duration) -> Result<(), String> {
+fn admin_client(config: &Config) -> Result<AdminClient<DefaultClientContext>, String> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.kafka.bootstrap_servers);
     for (key, value) in config.kafka_properties() {
         c.set(key, value);
     }
-    let admin: AdminClient<DefaultClientContext> = c.create().map_err(|e| e.to_string())?;
+    c.create().map_err(|e| e.to_string())
+}
+
+/// Admin calls are async; these run on a blocking thread of their own.
+fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, String> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?
+        .block_on(f))
+}
+
+/// The topic's `max.message.bytes` (Kafka reports the broker's default when the topic has none of
+/// its own). `None` when the broker does not answer: the configured limit stands.
+fn topic_limit(config: &Config, topic: &str, timeout: Duration) -> Option<u64> {
+    let admin = admin_client(config).ok()?;
+    let opts = AdminOptions::new().request_timeout(Some(timeout));
+    let resource = ResourceSpecifier::Topic(topic);
+    let described = block_on(admin.describe_configs([&resource], &opts))
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    let results = match described {
+        Ok(results) => results,
+        Err(e) => {
+            tracing::debug!(topic, error = %e, "describe configs failed; using kafka.max_record_bytes");
+            return None;
+        }
+    };
+    results.into_iter().find_map(|r| {
+        let value = r.ok()?.get("max.message.bytes")?.value.clone()?;
+        value.trim().parse().ok()
+    })
+}
+
+fn create_topic(config: &Config, topic: &str, timeout: Duration) -> Result<(), String> {
+    let admin = admin_client(config)?;
     let new = NewTopic::new(
         topic,
         config.kafka.topic_partitions,
         TopicReplication::Fixed(config.kafka.topic_replication_factor),
     );
     let opts = AdminOptions::new().operation_timeout(Some(timeout));
-    let results = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?
-        .block_on(admin.create_topics([&new], &opts))
-        .map_err(|e| e.to_string())?;
+    let results = block_on(admin.create_topics([&new], &opts))?.map_err(|e| e.to_string())?;
     for r in results {
         match r {
             Ok(_) => tracing::info!(topic, "created kafka topic"),
@@ -431,6 +530,10 @@ mod tests {
         let e = |c| KafkaError::MessageProduction(c);
         assert!(matches!(
             classify(&e(RDKafkaErrorCode::MessageSizeTooLarge)),
+            Outcome::TooLarge(_)
+        ));
+        assert!(matches!(
+            classify(&e(RDKafkaErrorCode::InvalidRecord)),
             Outcome::Rejected(_)
         ));
         assert!(matches!(
@@ -459,6 +562,10 @@ mod tests {
             check_guarantees(&config_with("\"enable.idempotence\" = false")).unwrap_err();
         assert_eq!(key, "kafka.properties.enable.idempotence");
         check_guarantees(&config_with("\"compression.type\" = \"lz4\"")).unwrap();
+        let (key, msg) =
+            check_guarantees(&config_with("\"message.max.bytes\" = 16777216")).unwrap_err();
+        assert_eq!(key, "kafka.properties.message.max.bytes");
+        assert!(msg.contains("kafka.max_record_bytes"), "{msg}");
     }
 
     #[test]

@@ -42,18 +42,30 @@ pub enum DropReason {
     BufferFull,
     /// Older than `buffer.max_age`.
     MaxAge,
-    /// Kafka refused it permanently (too large, invalid).
+    /// Kafka refused it permanently (invalid, or a batch the broker found too large).
     RejectedByKafka,
+    /// Larger than one Kafka record may be (`kafka.max_record_bytes`, or the topic's
+    /// `max.message.bytes` when lower), refused alone before it could take a batch with it; or an
+    /// MQTT message over the source's `max_payload_bytes`, acknowledged so that it is not
+    /// redelivered forever.
+    TooLarge,
     /// Its chunk on disk did not decode.
     Corrupt,
-    /// The converter failed on it and no dead-letter topic is configured.
-    ConverterFailed,
+    /// Its converter threw on it, and no dead-letter topic is configured.
+    ConverterException,
+    /// Its converter timed out on it three times, and no dead-letter topic is configured.
+    ConverterTimeout,
+    /// Its converter ran out of memory on it, and no dead-letter topic is configured.
+    ConverterOutOfMemory,
+    /// Its converter returned no valid result for it, and no dead-letter topic is configured.
+    ConverterInvalidResult,
+    /// Converting it panicked, and no dead-letter topic is configured.
+    ConverterPanic,
+    /// Converting it ended the process twice, and no dead-letter topic is configured.
+    ConverterCrash,
     /// A record nobody acknowledges (a serial frame) that the buffer could not store: a disk
     /// failure, or larger than half of `buffer.max_bytes`.
     NotStored,
-    /// An MQTT message over the source's `max_payload_bytes`; acknowledged so that it is not
-    /// redelivered forever.
-    TooLarge,
 }
 
 impl DropReason {
@@ -62,10 +74,15 @@ impl DropReason {
             DropReason::BufferFull => "buffer_full",
             DropReason::MaxAge => "max_age",
             DropReason::RejectedByKafka => "rejected_by_kafka",
-            DropReason::Corrupt => "corrupt",
-            DropReason::ConverterFailed => "converter_failed",
-            DropReason::NotStored => "not_stored",
             DropReason::TooLarge => "too_large",
+            DropReason::Corrupt => "corrupt",
+            DropReason::ConverterException => "converter_exception",
+            DropReason::ConverterTimeout => "converter_timeout",
+            DropReason::ConverterOutOfMemory => "converter_out_of_memory",
+            DropReason::ConverterInvalidResult => "converter_invalid_result",
+            DropReason::ConverterPanic => "converter_panic",
+            DropReason::ConverterCrash => "converter_crash",
+            DropReason::NotStored => "not_stored",
         }
     }
 }
@@ -169,7 +186,7 @@ impl Metrics {
         );
         r.register(
             "converter_errors",
-            "Records a converter failed on, per converter and kind (exception, timeout, out_of_memory, invalid_result, suspended)",
+            "Records a converter failed on, per converter and kind (exception, timeout, out_of_memory, invalid_result, panic, crash); every timeout counts, also those of records retried later",
             m.converter_errors.clone(),
         );
         r.register(
@@ -206,8 +223,14 @@ impl Metrics {
             DropReason::BufferFull,
             DropReason::MaxAge,
             DropReason::RejectedByKafka,
+            DropReason::TooLarge,
             DropReason::Corrupt,
-            DropReason::ConverterFailed,
+            DropReason::ConverterException,
+            DropReason::ConverterTimeout,
+            DropReason::ConverterOutOfMemory,
+            DropReason::ConverterInvalidResult,
+            DropReason::ConverterPanic,
+            DropReason::ConverterCrash,
             DropReason::NotStored,
             DropReason::TooLarge,
         ]
@@ -231,7 +254,7 @@ impl Metrics {
             "timeout",
             "out_of_memory",
             "invalid_result",
-            "suspended",
+            "panic",
         ]
         .into_iter()
         .map(|kind| {

@@ -1,8 +1,8 @@
 //! systemd integration: READY=1 once sources and buffer are open, and WATCHDOG=1 pings fed by the
 //! pipeline's own health rather than a blind timer.
 //!
-//! A stage is stalled when an operation that should take milliseconds (a buffer commit, a chunk
-//! conversion) has been in progress for longer than the watchdog interval. Waiting for a down
+//! A stage is stalled when an operation that should take milliseconds (a buffer commit, one
+//! record's conversion) has been in progress for longer than the watchdog interval. Waiting for a down
 //! uplink or for buffer space is not a stall: a restart would not fix either. While a stage is
 //! stalled no pings go out, so systemd restarts the service; the buffer keeps every record.
 
@@ -20,7 +20,8 @@ use crate::record::now_ms;
 pub enum Stage {
     /// Writing and flushing a commit to disk.
     BufferCommit,
-    /// Converting a chunk of records with the JavaScript converters.
+    /// Converting one record with its JavaScript converter. Timed per record, not per chunk: a
+    /// chunk of up to 1,024 slow but valid records may take longer than the watchdog interval.
     Conversion,
 }
 

@@ -152,7 +152,7 @@ async fn failing_records_go_to_the_dead_letter_topic_and_the_rest_keeps_flowing(
         &kafka.bootstrap(),
         MOODY_DECODER,
         "dead_letter_topic = \"uplink.dlq\"",
-        "timeout = \"200ms\"",
+        "timeout = \"200ms\"\ntimeout_retry_delay = \"1s\"",
     )
     .await;
     let bad = ["throw", "loop", "oom", "deep", "number", "undefined"];
@@ -250,7 +250,7 @@ async fn without_a_dead_letter_topic_failures_are_counted_logged_once_and_debugg
         "{metrics}"
     );
     assert!(
-        metrics.contains("edgegate_records_dropped_total{reason=\"converter_failed\"} 5"),
+        metrics.contains("edgegate_records_dropped_total{reason=\"converter_exception\"} 5"),
         "{metrics}"
     );
     assert_eq!(gw.count("converter failed on a record"), 1, "{}", gw.log());
@@ -274,4 +274,96 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64
+}
+
+/// Waits until `marker` has held the same text starting with `prefix` for half a second: the
+/// converter is stuck on what it names.
+fn wait_stuck(marker: &Path, prefix: &str, gw: &Gateway) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen: Option<(String, Instant)> = None;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "converter never stuck on {prefix:?}; log:\n{}",
+            gw.log()
+        );
+        let text = std::fs::read_to_string(marker).unwrap_or_default();
+        match &seen {
+            Some((t, since)) if *t == text && text.starts_with(prefix) => {
+                if since.elapsed() > Duration::from_millis(500) {
+                    return text;
+                }
+            }
+            _ => seen = Some((text, Instant::now())),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A record whose conversion ends the process (here the process is killed while the script hangs
+/// on it, as the watchdog would) ends it twice at most: the next run gives it up, counted, and
+/// forwards the records around it instead of crash-looping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_that_ends_the_process_twice_is_given_up_instead_of_crash_looping() {
+    let mqtt = Mosquitto::start();
+    let kafka = Tansu::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = converter_config(
+        dir.path(),
+        mqtt.port,
+        &kafka.bootstrap(),
+        MOODY_DECODER,
+        "",
+        "timeout = \"120s\"",
+    );
+    let text = std::fs::read_to_string(&config).unwrap();
+    let admin_port = free_port();
+    std::fs::write(
+        &config,
+        format!("[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n{text}"),
+    )
+    .unwrap();
+    let mut gw = Gateway::start(&config);
+    gw.wait_for("mqtt subscribed", Duration::from_secs(10));
+    let publisher = Publisher::connect(mqtt.port, "dev").await;
+    for cmd in ["1", "loop", "2"] {
+        publisher
+            .publish("sensors/x", cmd.as_bytes().to_vec())
+            .await;
+    }
+    publisher.wait_acked(3, Duration::from_secs(10)).await;
+    let marker = dir.path().join("data/converter.inflight");
+
+    wait_stuck(&marker, "chunk", &gw);
+    gw.kill9();
+    gw.restart();
+    gw.wait_for("converting them one by one", Duration::from_secs(15));
+    let named = wait_stuck(&marker, "record", &gw);
+    gw.kill9();
+    gw.restart();
+    gw.wait_for("it is given up", Duration::from_secs(15));
+
+    let good = consume(&kafka.bootstrap(), "uplink", 2, Duration::from_secs(30));
+    let mut keys: Vec<String> = good
+        .iter()
+        .map(|m| String::from_utf8_lossy(m.key.as_deref().unwrap_or_default()).into_owned())
+        .collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(
+        keys,
+        ["dev-1", "dev-2"],
+        "marker was {named:?}; log:\n{}",
+        gw.log()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, metrics) = http_get(admin_port, "/metrics");
+        if metrics.contains("edgegate_records_dropped_total{reason=\"converter_crash\"} 1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{metrics}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    gw.kill9();
 }

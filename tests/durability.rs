@@ -36,6 +36,13 @@ async fn every_puback_follows_a_sync_of_every_file_that_holds_its_record() {
     // Kafka is unreachable: records stay in the buffer and only the append path writes.
     let extra = "max_payload_bytes = \"3MiB\"\n[buffer]\nmax_bytes = \"64MiB\"\n";
     let config = write_config(dir.path(), broker.port, "127.0.0.1:9", "t", extra);
+    // A record this large must fit one Kafka record too.
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text.replace(
+        "topic = \"t\"",
+        "topic = \"t\"\nmax_record_bytes = \"4MiB\"",
+    );
+    std::fs::write(&config, text).unwrap();
     let trace = dir.path().join("strace.out");
     let (tracer, lines) = start_traced(&config, &trace);
     wait_for_line(&lines, "mqtt subscribed");

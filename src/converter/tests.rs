@@ -23,6 +23,7 @@ fn script(body: &str) -> Script {
         config: ConverterConfig {
             script: path,
             timeout: Duration::from_millis(100),
+            timeout_retry_delay: Duration::from_secs(30),
             memory_limit: ByteSize::mib(16),
             debug: DebugMode::Off,
             debug_max_bytes: ByteSize::mib(1),
@@ -383,52 +384,52 @@ fn results_read_directly_match_json_stringify() {
         .contains("TypeError"));
 }
 
-#[test]
-fn a_converter_timing_out_again_and_again_is_suspended_then_retried() {
-    let (_s, mut c) =
-        converter("if (payload[0] === 0x6c) { while (true) {} } return {deviceName: 'ok'};");
-    for _ in 0..BREAKER_TIMEOUTS {
-        assert!(matches!(
-            c.convert(b"loop", &[], T),
-            Err(ConvertError::Timeout(_))
-        ));
+fn record_seq(seq: u64, payload: &[u8]) -> Record {
+    Record {
+        seq,
+        ..record(payload)
     }
-    // Suspended: fails at once, without running, good records included.
-    let started = Instant::now();
-    assert!(matches!(
-        c.convert(b"fine", &[], T),
-        Err(ConvertError::Suspended(_))
-    ));
-    assert!(started.elapsed() < Duration::from_millis(20));
-    // After the pause one record runs again; a good one closes the breaker for good.
-    c.breaker.open_until = Some(Instant::now());
-    assert_eq!(c.convert(b"fine", &[], T).unwrap()[0].name, "ok");
-    assert!(matches!(
-        c.convert(b"loop", &[], T),
-        Err(ConvertError::Timeout(_))
-    ));
-    assert!(
-        c.convert(b"fine", &[], T).is_ok(),
-        "one timeout after recovery must not suspend"
-    );
+}
+
+fn failure(c: &mut Converter, r: &Record) -> Option<ConvertError> {
+    match c.convert_record(r, "gw") {
+        Conversion::Failed { error, .. } => Some(error),
+        _ => None,
+    }
+}
+
+const LOOPS_ON_L: &str = "if (payload[0] === 0x6c) { while (true) {} } return {deviceName: 'ok'};";
+
+#[test]
+fn a_timeout_pauses_the_converter_and_only_the_third_of_one_record_gives_it_up() {
+    let (_s, mut c) = converter(LOOPS_ON_L);
+    let (hangs, fine) = (record_seq(7, b"loop"), record_seq(8, b"fine"));
+    for attempt in 1..TIMEOUT_ATTEMPTS {
+        let error = failure(&mut c, &hangs).unwrap();
+        assert!(error.is_transient(), "attempt {attempt}: {error}");
+        assert_eq!(error.retry_in(), Some(Duration::from_secs(30)));
+        // Paused: records wait without running, good ones included.
+        let started = Instant::now();
+        let waiting = failure(&mut c, &fine).unwrap();
+        assert!(matches!(waiting, ConvertError::Suspended(_)), "{waiting}");
+        assert!(waiting.is_transient());
+        assert!(started.elapsed() < Duration::from_millis(20));
+        c.breaker.paused_until = Some(Instant::now());
+    }
+    let given_up = failure(&mut c, &hangs).unwrap();
+    assert!(matches!(given_up, ConvertError::Timeout(_)), "{given_up}");
+    assert!(!given_up.is_transient());
+    assert_eq!(failure(&mut c, &fine), None);
 }
 
 #[test]
-fn a_timeout_right_after_the_pause_suspends_again_at_once() {
-    let (_s, mut c) =
-        converter("if (payload[0] === 0x6c) { while (true) {} } return {deviceName: 'ok'};");
-    for _ in 0..BREAKER_TIMEOUTS {
-        let _ = c.convert(b"loop", &[], T);
+fn timeouts_of_different_records_are_each_transient() {
+    let (_s, mut c) = converter(LOOPS_ON_L);
+    for seq in 0..5 {
+        let error = failure(&mut c, &record_seq(seq, b"loop")).unwrap();
+        assert!(error.is_transient(), "record {seq}: {error}");
+        c.breaker.paused_until = Some(Instant::now());
     }
-    c.breaker.open_until = Some(Instant::now());
-    assert!(matches!(
-        c.convert(b"loop", &[], T),
-        Err(ConvertError::Timeout(_))
-    ));
-    assert!(matches!(
-        c.convert(b"fine", &[], T),
-        Err(ConvertError::Suspended(_))
-    ));
 }
 
 /// What `Engine::convert` did with a result.
@@ -539,4 +540,91 @@ fn metadata_keys_kept_as_atoms_carry_each_records_own_values() {
         assert_eq!(out["k0"], format!("k0-{round}"));
         assert_eq!(out["k79"], format!("k79-{round}"));
     }
+}
+
+/// A payload that makes `convert_record` panic, to stand for a bug in the conversion.
+pub(super) const PANIC_PAYLOAD: &[u8] = b"\xffedgegate-test-panic";
+
+#[test]
+fn a_panic_fails_its_record_only_and_the_converter_goes_on() {
+    let (_s, c) = converter("return {deviceName: decodeToString(payload)};");
+    let metrics = Arc::new(Metrics::new());
+    let dir = tempfile::tempdir().unwrap();
+    let mut worker = Worker {
+        converters: vec![c],
+        by_source: HashMap::from([("plant".to_owned(), 0)]),
+        gateway_id: "gw".into(),
+        metrics: metrics.clone(),
+        crash: CrashLog::open(dir.path()),
+    };
+    let records = vec![
+        record_seq(1, b"a"),
+        record_seq(2, PANIC_PAYLOAD),
+        record_seq(3, b"b"),
+    ];
+    let chunk = ReadChunk {
+        info: crate::buffer::ChunkInfo {
+            first_seq: 1,
+            count: 3,
+            bytes: 0,
+            first_ms: T,
+            last_ms: T,
+        },
+        records,
+        parts: vec![1],
+    };
+    let conversions = worker.convert_chunk(&chunk);
+    let names: Vec<String> = conversions
+        .iter()
+        .map(|c| match c {
+            Conversion::Entities { entities, .. } => entities[0].key.clone(),
+            Conversion::Failed { error, .. } => error.kind().to_owned(),
+            Conversion::Raw => "raw".into(),
+        })
+        .collect();
+    assert_eq!(names, ["a", "panic", "b"]);
+    assert_eq!(metrics.converter_errors_total("test"), 1);
+}
+
+/// A chunk holding this payload makes the converter thread itself panic (outside any record).
+pub(super) const KILL_THREAD_PAYLOAD: &[u8] = b"\xffedgegate-test-kill-thread";
+
+fn chunk_of(records: Vec<Record>) -> ReadChunk {
+    let first_seq = records[0].seq;
+    ReadChunk {
+        info: crate::buffer::ChunkInfo {
+            first_seq,
+            count: records.len() as u32,
+            bytes: 0,
+            first_ms: T,
+            last_ms: T,
+        },
+        records,
+        parts: vec![first_seq],
+    }
+}
+
+#[tokio::test]
+async fn a_dead_converter_thread_is_restarted() {
+    let s = script("return {deviceName: decodeToString(payload)};");
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[gateway]\nid = \"gw\"\ndata_dir = \"{}\"\n[kafka]\nbootstrap_servers = \"127.0.0.1:1\"\n\
+         topic = \"t\"\n[sources.plant]\ntype = \"serial\"\npath = \"/dev/unused\"\n\
+         converter = \"c\"\n[converters.c]\nscript = \"{}\"\n",
+        dir.path().display(),
+        s.config.script.display()
+    );
+    let config = Arc::new(Config::parse(&text, std::path::Path::new("t.toml")).unwrap());
+    let mut converters = Converters::start(&config, Arc::new(Metrics::new())).unwrap();
+    let killing = chunk_of(vec![record_seq(1, KILL_THREAD_PAYLOAD)]);
+    assert!(converters.convert(killing).await.is_err());
+    converters.restart().unwrap();
+    let (_, conversions) = converters
+        .convert(chunk_of(vec![record_seq(2, b"a")]))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&conversions[0], Conversion::Entities { entities, .. } if entities[0].key == "a")
+    );
 }

@@ -170,6 +170,7 @@ mod tests {
         for seq in 0..3 {
             let opaque = Box::new(super::super::Opaque {
                 seq,
+                part: 0,
                 captured_ms: 0,
             });
             producer

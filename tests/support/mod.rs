@@ -185,8 +185,19 @@ impl Tansu {
     }
 
     pub fn create_topic(&self, name: &str, partitions: u32) {
-        let status = Command::new(program("tansu"))
-            .args(["topic", "create", name, "--partitions"])
+        self.create_topic_with(name, partitions, &[]);
+    }
+
+    /// With topic configs such as `("max.message.bytes", "300000")` (Tansu stores and describes
+    /// them; it does not enforce them).
+    pub fn create_topic_with(&self, name: &str, partitions: u32, configs: &[(&str, &str)]) {
+        let mut command = Command::new(program("tansu"));
+        command.args(["topic", "create", name]);
+        for (key, value) in configs {
+            command.arg("--config").arg(format!("{key}={value}"));
+        }
+        let status = command
+            .arg("--partitions")
             .arg(partitions.to_string())
             .arg("--broker")
             .arg(format!("tcp://127.0.0.1:{}", self.port))
