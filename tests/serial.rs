@@ -197,6 +197,24 @@ async fn a_corrupt_length_field_costs_one_quiet_gap_not_the_stream() {
     assert_eq!(h.discarded("oversize"), 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_for_the_buffer_is_not_a_quiet_line() {
+    // One frame may wait for its commit, and commits of serial frames linger far longer than the
+    // resync gap: reading pauses mid-frame while the rest of the frame waits in the tty.
+    let h = start(
+        "max_pending = 1\nframing = { mode = \"length_prefixed\", length_bytes = 4, resync_gap = \"50ms\" }\n\
+         [buffer]\nserial_commit_linger = \"600ms\"",
+    );
+    let mut dev = h.plug().await;
+    let frames: Vec<Vec<u8>> = (1..=3u8).map(|i| vec![0, 0, 0, 2, i, i]).collect();
+    dev.send(&[frames[0].as_slice(), &frames[1][..3]].concat());
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    dev.send(&[&frames[1][3..], frames[2].as_slice()].concat());
+    let records = h.records(3).await;
+    assert_eq!(payloads(&records), frames);
+    assert_eq!(h.discarded("incomplete"), 0);
+}
+
 #[tokio::test]
 async fn unplug_and_replug_while_data_flows_loses_nothing_already_read() {
     let h = start("");

@@ -275,7 +275,10 @@ impl FrameReader {
             tokio::select! {
                 biased;
                 _ = &mut cancelled => return PortExit::Shutdown,
-                _ = quota.acquire(), if !may_read => {}
+                _ = quota.acquire(), if !may_read => {
+                    // The pause was ours, not the line's: the quiet gap starts again.
+                    quiet_at = quiet_at.and(self.idle_gap).map(|g| Instant::now() + g);
+                }
                 read = rx.read(&mut buf), if may_read => match read {
                     Ok(0) => return PortExit::Failed("port closed".into()),
                     Ok(n) => {
@@ -287,7 +290,9 @@ impl FrameReader {
                     }
                     Err(e) => return PortExit::Failed(e.to_string()),
                 },
-                _ = sleep_until(quiet_at), if quiet_at.is_some() && self.framer.has_partial() => {
+                // Only while reading: when reading pauses for the buffer, bytes wait in the tty and
+                // the line is not quiet. `biased` reads waiting bytes before this fires.
+                _ = sleep_until(quiet_at), if may_read && quiet_at.is_some() && self.framer.has_partial() => {
                     quiet_at = None;
                     let out = self.framer.idle();
                     if !self.store(out, ctx, shutdown).await {
