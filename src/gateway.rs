@@ -214,6 +214,16 @@ pub async fn run(
     tokio::select! {
         biased;
         _ = shutdown.cancelled() => {}
+        // A supervised source ends before shutdown only with an error it cannot recover from
+        // (its configuration); first, so that its cause wins over the buffer's end it brings.
+        Some(joined) = sources.join_next() => {
+            failure = Some(match joined {
+                Ok(Err(e)) => e.into(),
+                Ok(Ok(())) => GatewayError::StageEnded { stage: "source", reason: "ended before shutdown".into() },
+                Err(e) => GatewayError::StageEnded { stage: "source supervisor", reason: e.to_string() },
+            });
+            shutdown.cancel();
+        }
         Some(joined) = core.join_next() => {
             // Before shutdown, even a clean end of the buffer or the forwarder is a failure; a
             // stage that ended cleanly because shutdown came meanwhile is not.

@@ -387,3 +387,37 @@ fn bad_serial_settings_are_named() {
     );
     assert_rejected(&config, &["sources.rs485.framing", "not hex"]);
 }
+
+/// A source that cannot start (here a TLS file that passes `check` but cannot be read) ends the
+/// gateway with exit 2 and its own error, also while another source runs fine.
+#[test]
+fn a_source_that_cannot_start_ends_the_gateway_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start();
+    let not_a_file = dir.path().join("ca-dir");
+    std::fs::create_dir(&not_a_file).unwrap();
+    let extra = format!(
+        "[sources.secure]\ntype = \"mqtt\"\nport = {}\ntopics = [\"a/#\"]\n[sources.secure.tls]\nca_file = \"{}\"\n",
+        broker.port,
+        not_a_file.display()
+    );
+    let mut gw = run_gateway(dir.path(), broker.port, &extra);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let code = loop {
+        if let Some(code) = gw.exit_code() {
+            break code;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running:\n{}",
+            gw.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(code, 2, "{}", gw.log());
+    assert!(
+        gw.log().contains("source secure: cannot read"),
+        "{}",
+        gw.log()
+    );
+}
