@@ -377,7 +377,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_source_error_ends_the_gateway_instead_of_a_restart() {
+    async fn a_source_error_is_returned_instead_of_a_restart() {
         let start: SourceStart = Box::new(|_| {
             Box::pin(async { Err(SourceError::Serial(SerialError::NotOpen("/dev/x".into()))) })
         });

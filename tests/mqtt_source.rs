@@ -978,3 +978,83 @@ async fn a_redelivery_after_kill_9_reaches_kafka_marked() {
         assert_eq!(m.header("edgegate-redelivered"), "1", "{:?}", m.headers);
     }
 }
+
+/// A QoS 1 PUBLISH as a broker sends it.
+fn publish_packet(pkid: u16, topic: &str, payload: &[u8]) -> Vec<u8> {
+    let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+    body.extend_from_slice(topic.as_bytes());
+    body.extend_from_slice(&pkid.to_be_bytes());
+    body.extend_from_slice(payload);
+    let mut packet = vec![0x32, body.len() as u8];
+    packet.extend(body);
+    packet
+}
+
+/// Reads MQTT packets from `stream` until `kind` arrives; returns every (type, packet id) read.
+async fn read_until(stream: &mut tokio::net::TcpStream, kind: u8) -> Vec<(u8, Option<u16>)> {
+    use tokio::io::AsyncReadExt;
+    let (mut pending, mut seen) = (Vec::new(), Vec::new());
+    let mut chunk = [0u8; 4096];
+    loop {
+        while let Some((k, pkid, len)) = mqtt_frame(&pending) {
+            pending.drain(..len);
+            seen.push((k, pkid));
+            if k == kind {
+                return seen;
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(20), stream.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => pending.extend_from_slice(&chunk[..n]),
+            other => panic!("connection ended before packet type {kind}: {other:?}, {seen:?}"),
+        }
+    }
+}
+
+/// A PUBLISH rumqttc decoded in the same read as the connection's end is stored, but its ack must
+/// not go out on the next connection, where the broker gave packet id 1 to another message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_stranded_by_a_lost_connection_is_not_acknowledged_on_the_next() {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut rig = Rig::new();
+    rig.start_commits();
+    rig.start_source(source_config(port));
+    let connack = [0x20, 2, 0, 0];
+    // The first connection: CONNACK, then a message and the end of the connection in one go.
+    let (mut first, _) = listener.accept().await.unwrap();
+    read_until(&mut first, 1).await;
+    let old = publish_packet(1, "sensors/x", b"sensors/x#0#old");
+    first
+        .write_all(&[&connack[..], &old].concat())
+        .await
+        .unwrap();
+    drop(first);
+    // The next connection (the broker lost the session): packet id 1 is another message now.
+    let (mut second, _) = listener.accept().await.unwrap();
+    read_until(&mut second, 1).await;
+    let new = publish_packet(1, "sensors/x", b"sensors/x#1#new");
+    second
+        .write_all(&[&connack[..], &new].concat())
+        .await
+        .unwrap();
+    rig.wait_received(2, Duration::from_secs(20)).await;
+    // A clean stop acknowledges everything durable, then disconnects (packet type 14).
+    let stopping = tokio::spawn(async move { read_until(&mut second, 14).await });
+    wait_until(
+        Duration::from_secs(20),
+        || rig.buffer.stats().records >= 2,
+        || "both messages stored".into(),
+    )
+    .await;
+    rig.stop_source().await;
+    let seen = stopping.await.unwrap();
+    let pubacks: Vec<_> = seen.iter().filter(|(k, _)| *k == 4).collect();
+    assert_eq!(
+        pubacks,
+        [&(4, Some(1))],
+        "acks on the second connection: {seen:?}"
+    );
+    let stored = counters(&rig.stored());
+    assert_eq!(stored.len(), 2, "{stored:?}");
+}

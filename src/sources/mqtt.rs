@@ -322,7 +322,34 @@ async fn poll_events(
             Ok(Event::Incoming(packet)) => packet,
             Ok(Event::Outgoing(_)) => continue,
             Err(e) => {
+                // What rumqttc decoded in the read that failed belongs to the lost connection:
+                // handed over as such, it is stored but never acknowledged on the next one, where
+                // the broker may have given its packet id to another message.
+                let lost = connection.id();
+                let stranded: Vec<Publish> = eventloop
+                    .state
+                    .events
+                    .drain(..)
+                    .filter_map(|event| match event {
+                        Event::Incoming(Packet::Publish(publish)) => Some(publish),
+                        _ => None,
+                    })
+                    .collect();
                 connection.end(&mut eventloop);
+                for publish in stranded {
+                    let Ok(permit) = room(publish.payload.len()).await else {
+                        return;
+                    };
+                    let message = Message {
+                        publish,
+                        skipped_payload: None,
+                        connection: lost,
+                        _read_ahead: permit,
+                    };
+                    if polled.send(Polled::Message(message)).await.is_err() {
+                        return;
+                    }
+                }
                 if stop.is_cancelled() || matches!(e, ConnectionError::RequestsDone) {
                     return;
                 }
