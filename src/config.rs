@@ -144,8 +144,10 @@ fn default_memory_budget() -> ByteSize {
 /// threads and sled's IO buffers (measured idle RSS of a release build: 12 MB; a 1M-record
 /// drain peaks near 55 MB).
 const FIXED_MEMORY: u64 = 40 * 1024 * 1024;
-/// An MQTT source's read-ahead (`sources::mqtt`) besides the packet being read.
+/// An MQTT source's read-ahead (`sources::mqtt`) besides what rumqttc holds.
 const MQTT_READ_AHEAD: u64 = 1024 * 1024;
+/// Packets rumqttc decodes in one read of its socket (its `max_readb_count`).
+const RUMQTTC_READ_BATCH: u64 = 10;
 /// The forwarder's read batch (`buffer`), held with its converted copy.
 const READ_BATCH: u64 = 256 * 1024;
 
@@ -718,7 +720,10 @@ impl Config {
                 SourceConfig::Mqtt(m) => {
                     let packet = m.max_payload_bytes.as_u64() + 64 * 1024;
                     largest_record = largest_record.max(m.max_payload_bytes.as_u64());
-                    ("max_payload_bytes", MQTT_READ_AHEAD + packet)
+                    (
+                        "max_payload_bytes",
+                        MQTT_READ_AHEAD + RUMQTTC_READ_BATCH * packet,
+                    )
                 }
                 SourceConfig::Serial(s) => {
                     largest_record = largest_record.max(s.max_frame_bytes.as_u64());

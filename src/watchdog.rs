@@ -13,7 +13,6 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::record::now_ms;
 
 /// The stages whose operations are watched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,16 +52,27 @@ impl Drop for Running<'_> {
     }
 }
 
+/// Milliseconds on a clock that never jumps, from 1: a board without a real-time clock steps its
+/// wall clock by hours when NTP syncs, which would fake (or hide) a stall.
+fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+        + 1
+}
+
 impl Health {
     pub fn begin(&self, stage: Stage) -> Running<'_> {
         let slot = &self.started_ms[stage as usize];
-        slot.store(now_ms().max(1), Ordering::Relaxed);
+        slot.store(monotonic_ms(), Ordering::Relaxed);
         Running { slot }
     }
 
     /// The first stage whose current operation has run longer than `limit`, and for how long.
     pub fn stalled(&self, limit: Duration) -> Option<(Stage, Duration)> {
-        let now = now_ms();
+        let now = monotonic_ms();
         Stage::ALL.into_iter().find_map(|stage| {
             let since = self.started_ms[stage as usize].load(Ordering::Relaxed);
             let running = Duration::from_millis(now.saturating_sub(since));

@@ -118,9 +118,11 @@ fn proc_status_kb(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Peak RSS allowed during the burst below, debug build included (measured with 150 messages of
-/// 2 MiB: 153-208 MB; before the intake was bounded by bytes, 500 MB and growing with the burst).
-const BURST_RSS_BOUND_KB: u64 = 256 * 1024;
+/// What the burst below may add to the idle RSS: the unit's MemoryMax (192 MiB) less 16 MiB for a
+/// release build's idle RSS (12 MB), so the bound holds for the build that runs on boards; the debug
+/// build's own idle RSS (43 MB) is left out by measuring growth. Measured growth, debug build:
+/// 155 MB; before the intake was bounded by bytes, 450 MB and growing with the burst.
+const BURST_RSS_GROWTH_BOUND_KB: u64 = 176 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_large_messages_keeps_memory_bounded() {
@@ -153,7 +155,8 @@ async fn a_burst_of_large_messages_keeps_memory_bounded() {
     let peak_kb = proc_status_kb(pid, "VmHWM:");
     eprintln!("burst peak {peak_kb} kB idle {idle_kb} kB");
     assert!(
-        peak_kb < BURST_RSS_BOUND_KB,
-        "peak RSS {peak_kb} kB (idle {idle_kb} kB) over {BURST_RSS_BOUND_KB} kB"
+        peak_kb - idle_kb < BURST_RSS_GROWTH_BOUND_KB,
+        "peak RSS {peak_kb} kB, {} kB over idle, more than {BURST_RSS_GROWTH_BOUND_KB} kB",
+        peak_kb - idle_kb
     );
 }
