@@ -232,7 +232,6 @@ impl Metrics {
             DropReason::ConverterPanic,
             DropReason::ConverterCrash,
             DropReason::NotStored,
-            DropReason::TooLarge,
         ]
         .into_iter()
         .map(|r| self.dropped(r))

@@ -158,12 +158,16 @@ async fn a_batch_refused_as_too_large_loses_only_the_record_refused_alone() {
     let n = 50;
     let h = forward(&cluster.bootstrap_servers(), n).await;
     h.wait_drained(Duration::from_secs(60)).await;
-    assert_eq!(h.metrics.dropped(DropReason::TooLarge), 1);
-    assert_eq!(h.metrics.dropped_total(), 1);
+    // Usually one batch takes all records: it is refused, and then the first record resent alone.
+    // On a loaded machine librdkafka may send two batches, each refused once: then no record is
+    // refused alone and none may be dropped. Never more than one.
+    let dropped = h.metrics.dropped(DropReason::TooLarge);
+    assert!(dropped <= 1, "{dropped} records dropped as too large");
+    assert_eq!(h.metrics.dropped_total(), dropped);
     let msgs = consume_distinct(
         &cluster.bootstrap_servers(),
         "uplink",
-        n as usize - 1,
+        (u64::from(n) - dropped) as usize,
         Duration::from_secs(30),
     );
     let mut seen = std::collections::HashSet::new();
@@ -172,7 +176,7 @@ async fn a_batch_refused_as_too_large_loses_only_the_record_refused_alone() {
         .filter(|m| seen.insert(m.seq()))
         .map(|m| parse_payload(&m.payload).1)
         .collect();
-    assert_eq!(counters, (1..u64::from(n)).collect::<Vec<_>>());
+    assert_eq!(counters, (dropped..u64::from(n)).collect::<Vec<_>>());
     h.stop().await;
 }
 

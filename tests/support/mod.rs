@@ -558,7 +558,11 @@ pub struct Gateway {
 }
 
 pub fn edgegate() -> Command {
-    // Examples (the load tool) reuse this module; cargo only tells tests where the binary is.
+    // EDGEGATE_BIN measures another build (a release binary) with the same tests. Examples (the
+    // load tool) reuse this module; cargo only tells tests where the binary is.
+    if let Some(bin) = std::env::var_os("EDGEGATE_BIN") {
+        return Command::new(bin);
+    }
     Command::new(option_env!("CARGO_BIN_EXE_edgegate").unwrap_or("target/release/edgegate"))
 }
 
