@@ -58,6 +58,15 @@ fn converter_config(
     config
 }
 
+/// Adds an admin endpoint on a free port to the configuration; returns the port.
+fn with_admin(config: &Path) -> u16 {
+    let text = std::fs::read_to_string(config).unwrap();
+    let port = free_port();
+    let admin = format!("[admin]\nlisten = \"127.0.0.1:{port}\"\n{text}");
+    std::fs::write(config, admin).unwrap();
+    port
+}
+
 /// The gateway running `converter_config(...)`, subscribed, and a device publisher.
 async fn start_gateway(
     dir: &Path,
@@ -225,13 +234,7 @@ async fn without_a_dead_letter_topic_failures_are_counted_logged_once_and_debugg
         "",
         "debug = \"failures\"",
     );
-    let text = std::fs::read_to_string(&config).unwrap();
-    let admin_port = free_port();
-    std::fs::write(
-        &config,
-        format!("[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n{text}"),
-    )
-    .unwrap();
+    let admin_port = with_admin(&config);
     let gw = Gateway::start(&config);
     gw.wait_for("mqtt subscribed", Duration::from_secs(10));
     let publisher = Publisher::connect(mqtt.port, "dev").await;
@@ -316,13 +319,7 @@ async fn a_record_that_ends_the_process_twice_is_given_up_instead_of_crash_loopi
         "",
         "timeout = \"120s\"",
     );
-    let text = std::fs::read_to_string(&config).unwrap();
-    let admin_port = free_port();
-    std::fs::write(
-        &config,
-        format!("[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n{text}"),
-    )
-    .unwrap();
+    let admin_port = with_admin(&config);
     let mut gw = Gateway::start(&config);
     gw.wait_for("mqtt subscribed", Duration::from_secs(10));
     let publisher = Publisher::connect(mqtt.port, "dev").await;
