@@ -201,7 +201,8 @@ async fn converted_records_are_resent_in_order_after_refusals() {
     );
     let n = 2000;
     let h = forward_with(&cluster.bootstrap_servers(), n, &extra).await;
-    h.wait_drained(Duration::from_secs(90)).await;
+    // Each refusal recreates the producer after a growing backoff: about a minute in all.
+    h.wait_drained(Duration::from_secs(180)).await;
     assert_eq!(h.metrics.dropped_total(), 0);
     let msgs = consume_until(
         &cluster.bootstrap_servers(),

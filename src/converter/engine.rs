@@ -366,7 +366,10 @@ fn classify(ctx: &Ctx<'_>, e: rquickjs::Error, interrupted: bool) -> EngineError
         rquickjs::Error::Exception => {
             let caught = ctx.catch();
             let message = describe(&caught).unwrap_or_else(|| "exception".into());
-            if message.contains("out of memory") {
+            // QuickJS throws `null` when it cannot even allocate its "out of memory" error (seen
+            // with many small objects); a script's own `throw null` is taken for it too, which
+            // only costs a fresh runtime.
+            if caught.is_null() || message.contains("out of memory") {
                 EngineError::OutOfMemory
             } else {
                 EngineError::Exception(message)

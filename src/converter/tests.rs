@@ -334,6 +334,35 @@ fn a_gigabyte_allocation_hits_the_memory_limit_not_the_board() {
     assert_eq!(c.convert(b"ok", &[], T).unwrap()[0].name, "ok");
 }
 
+/// Freeing a QuickJS runtime right after it ran out of memory is a known abort path: each way
+/// of exhausting memory is followed by records that must convert on a recreated runtime (an abort
+/// would end this test process).
+#[test]
+fn running_out_of_memory_in_several_ways_leaves_the_converter_working() {
+    let exhaust = [
+        "'x'.repeat(1 << 28);",
+        "var a = []; while (true) a.push({k: a.length, v: [1, 2, 3]});",
+        "var o = {}; var i = 0; while (true) o['k' + i++] = [i];",
+        "JSON.parse('[' + '1,'.repeat(1 << 24) + '1]');",
+        "new ArrayBuffer(1 << 30);",
+        "var m = new Map(); var i = 0; while (true) m.set(i++, 'v' + i);",
+    ];
+    for body in exhaust {
+        let mut s = script(&format!(
+            "if (payload[0] === 0x62) {{ {body} }}\nreturn {{deviceName: 'ok'}};"
+        ));
+        s.config.timeout = Duration::from_secs(20);
+        let mut c = Converter::new("c", &s.config, None).unwrap();
+        for _ in 0..2 {
+            let err = c.convert(b"big", &[], T).unwrap_err();
+            let memory = matches!(err, ConvertError::OutOfMemory(_))
+                || err.to_string().to_lowercase().contains("memory");
+            assert!(memory, "{body}: {err}");
+            assert_eq!(c.convert(b"ok", &[], T).unwrap()[0].name, "ok", "{body}");
+        }
+    }
+}
+
 #[test]
 fn deep_recursion_is_a_clear_error_and_the_next_record_converts() {
     let (_s, mut c) = converter(
