@@ -319,8 +319,12 @@ fn rss_kib() -> u64 {
         .unwrap()
 }
 
+/// Tests that exhaust memory run one at a time: the gigabyte test measures the process's RSS.
+static MEMORY_HUNGRY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn a_gigabyte_allocation_hits_the_memory_limit_not_the_board() {
+    let _alone = MEMORY_HUNGRY.lock().unwrap_or_else(|e| e.into_inner());
     let mut s = script(
         "if (payload[0] === 0x62) { var a = []; for (var i = 0; i < 1024; i++) a.push(new Array(1 << 17).fill(i)); return {deviceName: 'big', attributes: {n: a.length}}; }\nreturn {deviceName: 'ok'};",
     );
@@ -339,6 +343,7 @@ fn a_gigabyte_allocation_hits_the_memory_limit_not_the_board() {
 /// would end this test process).
 #[test]
 fn running_out_of_memory_in_several_ways_leaves_the_converter_working() {
+    let _alone = MEMORY_HUNGRY.lock().unwrap_or_else(|e| e.into_inner());
     let exhaust = [
         "'x'.repeat(1 << 28);",
         "var a = []; while (true) a.push({k: a.length, v: [1, 2, 3]});",
