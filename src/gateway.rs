@@ -207,7 +207,8 @@ pub async fn run(
             interval_ms = interval.as_millis() as u64,
             "systemd watchdog enabled"
         );
-        tokio::spawn(watchdog::run(metrics.clone(), interval, shutdown.clone()))
+        let health = HealthOf(metrics.clone());
+        tokio::spawn(watchdog::run(health, interval, shutdown.clone()))
     });
 
     let mut failure: Option<GatewayError> = None;
@@ -310,6 +311,18 @@ async fn supervise(
             _ = tokio::time::sleep(backoff.next_delay()) => {}
             _ = shutdown.cancelled() => return Ok(()),
         }
+    }
+}
+
+/// The pipeline's health, which lives in the metrics, lent to the watchdog without it knowing
+/// the metrics.
+struct HealthOf(Arc<Metrics>);
+
+impl std::ops::Deref for HealthOf {
+    type Target = watchdog::Health;
+
+    fn deref(&self) -> &watchdog::Health {
+        &self.0.health
     }
 }
 

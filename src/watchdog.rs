@@ -7,12 +7,9 @@
 //! stalled no pings go out, so systemd restarts the service; the buffer keeps every record.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-
-use crate::metrics::Metrics;
 
 /// The stages whose operations are watched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,8 +96,11 @@ pub fn interval() -> Option<Duration> {
 }
 
 /// Pings systemd every half interval while no stage is stalled.
-pub async fn run(metrics: Arc<Metrics>, interval: Duration, shutdown: CancellationToken) {
-    let health = &metrics.health;
+pub async fn run(
+    health: impl std::ops::Deref<Target = Health>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(interval / 2);
     let mut stalled = false;
     loop {
