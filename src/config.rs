@@ -12,7 +12,6 @@ use bytesize::ByteSize;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::converter::DebugMode;
 use crate::sources::framing::Framing;
 
 /// Why a configuration could not be used. Every variant is fatal: print it and exit with status 2.
@@ -53,6 +52,19 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub admin: Option<AdminConfig>,
+}
+
+/// Which conversions a converter records as ThingsBoard-style debug events
+/// (`converters.<name>.debug`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DebugMode {
+    #[default]
+    Off,
+    /// Only records that failed.
+    Failures,
+    /// Every record for the first 15 minutes after start, then failures only.
+    All,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -26,8 +26,8 @@ use crate::metrics::Metrics;
 use crate::record::Record;
 use crate::watchdog::Stage;
 
+use crate::config::DebugMode;
 use crash::{CrashLog, StopHandle};
-pub use debug::DebugMode;
 use debug::{DebugEvent, DebugLog};
 use engine::{Converted, Engine, EngineError, Limits};
 pub use normalize::{normalize, Entity};

@@ -8,20 +8,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use serde::Deserialize;
 use serde_json::{json, Value};
+
+use crate::config::DebugMode;
 
 /// How long `debug = "all"` records everything after start before falling back to failures only.
 pub const ALL_EVENTS_WINDOW: Duration = Duration::from_secs(15 * 60);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum DebugMode {
-    #[default]
-    Off,
-    Failures,
-    All,
-}
 
 pub struct DebugLog {
     mode: DebugMode,
