@@ -170,12 +170,7 @@ async fn a_batch_refused_as_too_large_loses_only_the_record_refused_alone() {
         (u64::from(n) - dropped) as usize,
         Duration::from_secs(30),
     );
-    let mut seen = std::collections::HashSet::new();
-    let counters: Vec<u64> = msgs
-        .iter()
-        .filter(|m| seen.insert(m.seq()))
-        .map(|m| parse_payload(&m.payload).1)
-        .collect();
+    let counters = first_copies(&msgs);
     assert_eq!(counters, (dropped..u64::from(n)).collect::<Vec<_>>());
     h.stop().await;
 }
@@ -188,12 +183,7 @@ async fn converted_records_are_resent_in_order_after_refusals() {
     cluster.create_topic("uplink", 1, 1).unwrap();
     let refusals = [RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 4];
     cluster.request_errors(RDKafkaApiKey::Produce, &refusals);
-    let script = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(
-        script.path(),
-        "return {deviceName: 'd', telemetry: {p: decodeToString(payload)}};",
-    )
-    .unwrap();
+    let script = decoder_file("return {deviceName: 'd', telemetry: {p: decodeToString(payload)}};");
     let extra = format!(
         "[sources.s]\ntype = \"serial\"\npath = \"/dev/unused\"\nconverter = \"c\"\n\
          [converters.c]\nscript = \"{}\"\n",
@@ -236,15 +226,10 @@ async fn converted_records_are_resent_in_order_after_refusals() {
 
 /// A decoder that needs `ms` of CPU for every record, well under its timeout.
 fn slow_decoder(ms: u64) -> tempfile::NamedTempFile {
-    let script = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(
-        script.path(),
-        format!(
-            "var end = Date.now() + {ms}; while (Date.now() < end) {{}}\n\
-             return {{deviceName: 'd', telemetry: {{p: decodeToString(payload)}}}};"
-        ),
-    )
-    .unwrap();
+    let script = decoder_file(format!(
+        "var end = Date.now() + {ms}; while (Date.now() < end) {{}}\n\
+         return {{deviceName: 'd', telemetry: {{p: decodeToString(payload)}}}};"
+    ));
     script
 }
 
@@ -306,6 +291,23 @@ fn converted_counters(bootstrap: &str, expected: usize) -> Vec<KafkaMessage> {
         .collect()
 }
 
+/// A decoder script in a temporary file (removed when dropped).
+fn decoder_file(body: impl AsRef<[u8]>) -> tempfile::NamedTempFile {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), body).unwrap();
+    file
+}
+
+/// The test counters of the messages, each sequence number's first copy only (resends after a
+/// refusal or rewind are duplicates with the same seq).
+fn first_copies(msgs: &[KafkaMessage]) -> Vec<u64> {
+    let mut seen = std::collections::HashSet::new();
+    msgs.iter()
+        .filter(|m| seen.insert(m.seq()))
+        .map(|m| parse_payload(&m.payload).1)
+        .collect()
+}
+
 /// A decoder that runs past its timeout on every record until `until_ms` (a stall of the
 /// machine, as far as the gateway can tell), then converts normally.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -314,15 +316,10 @@ async fn records_timing_out_during_a_stall_are_retried_in_order_and_none_is_drop
     cluster.create_topic("uplink", 1, 1).unwrap();
     // The mock cluster does not answer DescribeConfigs: conversions start after its 5 s timeout.
     let until_ms = now_ms() + 8000;
-    let script = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(
-        script.path(),
-        format!(
-            "if (Date.now() < {until_ms}) {{ while (true) {{}} }}\n\
-             return {{deviceName: 'd', telemetry: {{p: decodeToString(payload)}}}};"
-        ),
-    )
-    .unwrap();
+    let script = decoder_file(format!(
+        "if (Date.now() < {until_ms}) {{ while (true) {{}} }}\n\
+         return {{deviceName: 'd', telemetry: {{p: decodeToString(payload)}}}};"
+    ));
     // Attempts at about 5 s and 9 s: the first times out, the stall is over by the second.
     let extra = converter_extra(
         script.path(),
@@ -348,14 +345,11 @@ async fn records_timing_out_during_a_stall_are_retried_in_order_and_none_is_drop
 async fn a_record_timing_out_three_times_is_dropped_by_reason_and_the_rest_arrives() {
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic("uplink", 1, 1).unwrap();
-    let script = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(
-        script.path(),
+    let script = decoder_file(
         "var p = decodeToString(payload);\n\
-         if (p.split('#')[1] === '7') { while (true) {} }\n\
-         return {deviceName: 'd', telemetry: {p: p}};",
-    )
-    .unwrap();
+     if (p.split('#')[1] === '7') { while (true) {} }\n\
+     return {deviceName: 'd', telemetry: {p: p}};",
+    );
     let extra = converter_extra(
         script.path(),
         "timeout = \"100ms\"\ntimeout_retry_delay = \"300ms\"",
@@ -366,12 +360,7 @@ async fn a_record_timing_out_three_times_is_dropped_by_reason_and_the_rest_arriv
     assert_eq!(h.metrics.dropped(DropReason::ConverterTimeout), 1);
     assert_eq!(h.metrics.dropped_total(), 1);
     let msgs = converted_counters(&cluster.bootstrap_servers(), n as usize - 1);
-    let mut seen = std::collections::HashSet::new();
-    let counters: Vec<u64> = msgs
-        .iter()
-        .filter(|m| seen.insert(m.seq()))
-        .map(|m| parse_payload(&m.payload).1)
-        .collect();
+    let counters = first_copies(&msgs);
     let expected: Vec<u64> = (0..u64::from(n)).filter(|&i| i != 7).collect();
     assert_eq!(counters, expected);
     h.stop().await;
