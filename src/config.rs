@@ -52,6 +52,92 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub admin: Option<AdminConfig>,
+    /// Commands from Kafka to the devices; absent: no downlink.
+    #[serde(default)]
+    pub downlink: Option<DownlinkConfig>,
+}
+
+/// What a converter script is: an uplink decoder (records to Kafka) or a downlink encoder
+/// (Kafka commands to devices).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ConverterKind {
+    /// The body of `function Decoder(payload, metadata)`.
+    #[default]
+    Decoder,
+    /// The body of `function Encoder(msg, metadata, msgType, integrationMetadata)`.
+    Encoder,
+}
+
+/// `[downlink]`: consumes command topics, encodes each record and delivers the result to a
+/// device through a source's connection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DownlinkConfig {
+    pub topics: Vec<String>,
+    /// The consumer group; `gateway.id` when absent.
+    #[serde(default)]
+    pub group_id: Option<String>,
+    /// An encoder (`type = "encoder"`); without one the record's value is sent as is.
+    #[serde(default)]
+    pub converter: Option<String>,
+    /// A command not delivered this long after its first attempt is dead-lettered and committed.
+    #[serde(default = "default_downlink_max_age", with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Undeliverable commands go here with an `edgegate-error` header; without it they are
+    /// counted and dropped.
+    #[serde(default)]
+    pub dead_letter_topic: Option<String>,
+    /// `msgType` for records without a `msgType` header.
+    #[serde(default = "default_msg_type")]
+    pub msg_type: String,
+    /// Lets a downlink topic equal an uplink or dead-letter topic (loops are then possible).
+    #[serde(default)]
+    pub allow_loop: bool,
+    /// Commands consumed and not yet delivered; when reached, consuming pauses.
+    #[serde(default = "default_downlink_max_in_flight")]
+    pub max_in_flight: usize,
+    /// First and longest wait before an undeliverable command is tried again.
+    #[serde(default = "default_retry_min", with = "humantime_serde")]
+    pub retry_min: Duration,
+    #[serde(default = "default_retry_max", with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// First match wins.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// `[[downlink.routes]]`: where an encoded message goes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Conditions on the encoder output's metadata: every key must be present with this value.
+    #[serde(default, rename = "match")]
+    pub matches: BTreeMap<String, String>,
+    /// The MQTT or serial source to deliver through.
+    pub source: String,
+    /// MQTT only: the topic, with `${key}` filled from the metadata.
+    #[serde(default)]
+    pub topic: Option<String>,
+    /// MQTT only.
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+}
+
+fn default_downlink_max_age() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_msg_type() -> String {
+    "RPC_CALL_FROM_SERVER_TO_DEVICE".into()
+}
+fn default_downlink_max_in_flight() -> usize {
+    1000
+}
+fn default_retry_min() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_retry_max() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// Which conversions a converter records as ThingsBoard-style debug events
@@ -70,6 +156,9 @@ pub enum DebugMode {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConverterConfig {
+    /// `"decoder"` (the default) or `"encoder"`.
+    #[serde(default, rename = "type")]
+    pub kind: ConverterKind,
     /// The decoder: the body of `function Decoder(payload, metadata)`; relative paths are
     /// resolved against the configuration file's directory.
     pub script: PathBuf,
@@ -97,6 +186,7 @@ impl ConverterConfig {
     /// Default settings for a script given on the command line.
     pub fn for_script(script: PathBuf) -> ConverterConfig {
         ConverterConfig {
+            kind: ConverterKind::Decoder,
             script,
             timeout: default_converter_timeout(),
             timeout_retry_delay: default_timeout_retry_delay(),
@@ -695,11 +785,114 @@ impl Config {
             }
             self.check_fits_kafka(source, &prefix)?;
             if let Some(c) = source.converter() {
-                if !self.converters.contains_key(c) {
-                    return Err((
-                        format!("sources.{name}.converter"),
-                        format!("no [converters.{c}] table"),
-                    ));
+                match self.converters.get(c) {
+                    None => {
+                        return Err((
+                            format!("sources.{name}.converter"),
+                            format!("no [converters.{c}] table"),
+                        ))
+                    }
+                    Some(conv) if conv.kind != ConverterKind::Decoder => {
+                        return Err((
+                            format!("sources.{name}.converter"),
+                            format!("[converters.{c}] is an encoder; a source needs a decoder"),
+                        ))
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        if let Some(d) = &self.downlink {
+            self.validate_downlink(d)?;
+        }
+        Ok(())
+    }
+
+    fn validate_downlink(&self, d: &DownlinkConfig) -> Result<(), (String, String)> {
+        let err = |k: &str, m: String| Err((format!("downlink.{k}"), m));
+        if d.topics.is_empty() || d.topics.iter().any(|t| t.trim().is_empty()) {
+            return err("topics", "needs at least one non-empty topic".into());
+        }
+        if d.group_id.as_ref().is_some_and(|g| g.trim().is_empty()) {
+            return err("group_id", "must not be empty".into());
+        }
+        if let Some(c) = &d.converter {
+            match self.converters.get(c) {
+                None => return err("converter", format!("no [converters.{c}] table")),
+                Some(conv) if conv.kind != ConverterKind::Encoder => {
+                    return err(
+                        "converter",
+                        format!("[converters.{c}] is a decoder; set type = \"encoder\" in it"),
+                    )
+                }
+                Some(_) => {}
+            }
+        }
+        if d.max_age.is_zero() {
+            return err("max_age", "must be above 0".into());
+        }
+        if d.max_in_flight == 0 {
+            return err("max_in_flight", "must be at least 1".into());
+        }
+        if d.retry_min.is_zero() || d.retry_max < d.retry_min {
+            return err(
+                "retry_min",
+                "must be above 0 and at most downlink.retry_max".into(),
+            );
+        }
+        if let Some(dlq) = &d.dead_letter_topic {
+            if dlq.trim().is_empty() || d.topics.contains(dlq) {
+                return err(
+                    "dead_letter_topic",
+                    "must be a non-empty topic that the downlink does not consume".into(),
+                );
+            }
+        }
+        if !d.allow_loop {
+            let uplink = [
+                Some(&self.kafka.topic),
+                self.kafka.dead_letter_topic.as_ref(),
+            ];
+            if let Some((i, t)) = d
+                .topics
+                .iter()
+                .enumerate()
+                .find(|(_, t)| uplink.contains(&Some(*t)))
+            {
+                return err(
+                    &format!("topics[{i}]"),
+                    format!(
+                        "{t:?} is also an uplink topic (kafka.topic or kafka.dead_letter_topic): \
+                         the gateway would consume its own records; set downlink.allow_loop = true \
+                         if that is intended"
+                    ),
+                );
+            }
+        }
+        if d.routes.is_empty() {
+            return err(
+                "routes",
+                "needs at least one [[downlink.routes]] table".into(),
+            );
+        }
+        for (i, r) in d.routes.iter().enumerate() {
+            let key = |k: &str| format!("routes[{i}].{k}");
+            match self.sources.get(&r.source) {
+                None => return err(&key("source"), format!("no [sources.{}] table", r.source)),
+                Some(SourceConfig::Mqtt(_)) => {
+                    let Some(topic) = &r.topic else {
+                        return err(&key("topic"), "an MQTT route needs a topic".into());
+                    };
+                    crate::downlink::Template::parse(topic)
+                        .map_err(|m| (format!("downlink.{}", key("topic")), m))?;
+                    if r.qos > 2 {
+                        return err(&key("qos"), "must be 0, 1 or 2".into());
+                    }
+                }
+                Some(SourceConfig::Serial(_)) => {
+                    if r.topic.is_some() {
+                        return err(&key("topic"), "a serial route has no topic".into());
+                    }
                 }
             }
         }

@@ -10,6 +10,7 @@ pub mod backoff;
 pub mod buffer;
 pub mod config;
 pub mod converter;
+pub mod downlink;
 pub mod forwarder;
 pub mod gateway;
 pub mod kafka;
