@@ -88,6 +88,10 @@ pub struct DownlinkConfig {
     /// counted and dropped.
     #[serde(default)]
     pub dead_letter_topic: Option<String>,
+    /// Where a new consumer group starts: `"earliest"` (commands waiting from before the
+    /// gateway's first start are delivered) or `"latest"`. Committed offsets always win.
+    #[serde(default)]
+    pub start_from: StartFrom,
     /// `msgType` for records without a `msgType` header.
     #[serde(default = "default_msg_type")]
     pub msg_type: String,
@@ -105,6 +109,24 @@ pub struct DownlinkConfig {
     /// First match wins.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StartFrom {
+    #[default]
+    Earliest,
+    Latest,
+}
+
+impl StartFrom {
+    /// librdkafka's `auto.offset.reset` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StartFrom::Earliest => "earliest",
+            StartFrom::Latest => "latest",
+        }
+    }
 }
 
 /// `[[downlink.routes]]`: where an encoded message goes.

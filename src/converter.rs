@@ -7,6 +7,7 @@
 
 mod crash;
 mod debug;
+mod encoder;
 mod engine;
 mod normalize;
 mod read;
@@ -29,6 +30,7 @@ use crate::watchdog::Stage;
 use crate::config::DebugMode;
 use crash::{CrashLog, StopHandle};
 use debug::{DebugEvent, DebugLog};
+pub use encoder::{ContentType, Downlink, EncodeJob, Encoders};
 use engine::{Converted, Engine, EngineError, Limits};
 pub use normalize::{normalize, Entity};
 

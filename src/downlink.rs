@@ -1,5 +1,732 @@
 //! The downlink: commands from Kafka, through an encoder, to the devices behind the gateway.
+//!
+//! A stage of its own beside the uplink: it consumes `downlink.topics`, encodes each record with
+//! a ThingsBoard-style encoder (or passes its value as is), routes every resulting message to an
+//! MQTT source's broker connection or a serial source's open port, and commits a record's offset
+//! only after all its messages were delivered (PUBACK or PUBCOMP, the serial write done) or given
+//! up after `max_age` (dead-letter topic, or counted and dropped).
+//!
+//! Order: commands with the same Kafka key (one device) are delivered one after the other, in
+//! offset order, in a lane of their own; lanes run side by side, so one unreachable device holds
+//! up only its own commands. The committed position of a partition never passes a command that
+//! has not finished, so after a crash or restart nothing is skipped (some may be delivered again).
 
+mod input;
+mod offsets;
+mod route;
 mod template;
 
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::statistics::Statistics;
+use rdkafka::ClientContext;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::config::{Config, DownlinkConfig};
+use crate::converter::{ConvertError, ConverterError, Downlink, EncodeJob, Encoders};
+use crate::metrics::{DownlinkMetrics, Metrics, ReasonLabels};
+
+pub use input::GATEWAY_HEADER;
+use input::{Command, Input};
+use offsets::Offsets;
+use route::{Delivery, Routes, Unroutable, NO_ROUTE};
+pub use route::{Outlet, Outlets};
 pub use template::Template;
+
+/// Why the downlink cannot run. Both are configuration problems: exit 2 and fix the key named.
+#[derive(Debug, thiserror::Error)]
+pub enum DownlinkError {
+    /// librdkafka refused the consumer or dead-letter producer settings (`[kafka]` properties).
+    #[error("downlink: cannot create the Kafka {what}: {message}")]
+    Client { what: &'static str, message: String },
+    /// The encoder script cannot be loaded; `check` names the file and line.
+    #[error("downlink: {0}")]
+    Encoder(#[from] ConverterError),
+    /// The encoder thread stopped, or a delivery task panicked (a bug): the stage ends and the
+    /// gateway starts it again from the committed offsets.
+    #[error("downlink: {0}")]
+    Failed(String),
+}
+
+/// Bytes of command values held between consuming and delivery before consuming pauses (besides
+/// `downlink.max_in_flight` commands); a larger command is still taken alone.
+const MAX_IN_FLIGHT_BYTES: usize = 4 * 1024 * 1024;
+/// How often librdkafka reports statistics, from which the lag gauge is set.
+const STATS_INTERVAL_MS: &str = "5000";
+/// How long shutdown waits for deliveries already under way.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Runs the downlink until `shutdown`. Kafka being unreachable is not an error: the consumer
+/// waits and resumes from the committed offsets.
+pub async fn run(
+    config: Arc<Config>,
+    outlets: Outlets,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<(), DownlinkError> {
+    let Some(settings) = config.downlink.clone() else {
+        shutdown.cancelled().await;
+        return Ok(());
+    };
+    let encoder = match &settings.converter {
+        Some(name) => {
+            let c = config
+                .converters
+                .get(name)
+                .ok_or_else(|| DownlinkError::Failed(format!("no [converters.{name}] table")))?;
+            let debug_dir = config.gateway.data_dir.join("debug");
+            Some(Encoders::start(
+                name,
+                c,
+                debug_dir,
+                config.gateway.id.clone(),
+            )?)
+        }
+        None => None,
+    };
+    let consumer = Arc::new(consumer(&config, &settings, metrics.clone())?);
+    let dead_letters = match &settings.dead_letter_topic {
+        Some(topic) => Some(DeadLetters::new(&config, topic).await?),
+        None => None,
+    };
+    let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(|e| DownlinkError::Client {
+            what: "consumer",
+            message: e.to_string(),
+        })?;
+    let routes = Routes::new(&settings, &outlets);
+    for label in routes.labels() {
+        // Present from the start, so that a dashboard shows 0 rather than nothing.
+        DownlinkMetrics::route(&metrics.downlink.delivered, label);
+    }
+    tracing::info!(topics = ?settings.topics, group = %group_id(&config, &settings),
+        encoder = settings.converter.as_deref().unwrap_or("none"), "downlink consuming");
+    let stage = Stage {
+        lanes: Lanes::default(),
+        offsets: Offsets::default(),
+        tasks: JoinSet::new(),
+        in_flight: 0,
+        in_flight_bytes: 0,
+        shared: Arc::new(Shared {
+            metrics,
+            dead_letters,
+            max_age: settings.max_age,
+            retry: (settings.retry_min, settings.retry_max),
+            gateway_id: config.gateway.id.clone(),
+            failing_routes: Default::default(),
+            shutdown: shutdown.clone(),
+        }),
+        settings,
+        routes,
+        encoder,
+        consumer,
+    };
+    stage.run(shutdown).await
+}
+
+fn group_id<'a>(config: &'a Config, settings: &'a DownlinkConfig) -> &'a str {
+    settings.group_id.as_deref().unwrap_or(&config.gateway.id)
+}
+
+type CommandConsumer = StreamConsumer<ConsumerEvents>;
+
+/// Routes librdkafka's logs to tracing (its repeated connection failures at debug level) and sets
+/// the lag gauge from its statistics, which cost no extra requests.
+struct ConsumerEvents {
+    metrics: Arc<Metrics>,
+}
+
+impl ClientContext for ConsumerEvents {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        let severe = matches!(
+            level,
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical
+        );
+        if severe {
+            tracing::error!(target: "librdkafka", facility = fac, "{message}");
+        } else {
+            tracing::debug!(target: "librdkafka", facility = fac, "{message}");
+        }
+    }
+
+    fn stats(&self, statistics: Statistics) {
+        let lag: i64 = statistics
+            .topics
+            .values()
+            .flat_map(|t| t.partitions.values())
+            .filter(|p| p.partition >= 0)
+            .map(|p| p.consumer_lag_stored.max(0))
+            .sum();
+        self.metrics.downlink.lag.set(lag);
+    }
+}
+
+impl ConsumerContext for ConsumerEvents {}
+
+fn consumer(
+    config: &Config,
+    settings: &DownlinkConfig,
+    metrics: Arc<Metrics>,
+) -> Result<CommandConsumer, DownlinkError> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.kafka.bootstrap_servers)
+        .set("group.id", group_id(config, settings))
+        .set(
+            "client.id",
+            format!("edgegate-{}-downlink", config.gateway.id),
+        )
+        // Offsets are stored by us once a command finished, and committed in the background.
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", settings.start_from.as_str())
+        // librdkafka's read-ahead, bounded for small boards.
+        .set("queued.max.messages.kbytes", "1024")
+        .set("queued.min.messages", "1000")
+        .set("fetch.wait.max.ms", "100")
+        .set("socket.keepalive.enable", "true")
+        .set("reconnect.backoff.ms", "200")
+        .set("reconnect.backoff.max.ms", "5000")
+        .set("statistics.interval.ms", STATS_INTERVAL_MS)
+        .set_log_level(RDKafkaLogLevel::Info);
+    for (key, value) in config.kafka_properties() {
+        if CONSUMER_PROPERTY_FILTER.contains(&key.as_str()) {
+            continue;
+        }
+        c.set(key, value);
+    }
+    c.create_with_context(ConsumerEvents { metrics })
+        .map_err(|e| DownlinkError::Client {
+            what: "consumer",
+            message: e.to_string(),
+        })
+}
+
+/// Producer settings in `kafka.properties` that a consumer refuses outright.
+const CONSUMER_PROPERTY_FILTER: &[&str] = &[
+    "acks",
+    "enable.idempotence",
+    "enable.gapless.guarantee",
+    "message.timeout.ms",
+    "linger.ms",
+    "batch.num.messages",
+    "compression.type",
+    "compression.codec",
+    "queue.buffering.max.messages",
+    "queue.buffering.max.kbytes",
+    "queue.buffering.max.ms",
+    "request.required.acks",
+    "retries",
+    "max.in.flight.requests.per.connection",
+    "max.in.flight",
+    "transactional.id",
+];
+
+/// Commands waiting behind the one being delivered, per lane.
+type Lanes = HashMap<LaneKey, VecDeque<Job>>;
+
+/// Commands of one device: the Kafka key within a partition; records without a key keep the
+/// partition's order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct LaneKey {
+    topic: Arc<str>,
+    partition: i32,
+    key: Option<Vec<u8>>,
+}
+
+/// A consumed record with its messages, from consuming until it is finished.
+struct Job {
+    command: Command,
+    plan: Result<Vec<Delivery>, Unroutable>,
+    consumed: Instant,
+    bytes: usize,
+}
+
+/// What the delivery tasks share.
+struct Shared {
+    metrics: Arc<Metrics>,
+    dead_letters: Option<DeadLetters>,
+    max_age: Duration,
+    retry: (Duration, Duration),
+    gateway_id: String,
+    /// Routes whose last attempt failed; one log line when a route fails and when it recovers.
+    failing_routes: std::sync::Mutex<HashMap<String, bool>>,
+    shutdown: CancellationToken,
+}
+
+struct Stage {
+    settings: DownlinkConfig,
+    routes: Routes,
+    encoder: Option<Encoders>,
+    consumer: Arc<CommandConsumer>,
+    lanes: Lanes,
+    offsets: Offsets,
+    tasks: JoinSet<(LaneKey, Finished)>,
+    in_flight: usize,
+    in_flight_bytes: usize,
+    shared: Arc<Shared>,
+}
+
+/// How a job ended.
+struct Finished {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    bytes: usize,
+    /// False when shutdown interrupted it: not finished, not committed.
+    done: bool,
+}
+
+impl Stage {
+    async fn run(mut self, shutdown: CancellationToken) -> Result<(), DownlinkError> {
+        let result = loop {
+            let room = self.in_flight < self.settings.max_in_flight
+                && self.in_flight_bytes < MAX_IN_FLIGHT_BYTES;
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break Ok(()),
+                Some(joined) = self.tasks.join_next_with_id() => {
+                    if let Err(e) = self.finish(joined) {
+                        break Err(e);
+                    }
+                }
+                received = self.consumer.recv(), if room => match received {
+                    Ok(message) => {
+                        let input = input::read(&message, &self.shared.gateway_id, &self.settings.msg_type);
+                        drop(message);
+                        if let Err(e) = self.take(input).await {
+                            break Err(e);
+                        }
+                    }
+                    // librdkafka retries by itself; its errors say the link is down for now.
+                    Err(e) => tracing::debug!(error = %e, "downlink consumer"),
+                },
+            }
+        };
+        self.stop().await;
+        result
+    }
+
+    /// A consumed record becomes a job, or is skipped.
+    async fn take(&mut self, input: Input) -> Result<(), DownlinkError> {
+        let (command, plan) = match input {
+            Input::OwnRecord => {
+                self.shared
+                    .metrics
+                    .downlink
+                    .skipped
+                    .get_or_create(&ReasonLabels {
+                        reason: "own_record".into(),
+                    })
+                    .inc();
+                return Ok(());
+            }
+            Input::Malformed(command, error) => {
+                let plan = Err(Unroutable {
+                    route: NO_ROUTE.into(),
+                    error,
+                });
+                (command, plan)
+            }
+            Input::Command(command) => {
+                let plan = self.plan(&command).await?;
+                (command, plan)
+            }
+        };
+        let received = &self.shared.metrics.downlink.received;
+        match &plan {
+            Ok(deliveries) => {
+                for d in deliveries {
+                    DownlinkMetrics::route(received, &d.route).inc();
+                }
+            }
+            Err(u) => {
+                DownlinkMetrics::route(received, &u.route).inc();
+            }
+        }
+        let bytes = command.value.len()
+            + plan
+                .as_ref()
+                .map_or(0, |ds| ds.iter().map(Delivery::len).sum());
+        self.offsets
+            .consumed(&command.topic, command.partition, command.offset);
+        let lane = LaneKey {
+            topic: Arc::from(command.topic.as_str()),
+            partition: command.partition,
+            key: command.key.clone(),
+        };
+        self.in_flight += 1;
+        self.in_flight_bytes += bytes;
+        let job = Job {
+            command,
+            plan,
+            consumed: Instant::now(),
+            bytes,
+        };
+        match self.lanes.get_mut(&lane) {
+            Some(waiting) => waiting.push_back(job),
+            None => {
+                self.lanes.insert(lane.clone(), VecDeque::new());
+                self.spawn(lane, job);
+            }
+        }
+        Ok(())
+    }
+
+    /// Encodes a command and routes its messages; a command the encoder fails on, or one with a
+    /// message no route takes, is unroutable as a whole.
+    async fn plan(
+        &mut self,
+        command: &Command,
+    ) -> Result<Result<Vec<Delivery>, Unroutable>, DownlinkError> {
+        let messages = match &self.encoder {
+            None => vec![Downlink {
+                content_type: crate::converter::ContentType::Text,
+                data: command.value.clone(),
+                metadata: Default::default(),
+            }],
+            Some(encoder) => {
+                let job = EncodeJob {
+                    value: command.value.clone(),
+                    metadata: command.metadata.clone(),
+                    msg_type: command.msg_type.clone(),
+                    seq: u64::try_from(command.offset).unwrap_or(0),
+                };
+                let encoded = encoder
+                    .encode(job)
+                    .await
+                    .map_err(|e| DownlinkError::Failed(e.to_string()))?;
+                match encoded {
+                    Ok(messages) => messages,
+                    Err(e) => return Ok(Err(encoder_failure(e))),
+                }
+            }
+        };
+        Ok(messages
+            .into_iter()
+            .map(|m| self.routes.plan(m, &command.metadata))
+            .collect())
+    }
+
+    fn spawn(&mut self, lane: LaneKey, job: Job) {
+        let shared = self.shared.clone();
+        self.tasks.spawn(async move {
+            let finished = deliver(job, &shared).await;
+            (lane, finished)
+        });
+    }
+
+    fn finish(
+        &mut self,
+        joined: Result<(tokio::task::Id, (LaneKey, Finished)), tokio::task::JoinError>,
+    ) -> Result<(), DownlinkError> {
+        let (lane, finished) = match joined {
+            Ok((_, done)) => done,
+            Err(e) => {
+                return Err(DownlinkError::Failed(format!(
+                    "a delivery task failed: {e}"
+                )))
+            }
+        };
+        self.in_flight -= 1;
+        self.in_flight_bytes -= finished.bytes;
+        if finished.done {
+            self.commit(&finished);
+        }
+        let next = self.lanes.get_mut(&lane).and_then(VecDeque::pop_front);
+        match next {
+            Some(job) => self.spawn(lane, job),
+            None => {
+                self.lanes.remove(&lane);
+            }
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self, finished: &Finished) {
+        let Some(position) =
+            self.offsets
+                .finished(&finished.topic, finished.partition, finished.offset)
+        else {
+            return;
+        };
+        let mut tpl = TopicPartitionList::new();
+        if tpl
+            .add_partition_offset(
+                &finished.topic,
+                finished.partition,
+                Offset::Offset(position),
+            )
+            .is_err()
+        {
+            return;
+        }
+        // Fails only for a partition no longer assigned to us: its new owner redelivers.
+        if let Err(e) = self.consumer.store_offsets(&tpl) {
+            tracing::debug!(error = %e, "downlink offset not stored");
+        }
+    }
+
+    /// Lets deliveries under way finish briefly, then commits what finished. The rest is
+    /// consumed again after the restart.
+    async fn stop(mut self) {
+        self.shared.shutdown.cancel();
+        let deadline = tokio::time::sleep(SHUTDOWN_GRACE);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                joined = self.tasks.join_next_with_id() => match joined {
+                    Some(Ok((_, (_, finished)))) if finished.done => self.commit(&finished),
+                    Some(_) => {}
+                    None => break,
+                },
+                _ = &mut deadline => break,
+            }
+        }
+        self.tasks.abort_all();
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition, position) in self.offsets.committable() {
+            let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(position));
+        }
+        let consumer = self.consumer.clone();
+        let committed = tokio::task::spawn_blocking(move || {
+            if tpl.count() > 0 {
+                consumer.commit(&tpl, CommitMode::Sync)
+            } else {
+                Ok(())
+            }
+        })
+        .await;
+        match committed {
+            Ok(Ok(())) => tracing::info!("downlink stopped; delivered commands committed"),
+            _ => tracing::warn!(
+                "downlink stopped; the last commit failed, some commands will be delivered again"
+            ),
+        }
+    }
+}
+
+fn encoder_failure(e: ConvertError) -> Unroutable {
+    Unroutable {
+        route: NO_ROUTE.into(),
+        error: format!("encoder: {e}"),
+    }
+}
+
+/// Delivers a job's messages in order, retrying each with backoff until `max_age` after the
+/// command was consumed; then, or at once for an unroutable command, dead-letters it.
+async fn deliver(job: Job, shared: &Shared) -> Finished {
+    let mut finished = Finished {
+        topic: job.command.topic.clone(),
+        partition: job.command.partition,
+        offset: job.command.offset,
+        bytes: job.bytes,
+        done: false,
+    };
+    let deliveries = match &job.plan {
+        Ok(deliveries) => deliveries,
+        Err(unroutable) => {
+            finished.done = dead_letter(
+                &job.command,
+                &unroutable.route,
+                &unroutable.error,
+                1,
+                shared,
+            )
+            .await;
+            return finished;
+        }
+    };
+    let m = &shared.metrics.downlink;
+    for (i, delivery) in deliveries.iter().enumerate() {
+        let mut backoff = Backoff::new(shared.retry.0, shared.retry.1);
+        loop {
+            let error = match delivery.attempt().await {
+                Ok(()) => {
+                    DownlinkMetrics::route(&m.delivered, &delivery.route).inc();
+                    m.latency.observe(job.consumed.elapsed().as_secs_f64());
+                    route_state(shared, &delivery.route, None);
+                    break;
+                }
+                Err(error) => error,
+            };
+            DownlinkMetrics::route(&m.failed, &delivery.route).inc();
+            route_state(shared, &delivery.route, Some(&error));
+            let left = shared.max_age.saturating_sub(job.consumed.elapsed());
+            if left.is_zero() {
+                let error = format!("undeliverable for {:?}: {error}", shared.max_age);
+                let rest = (deliveries.len() - i) as u64;
+                finished.done =
+                    dead_letter(&job.command, &delivery.route, &error, rest, shared).await;
+                return finished;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next_delay().min(left)) => {}
+                _ = shared.shutdown.cancelled() => return finished,
+            }
+        }
+    }
+    finished.done = true;
+    finished
+}
+
+/// One line when a route starts failing, one when it delivers again.
+fn route_state(shared: &Shared, route: &str, error: Option<&str>) {
+    let mut failing = shared
+        .failing_routes
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let was = failing.get(route).copied().unwrap_or(false);
+    match error {
+        Some(error) if !was => {
+            tracing::warn!(route, %error, "downlink route cannot deliver; retrying with backoff");
+            failing.insert(route.to_owned(), true);
+        }
+        None if was => {
+            tracing::info!(route, "downlink route delivering again");
+            failing.insert(route.to_owned(), false);
+        }
+        _ => {}
+    }
+}
+
+/// Gives a command up: to the dead-letter topic when configured (retried until Kafka has it),
+/// otherwise counted and dropped. False only when shutdown came first.
+async fn dead_letter(
+    command: &Command,
+    route: &str,
+    error: &str,
+    messages: u64,
+    shared: &Shared,
+) -> bool {
+    let counter = DownlinkMetrics::route(&shared.metrics.downlink.dead_lettered, route);
+    let Some(dlq) = &shared.dead_letters else {
+        counter.inc_by(messages);
+        dlq_log(route, error, false);
+        return true;
+    };
+    let mut backoff = Backoff::new(shared.retry.0, shared.retry.1);
+    loop {
+        match dlq.send(command, error, &shared.gateway_id).await {
+            Ok(()) => {
+                counter.inc_by(messages);
+                dlq_log(route, error, true);
+                return true;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "downlink dead-letter topic unavailable; retrying")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = shared.shutdown.cancelled() => return false,
+        }
+    }
+}
+
+/// At most one line a minute about given-up commands, with how many it stands for.
+fn dlq_log(route: &str, error: &str, dead_lettered: bool) {
+    static LAST: std::sync::Mutex<Option<(Instant, u64)>> = std::sync::Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    let since = match *last {
+        Some((at, n)) if at.elapsed() < Duration::from_secs(60) => {
+            *last = Some((at, n + 1));
+            return;
+        }
+        Some((_, n)) => n,
+        None => 0,
+    };
+    *last = Some((Instant::now(), 0));
+    if dead_lettered {
+        tracing::warn!(route, %error, others_since_last = since, "downlink command dead-lettered");
+    } else {
+        tracing::warn!(route, %error, others_since_last = since,
+            "downlink command dropped (no downlink.dead_letter_topic)");
+    }
+}
+
+/// The downlink's dead-letter producer: acks=all, like the uplink.
+struct DeadLetters {
+    producer: FutureProducer,
+    topic: String,
+}
+
+/// Headers the dead-letter record gets besides the command's own.
+pub const ERROR_HEADER: &str = "edgegate-error";
+
+impl DeadLetters {
+    async fn new(config: &Arc<Config>, topic: &str) -> Result<DeadLetters, DownlinkError> {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &config.kafka.bootstrap_servers)
+            .set(
+                "client.id",
+                format!("edgegate-{}-downlink-dlq", config.gateway.id),
+            )
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", "30000")
+            .set_log_level(rdkafka::config::RDKafkaLogLevel::Warning);
+        for (key, value) in config.kafka_properties() {
+            c.set(key, value);
+        }
+        let producer: FutureProducer = c.create().map_err(|e| DownlinkError::Client {
+            what: "dead-letter producer",
+            message: e.to_string(),
+        })?;
+        if config.kafka.create_topic {
+            let (config, name) = (config.clone(), topic.to_owned());
+            // Best effort: an unreachable Kafka now is retried by every send.
+            let _ = tokio::task::spawn_blocking(move || {
+                crate::kafka::create_topic(&config, &name, Duration::from_secs(5))
+            })
+            .await;
+        }
+        Ok(DeadLetters {
+            producer,
+            topic: topic.to_owned(),
+        })
+    }
+
+    async fn send(&self, command: &Command, error: &str, gateway_id: &str) -> Result<(), String> {
+        let mut headers = OwnedHeaders::new();
+        for (key, value) in &command.headers {
+            headers = headers.insert(Header {
+                key,
+                value: value.as_deref(),
+            });
+        }
+        let origin = format!("{}/{}/{}", command.topic, command.partition, command.offset);
+        for (key, value) in [
+            (ERROR_HEADER, error),
+            (GATEWAY_HEADER, gateway_id),
+            ("edgegate-origin", origin.as_str()),
+        ] {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            });
+        }
+        let mut record = FutureRecord::to(&self.topic)
+            .payload(&command.value)
+            .headers(headers);
+        if let Some(key) = &command.key {
+            record = record.key(key);
+        }
+        self.producer
+            .send(record, Duration::from_secs(5))
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| e.to_string())
+    }
+}

@@ -13,11 +13,12 @@ use crate::backoff::Backoff;
 use crate::buffer::{self, Buffer, BufferError};
 use crate::config::{Config, ConfigError, SourceConfig};
 use crate::converter::{self, Converters};
+use crate::downlink::{self, DownlinkError, Outlet, Outlets};
 use crate::forwarder::{self, ForwarderError};
 use crate::kafka;
 use crate::metrics::Metrics;
-use crate::sources::mqtt::{self, MqttError, SourceContext};
-use crate::sources::serial::{self, SerialContext, SerialError};
+use crate::sources::mqtt::{self, MqttError, MqttOutlet, SourceContext};
+use crate::sources::serial::{self, SerialContext, SerialError, SerialOutlet};
 use crate::watchdog;
 
 /// A source that stopped with an error.
@@ -48,6 +49,9 @@ pub enum GatewayError {
     /// The forwarder failed fatally: exit 1, systemd restarts us, the buffer keeps every record.
     #[error(transparent)]
     Forwarder(#[from] ForwarderError),
+    /// The downlink cannot run with this configuration (Kafka client settings, encoder): exit 2.
+    #[error(transparent)]
+    Downlink(#[from] DownlinkError),
     /// The buffer or the forwarder ended while the gateway was running, or panicked: exit 1,
     /// systemd restarts us, the buffer keeps every record.
     #[error("the {stage} stopped unexpectedly: {reason}")]
@@ -61,6 +65,7 @@ impl GatewayError {
             GatewayError::Config(_)
             | GatewayError::Source(_)
             | GatewayError::Admin(_)
+            | GatewayError::Downlink(_)
             | GatewayError::Buffer(BufferError::DataDir { .. } | BufferError::Locked(_)) => 2,
             _ => 1,
         }
@@ -162,18 +167,22 @@ pub async fn run(
         async move { Core::Forwarder(forwarding.await) }
     });
     let mut sources = JoinSet::new();
+    let mut outlets = Outlets::new();
     for (name, source) in &config.sources {
         let source_name: Arc<str> = Arc::from(name.as_str());
         let start: SourceStart = match source {
             SourceConfig::Mqtt(m) => {
                 let (m, writer, metrics) = (m.clone(), writer.clone(), metrics.clone());
                 let (name, client_id) = (source_name.clone(), config.mqtt_client_id(name, &m));
+                let outlet = MqttOutlet::default();
+                outlets.insert(source_name.to_string(), Outlet::Mqtt(outlet.clone()));
                 Box::new(move |shutdown| {
                     let ctx = SourceContext {
                         name: name.clone(),
                         client_id: client_id.clone(),
                         writer: writer.clone(),
                         metrics: metrics.clone(),
+                        outlet: outlet.clone(),
                     };
                     let task = mqtt::run(m.clone(), ctx, shutdown);
                     Box::pin(async move { task.await.map_err(SourceError::from) })
@@ -182,10 +191,12 @@ pub async fn run(
             SourceConfig::Serial(s) => {
                 let (s, writer, metrics) = (s.clone(), writer.clone(), metrics.clone());
                 let name = source_name.clone();
+                let outlet = SerialOutlet::default();
+                outlets.insert(source_name.to_string(), Outlet::Serial(outlet.clone()));
                 Box::new(move |shutdown| {
-                    // No downlink writes through the handle yet; a restart makes a new one.
-                    let (ctx, _handle) =
+                    let (ctx, handle) =
                         SerialContext::new(name.clone(), writer.clone(), metrics.clone());
+                    outlet.set(handle);
                     let task = serial::run(s.clone(), ctx, shutdown);
                     Box::pin(async move { task.await.map_err(SourceError::from) })
                 })
@@ -195,6 +206,11 @@ pub async fn run(
         sources.spawn(supervised);
     }
     drop(writer);
+    core.spawn({
+        let downlink =
+            supervise_downlink(config.clone(), outlets, metrics.clone(), shutdown.clone());
+        async move { Core::Downlink(downlink.await) }
+    });
     ready.store(true, Ordering::Relaxed);
     tracing::info!(sources = config.sources.len(), gateway = %config.gateway.id, "edgegate ready");
     watchdog::notify_ready(&format!(
@@ -314,6 +330,40 @@ async fn supervise(
     }
 }
 
+/// Runs the downlink until shutdown, starting it again from the committed offsets after a
+/// failure of its own (a panic); a configuration it cannot use ends the gateway.
+async fn supervise_downlink(
+    config: Arc<Config>,
+    outlets: Outlets,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<(), DownlinkError> {
+    let mut backoff = Backoff::new(SOURCE_RESTART_MIN, SOURCE_RESTART_MAX);
+    loop {
+        let stage_shutdown = shutdown.child_token();
+        let task = tokio::spawn(downlink::run(
+            config.clone(),
+            outlets.clone(),
+            metrics.clone(),
+            stage_shutdown,
+        ));
+        let reason = match task.await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(DownlinkError::Failed(reason))) => reason,
+            Ok(Err(fatal)) => return Err(fatal),
+            Err(e) => e.to_string(),
+        };
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        tracing::error!(%reason, "downlink failed; restarting from the committed offsets");
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+    }
+}
+
 /// The pipeline's health, which lives in the metrics, lent to the watchdog without it knowing
 /// the metrics.
 struct HealthOf(Arc<Metrics>);
@@ -330,6 +380,7 @@ impl std::ops::Deref for HealthOf {
 enum Core {
     Buffer(Result<(), BufferError>),
     Forwarder(Result<(), ForwarderError>),
+    Downlink(Result<(), DownlinkError>),
 }
 
 /// The failure a core stage ended with, or the name of a stage that ended cleanly.
@@ -339,6 +390,8 @@ fn core_failure(
     match joined {
         Ok(Core::Buffer(Ok(()))) => Err("buffer"),
         Ok(Core::Forwarder(Ok(()))) => Err("forwarder"),
+        Ok(Core::Downlink(Ok(()))) => Err("downlink"),
+        Ok(Core::Downlink(Err(e))) => Ok(e.into()),
         Ok(Core::Buffer(Err(e))) => Ok(e.into()),
         Ok(Core::Forwarder(Err(e))) => Ok(e.into()),
         Err(e) => {

@@ -502,7 +502,7 @@ fn topic_limit(config: &Config, topic: &str, timeout: Duration) -> Option<u64> {
     })
 }
 
-fn create_topic(config: &Config, topic: &str, timeout: Duration) -> Result<(), String> {
+pub(crate) fn create_topic(config: &Config, topic: &str, timeout: Duration) -> Result<(), String> {
     let admin = admin_client(config)?;
     let new = NewTopic::new(
         topic,

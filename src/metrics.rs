@@ -35,6 +35,92 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// `<index>:<source>` of the `[[downlink.routes]]` entry, or `none` for a command that
+    /// reached no route (its encoder failed, nothing matched).
+    pub route: String,
+}
+
+/// The downlink's counters; the unit is one encoded message (a record can make several).
+pub struct DownlinkMetrics {
+    pub received: Family<RouteLabels, Counter>,
+    pub delivered: Family<RouteLabels, Counter>,
+    /// Delivery attempts that failed and will be retried (one per attempt).
+    pub failed: Family<RouteLabels, Counter>,
+    /// Given up: sent to the dead-letter topic, or dropped when there is none.
+    pub dead_lettered: Family<RouteLabels, Counter>,
+    /// Records not turned into commands, per reason (`own_record`: the loop guard).
+    pub skipped: Family<ReasonLabels, Counter>,
+    /// Records in the command topics after the last committed position, summed over partitions.
+    pub lag: Gauge,
+    /// Kafka record consumed to device delivery (PUBACK, PUBCOMP, serial write done), seconds.
+    pub latency: Histogram,
+}
+
+impl DownlinkMetrics {
+    fn new() -> DownlinkMetrics {
+        DownlinkMetrics {
+            received: Family::default(),
+            delivered: Family::default(),
+            failed: Family::default(),
+            dead_lettered: Family::default(),
+            skipped: Family::default(),
+            lag: Gauge::default(),
+            latency: Histogram::new([
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0, 300.0,
+            ]),
+        }
+    }
+
+    fn register(&self, r: &mut Registry) {
+        let r = r.sub_registry_with_prefix("downlink");
+        r.register(
+            "received",
+            "Downlink messages consumed and encoded, per route",
+            self.received.clone(),
+        );
+        r.register(
+            "delivered",
+            "Downlink messages delivered to a device, per route",
+            self.delivered.clone(),
+        );
+        r.register(
+            "failed",
+            "Downlink delivery attempts that failed and are retried, per route",
+            self.failed.clone(),
+        );
+        r.register(
+            "dead_lettered",
+            "Downlink messages given up (dead-letter topic, or dropped without one), per route",
+            self.dead_lettered.clone(),
+        );
+        r.register(
+            "skipped",
+            "Downlink records skipped, per reason (own_record: the loop guard)",
+            self.skipped.clone(),
+        );
+        r.register(
+            "lag_records",
+            "Downlink records not yet committed (high watermark less committed position)",
+            self.lag.clone(),
+        );
+        r.register(
+            "latency_seconds",
+            "Downlink record consumed to delivered",
+            self.latency.clone(),
+        );
+    }
+
+    pub fn route(family: &Family<RouteLabels, Counter>, route: &str) -> Counter {
+        family
+            .get_or_create(&RouteLabels {
+                route: route.into(),
+            })
+            .clone()
+    }
+}
+
 /// Why a record left the gateway without reaching Kafka.
 #[derive(Debug, Clone, Copy)]
 pub enum DropReason {
@@ -106,6 +192,7 @@ pub struct Metrics {
     pub serial_discarded: Family<SerialDiscardLabels, Counter>,
     /// Capture to Kafka confirmation, seconds.
     pub delivery_latency: Histogram,
+    pub downlink: DownlinkMetrics,
     /// Which pipeline operations are running, and since when; feeds the systemd watchdog.
     pub health: Health,
     registry: Registry,
@@ -130,6 +217,7 @@ impl Metrics {
             delivery_latency: Histogram::new([
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0, 3600.0,
             ]),
+            downlink: DownlinkMetrics::new(),
             registry: Registry::default(),
             health: Health::default(),
         };
@@ -199,6 +287,7 @@ impl Metrics {
             "Capture to Kafka confirmation",
             m.delivery_latency.clone(),
         );
+        m.downlink.register(r);
         Metrics { registry, ..m }
     }
 

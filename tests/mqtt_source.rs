@@ -78,6 +78,7 @@ async fn redeliveries_after_run(commit: bool) -> usize {
         client_id: "durable-test".into(),
         writer,
         metrics: metrics.clone(),
+        outlet: Default::default(),
     };
     let source_shutdown = CancellationToken::new();
     let source = tokio::spawn(mqtt::run(
@@ -235,6 +236,7 @@ async fn received_over_tls(trusted_ca: &str) -> OverTls {
         client_id: "tls-test".into(),
         writer,
         metrics: metrics.clone(),
+        outlet: Default::default(),
     };
     let tls = format!(
         "[sources.s.tls]\nca_file = \"{}\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"\n",
@@ -344,6 +346,7 @@ impl Rig {
             client_id: "durable-test".into(),
             writer: self.writer.clone(),
             metrics: self.metrics.clone(),
+            outlet: Default::default(),
         };
         let stop = CancellationToken::new();
         let task = tokio::spawn(mqtt::run(config, ctx, stop.clone()));

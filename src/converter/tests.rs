@@ -21,6 +21,7 @@ fn script(body: &str) -> Script {
     Script {
         _dir: dir,
         config: ConverterConfig {
+            kind: Default::default(),
             script: path,
             timeout: Duration::from_millis(100),
             timeout_retry_delay: Duration::from_secs(30),

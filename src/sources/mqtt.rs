@@ -12,15 +12,15 @@
 //! `redelivered`. A message over `max_payload_bytes` is acknowledged and dropped, so it cannot
 //! wedge the source by being redelivered first forever.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Packet,
-    Publish, QoS, Request, SubscribeFilter, SubscribeReasonCode, Transport,
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Outgoing,
+    Packet, Publish, QoS, Request, SubscribeFilter, SubscribeReasonCode, Transport,
 };
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
@@ -51,6 +51,165 @@ pub struct SourceContext {
     pub client_id: String,
     pub writer: BufferWriter,
     pub metrics: Arc<Metrics>,
+    /// The downlink publishes through this source's connection while it runs.
+    pub outlet: MqttOutlet,
+}
+
+/// Why a downlink message was not delivered. Every variant is worth a retry later.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The source is not running (starting, restarting, or shut down); retry after a backoff.
+    #[error("mqtt source is not running")]
+    NotRunning,
+    /// The source has no broker connection now; retry after a backoff.
+    #[error("mqtt source is not connected to its broker")]
+    NotConnected,
+    /// rumqttc's request queue is full; retry shortly.
+    #[error("mqtt source is busy")]
+    Busy,
+    /// The connection or the source ended before the broker acknowledged the message, or the
+    /// acknowledgement took longer than [`DELIVERY_TIMEOUT`]; the broker may still have it, so
+    /// a retry can duplicate it.
+    #[error("no acknowledgement from the broker: {0}")]
+    Unconfirmed(&'static str),
+}
+
+/// How long a published downlink message may wait for its PUBACK (PUBCOMP), reconnects included:
+/// rumqttc resends unacknowledged messages after a reconnect, so a short outage needs no retry.
+pub const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Publishes downlink messages through the source's own broker connection (no second client) and
+/// tells when the broker acknowledged each one.
+///
+/// rumqttc reports no completion per publish, only events: a new publish takes the next packet id
+/// in request order (`Outgoing::Publish`, or `AwaitAck` while its id is still in use) and is
+/// acknowledged by id. The source only ever publishes for the downlink, so the n-th new publish
+/// event is the n-th request queued here; the lock makes "queue the request, then its notice"
+/// atomic against the event-loop task that pops notices. Resends after a reconnect carry ids
+/// already waiting and are not new publishes.
+#[derive(Clone, Default)]
+pub struct MqttOutlet(Arc<Mutex<Option<Outbound>>>);
+
+type Notice = oneshot::Sender<()>;
+
+struct Outbound {
+    client: AsyncClient,
+    connected: bool,
+    /// Queued in rumqttc's request channel, not yet given a packet id, in order.
+    unassigned: VecDeque<Notice>,
+    /// Waiting for PUBACK (QoS 1) or PUBREC (QoS 2), by packet id.
+    awaiting_ack: HashMap<u16, Notice>,
+    /// QoS 2 after PUBREC, waiting for PUBCOMP. Apart from `awaiting_ack`: rumqttc may give the
+    /// id to a new publish meanwhile.
+    awaiting_comp: HashMap<u16, Notice>,
+    /// A publish whose id was still in use; it goes out when that id is acknowledged.
+    collided: Option<(u16, Notice)>,
+}
+
+impl MqttOutlet {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Outbound>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Publishes and waits for the broker's acknowledgement (for QoS 0: until it is written).
+    pub async fn publish(
+        &self,
+        topic: String,
+        qos: u8,
+        payload: Vec<u8>,
+    ) -> Result<(), PublishError> {
+        let acked = {
+            let mut guard = self.lock();
+            let out = guard.as_mut().ok_or(PublishError::NotRunning)?;
+            if !out.connected {
+                return Err(PublishError::NotConnected);
+            }
+            out.client
+                .try_publish(topic, qos_of(qos), false, payload)
+                .map_err(|_| PublishError::Busy)?;
+            let (notice, acked) = oneshot::channel();
+            out.unassigned.push_back(notice);
+            acked
+        };
+        match tokio::time::timeout(DELIVERY_TIMEOUT, acked).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(PublishError::Unconfirmed("the mqtt source restarted")),
+            Err(_) => Err(PublishError::Unconfirmed("timed out")),
+        }
+    }
+
+    fn start(&self, client: AsyncClient) {
+        *self.lock() = Some(Outbound {
+            client,
+            connected: false,
+            unassigned: VecDeque::new(),
+            awaiting_ack: HashMap::new(),
+            awaiting_comp: HashMap::new(),
+            collided: None,
+        });
+    }
+
+    /// The source ended: every waiting publish fails (dropping its notice).
+    fn stop(&self) {
+        self.lock().take();
+    }
+
+    fn set_connected(&self, connected: bool) {
+        if let Some(out) = self.lock().as_mut() {
+            out.connected = connected;
+        }
+    }
+
+    /// Follows one event of the event loop.
+    fn observe(&self, event: &Event) {
+        let mut guard = self.lock();
+        let Some(out) = guard.as_mut() else { return };
+        match event {
+            Event::Outgoing(Outgoing::Publish(0)) => {
+                if let Some(notice) = out.unassigned.pop_front() {
+                    let _ = notice.send(());
+                }
+            }
+            Event::Outgoing(Outgoing::Publish(pkid)) => {
+                if out.awaiting_ack.contains_key(pkid) {
+                    return; // a resend after a reconnect
+                }
+                let notice = match out.collided.take() {
+                    Some((id, notice)) if id == *pkid => Some(notice),
+                    other => {
+                        out.collided = other;
+                        out.unassigned.pop_front()
+                    }
+                };
+                if let Some(notice) = notice {
+                    out.awaiting_ack.insert(*pkid, notice);
+                }
+            }
+            Event::Outgoing(Outgoing::AwaitAck(pkid)) => {
+                if let Some(notice) = out.unassigned.pop_front() {
+                    out.collided = Some((*pkid, notice));
+                }
+            }
+            Event::Incoming(Packet::PubAck(ack)) => {
+                if let Some(notice) = out.awaiting_ack.remove(&ack.pkid) {
+                    let _ = notice.send(());
+                }
+            }
+            Event::Incoming(Packet::PubRec(rec)) => {
+                if let Some(notice) = out.awaiting_ack.remove(&rec.pkid) {
+                    out.awaiting_comp.insert(rec.pkid, notice);
+                }
+            }
+            Event::Incoming(Packet::PubComp(comp)) => {
+                if let Some(notice) = out.awaiting_comp.remove(&comp.pkid) {
+                    let _ = notice.send(());
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -306,6 +465,7 @@ const READ_AHEAD_BYTES: usize = 1024 * 1024;
 /// source is gone or, after `stop`, when the connection closes.
 async fn poll_events(
     mut eventloop: EventLoop,
+    outlet: MqttOutlet,
     connection: CurrentConnection,
     mut backoff: Backoff,
     polled: mpsc::Sender<Polled>,
@@ -318,10 +478,15 @@ async fn poll_events(
         read_ahead.clone().acquire_many_owned(permits)
     };
     loop {
-        let event = match eventloop.poll().await {
+        let polled_event = eventloop.poll().await;
+        if let Ok(event) = &polled_event {
+            outlet.observe(event);
+        }
+        let event = match polled_event {
             Ok(Event::Incoming(packet)) => packet,
             Ok(Event::Outgoing(_)) => continue,
             Err(e) => {
+                outlet.set_connected(false);
                 // What rumqttc decoded in the read that failed belongs to the lost connection:
                 // handed over as such, it is stored but never acknowledged on the next one, where
                 // the broker may have given its packet id to another message.
@@ -330,6 +495,7 @@ async fn poll_events(
                     .state
                     .events
                     .drain(..)
+                    .inspect(|event| outlet.observe(event))
                     .filter_map(|event| match event {
                         Event::Incoming(Packet::Publish(publish)) => Some(publish),
                         _ => None,
@@ -365,6 +531,7 @@ async fn poll_events(
         let report = match event {
             Packet::ConnAck(connack) => {
                 backoff.reset();
+                outlet.set_connected(true);
                 Polled::Connected {
                     session_present: connack.session_present,
                 }
@@ -409,11 +576,14 @@ pub async fn run(
 ) -> Result<(), MqttError> {
     let options = mqtt_options(&config, &ctx)?;
     let (client, eventloop) = AsyncClient::new(options, config.max_pending * 2 + 64);
+    ctx.outlet.start(client.clone());
+    let _stop_outlet = StopOutlet(ctx.outlet.clone());
     let connection = CurrentConnection::default();
     let (polled_tx, mut polled) = mpsc::channel(POLLED_CAPACITY);
     let stop_polling = CancellationToken::new();
     let poller = AbortOnDrop(tokio::spawn(poll_events(
         eventloop,
+        ctx.outlet.clone(),
         connection.clone(),
         Backoff::new(config.reconnect_min, config.reconnect_max),
         polled_tx,
@@ -582,6 +752,15 @@ async fn finish(
     stop_polling.cancel();
     // A poll cut short here loses nothing: the connection is being dropped with it.
     let _ = tokio::time::timeout(Duration::from_secs(1), &mut poller.0).await;
+}
+
+/// Downlink publishes fail once the source ends, also when its task is aborted.
+struct StopOutlet(MqttOutlet);
+
+impl Drop for StopOutlet {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
 }
 
 /// The event-loop task ends with the source, also when the source's task is aborted: a

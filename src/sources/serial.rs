@@ -11,7 +11,6 @@
 //! The port handle is shared with the downlink: [`SerialHandle::write`] sends bytes through the
 //! same open port, never a second open.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,8 +66,25 @@ impl SerialHandle {
     }
 }
 
-/// Serial handles by source name, for the downlink.
-pub type SerialPorts = HashMap<String, SerialHandle>;
+/// The handle of a serial source's current run, for the downlink: a restarted source has a new
+/// one, and writes through an old one fail with [`SerialError::Stopped`].
+#[derive(Clone, Default)]
+pub struct SerialOutlet(Arc<std::sync::Mutex<Option<SerialHandle>>>);
+
+impl SerialOutlet {
+    pub fn set(&self, handle: SerialHandle) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+    }
+
+    /// Writes through the port the source has open; serialised with the source's other writers.
+    pub async fn write(&self, bytes: Vec<u8>) -> Result<(), SerialError> {
+        let handle = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match handle {
+            Some(h) => h.write(bytes).await,
+            None => Err(SerialError::Stopped),
+        }
+    }
+}
 
 /// Everything the source needs besides its configuration.
 pub struct SerialContext {
