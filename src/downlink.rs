@@ -182,6 +182,12 @@ fn consumer(
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.kafka.bootstrap_servers)
         .set("group.id", group_id(config, settings))
+        // Static membership: a gateway restarted after a crash takes its partitions back at once
+        // instead of waiting for the broker to expire the old session.
+        .set(
+            "group.instance.id",
+            format!("edgegate-{}", config.gateway.id),
+        )
         .set(
             "client.id",
             format!("edgegate-{}-downlink", config.gateway.id),

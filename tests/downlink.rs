@@ -218,3 +218,325 @@ async fn without_an_encoder_the_value_goes_as_is_in_order_per_device() {
         Duration::from_secs(10),
     );
 }
+
+/// Serial commands for `meter`, MQTT for every other key; a dead-letter topic; short max_age.
+fn serial_config(
+    dir: &Path,
+    mqtt: u16,
+    kafka: &Tansu,
+    admin: u16,
+    max_age: &str,
+) -> std::path::PathBuf {
+    let link = dir.join("ttyRS");
+    config(
+        dir,
+        mqtt,
+        kafka,
+        admin,
+        &format!(
+            "max_age = \"{max_age}\"\ndead_letter_topic = \"cmds.dlq\"\n\
+             [[downlink.routes]]\nmatch = {{ kafkaKey = \"meter\" }}\nsource = \"rs485\"\n\
+             [[downlink.routes]]\nsource = \"plant\"\ntopic = \"devices/${{kafkaKey}}/raw\"\nqos = 1\n"
+        ),
+        &format!(
+            "[sources.rs485]\ntype = \"serial\"\npath = \"{}\"\nreconnect_min = \"50ms\"\nreconnect_max = \"200ms\"\n",
+            link.display()
+        ),
+    )
+}
+
+/// Plugs a device in at the serial source's path; waits until the source has it open.
+fn plug(dir: &Path, admin: u16) -> Pty {
+    let pty = Pty::open();
+    pty.link_as(&dir.join("ttyRS"));
+    wait_metric(
+        admin,
+        "edgegate_source_connected{source=\"rs485\"}",
+        |v| v == 1.0,
+        Duration::from_secs(10),
+    );
+    pty
+}
+
+fn unplug(pty: Pty, dir: &Path, admin: u16) {
+    drop(pty);
+    let _ = std::fs::remove_file(dir.join("ttyRS"));
+    wait_metric(
+        admin,
+        "edgegate_source_connected{source=\"rs485\"}",
+        |v| v == 0.0,
+        Duration::from_secs(10),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unplugged_port_is_retried_then_dead_lettered_while_other_devices_get_theirs() {
+    let (mqtt, kafka) = (Mosquitto::start(), Tansu::start());
+    kafka.create_topic("cmds", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = serial_config(dir.path(), mqtt.port, &kafka, admin, "4s");
+    let device = Device::subscribe(mqtt.port, "devices/#").await;
+    let gw = Gateway::start(&cfg);
+    gw.wait_for("downlink consuming", Duration::from_secs(20));
+    let p = producer(&kafka.bootstrap());
+
+    // Unplugged: the meter's command waits; the valve's, behind it in the same partition, do not.
+    produce(&p, "cmds", Some("meter"), b"M1\n", &[]).await;
+    for n in 0..5 {
+        produce(&p, "cmds", Some("valve"), format!("V{n}").as_bytes(), &[]).await;
+    }
+    let got = device.wait_for(5, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 5, "valve commands held up; log:\n{}", gw.log());
+    wait_metric(
+        admin,
+        "edgegate_downlink_failed_total",
+        |v| v >= 1.0,
+        Duration::from_secs(10),
+    );
+    let mut pty = plug(dir.path(), admin);
+    assert_eq!(
+        pty.receive(3, Duration::from_secs(10)),
+        b"M1\n",
+        "not delivered after replug"
+    );
+
+    // Unplugged past max_age: dead-lettered with the reason, and the lane goes on afterwards.
+    unplug(pty, dir.path(), admin);
+    produce(
+        &p,
+        "cmds",
+        Some("meter"),
+        b"M2\n",
+        &[("tb_msg_md_deviceName", b"meter-1")],
+    )
+    .await;
+    produce(&p, "cmds", Some("valve"), b"V5", &[]).await;
+    assert_eq!(device.wait_for(6, Duration::from_secs(10)).await.len(), 6);
+    let dlq = consume(&kafka.bootstrap(), "cmds.dlq", 1, Duration::from_secs(30));
+    assert_eq!(dlq.len(), 1, "log:\n{}", gw.log());
+    assert_eq!(dlq[0].payload, b"M2\n");
+    assert_eq!(dlq[0].key.as_deref(), Some(&b"meter"[..]));
+    assert!(
+        dlq[0].header("edgegate-error").contains("not open"),
+        "{:?}",
+        dlq[0].headers
+    );
+    assert_eq!(
+        dlq[0].header("tb_msg_md_deviceName"),
+        "meter-1",
+        "original headers kept"
+    );
+    assert_eq!(dlq[0].header("edgegate-gateway"), "gw-test");
+    assert_eq!(metric(admin, "edgegate_downlink_dead_lettered_total"), 1.0);
+    let mut pty = plug(dir.path(), admin);
+    produce(&p, "cmds", Some("meter"), b"M3\n", &[]).await;
+    assert_eq!(pty.receive(3, Duration::from_secs(10)), b"M3\n");
+    // One line per state change: failing (M1), delivering (M1), failing (M2); not one per retry.
+    assert_eq!(gw.count("downlink route cannot deliver"), 2);
+    assert!(gw.count("downlink route delivering again") >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_consumed_before_a_kill_9_is_delivered_after_the_restart_in_order() {
+    let (mqtt, kafka) = (Mosquitto::start(), Tansu::start());
+    kafka.create_topic("cmds", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = serial_config(dir.path(), mqtt.port, &kafka, admin, "1h");
+    let mut gw = Gateway::start(&cfg);
+    gw.wait_for("downlink consuming", Duration::from_secs(20));
+    let p = producer(&kafka.bootstrap());
+    produce(&p, "cmds", Some("meter"), b"C0\n", &[]).await;
+    wait_metric(
+        admin,
+        "edgegate_downlink_failed_total",
+        |v| v >= 1.0,
+        Duration::from_secs(20),
+    );
+    gw.kill9();
+    for n in 1..4 {
+        produce(&p, "cmds", Some("meter"), format!("C{n}\n").as_bytes(), &[]).await;
+    }
+    gw.restart();
+    gw.wait_for_count("edgegate ready", 2, Duration::from_secs(20));
+    let mut pty = plug(dir.path(), admin);
+    let got = pty.receive(12, Duration::from_secs(30));
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "C0\nC1\nC2\nC3\n",
+        "log:\n{}",
+        gw.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_9_mid_stream_neither_skips_nor_reorders_commands() {
+    let (mqtt, kafka) = (Mosquitto::start(), Tansu::start());
+    kafka.create_topic("cmds", 2);
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = config(
+        dir.path(),
+        mqtt.port,
+        &kafka,
+        admin,
+        "[[downlink.routes]]\nsource = \"plant\"\ntopic = \"devices/${kafkaKey}\"\nqos = 1\n",
+        "",
+    );
+    let device = Device::subscribe(mqtt.port, "devices/#").await;
+    let p = producer(&kafka.bootstrap());
+    let per_key = 1500;
+    for n in 0..per_key {
+        for key in ["a", "b"] {
+            produce(&p, "cmds", Some(key), n.to_string().as_bytes(), &[]).await;
+        }
+    }
+    let mut gw = Gateway::start(&cfg);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while device.messages().len() < 400 {
+        assert!(Instant::now() < deadline, "log:\n{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    gw.kill9();
+    let at_kill = device.messages().len();
+    gw.restart();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for key in ["a", "b"] {
+        let topic = format!("devices/{key}");
+        loop {
+            let firsts = first_occurrences(&device.messages(), &topic);
+            if firsts.len() == per_key {
+                let expected: Vec<u64> = (0..per_key as u64).collect();
+                assert_eq!(firsts, expected, "{key}: skipped or reordered");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{key}: {} of {per_key}",
+                firsts.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert!(
+        at_kill < 2 * per_key,
+        "the kill came after everything was delivered"
+    );
+}
+
+/// The commands of one device in the order they were first seen.
+fn first_occurrences(messages: &[Received], topic: &str) -> Vec<u64> {
+    let mut seen = std::collections::HashSet::new();
+    messages
+        .iter()
+        .filter(|(t, _, _)| t == topic)
+        .filter_map(|(_, p, _)| String::from_utf8_lossy(p).parse::<u64>().ok())
+        .filter(|n| seen.insert(*n))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_commands_are_dead_lettered_or_skipped_and_nothing_else_stalls() {
+    let (mqtt, kafka) = (Mosquitto::start(), Tansu::start());
+    kafka.create_topic("cmds", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = config(
+        dir.path(),
+        mqtt.port,
+        &kafka,
+        admin,
+        "dead_letter_topic = \"cmds.dlq\"\n\
+         [[downlink.routes]]\nsource = \"plant\"\ntopic = \"devices/${deviceName}\"\nqos = 1\n",
+        "",
+    );
+    let device = Device::subscribe(mqtt.port, "devices/#").await;
+    let gw = Gateway::start(&cfg);
+    gw.wait_for("downlink consuming", Duration::from_secs(20));
+    let p = producer(&kafka.bootstrap());
+    let named: &[(&str, &[u8])] = &[("tb_msg_md_deviceName", b"d1")];
+    produce(&p, "cmds", Some("d1"), b"unfilled", &[]).await;
+    produce(
+        &p,
+        "cmds",
+        Some("d1"),
+        b"bad-header",
+        &[("tb_msg_md_deviceName", &[0xff, 0xc0])],
+    )
+    .await;
+    produce(
+        &p,
+        "cmds",
+        Some("d1"),
+        b"own",
+        &[
+            ("tb_msg_md_deviceName", b"d1"),
+            ("edgegate-gateway", b"gw-test"),
+        ],
+    )
+    .await;
+    produce(&p, "cmds", Some("d1"), b"good", named).await;
+    let got = device.wait_for(1, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 1, "log:\n{}", gw.log());
+    assert_eq!(
+        (got[0].0.as_str(), got[0].1.as_slice()),
+        ("devices/d1", &b"good"[..])
+    );
+    let dlq = consume(&kafka.bootstrap(), "cmds.dlq", 2, Duration::from_secs(30));
+    let errors: Vec<(&[u8], &str)> = dlq
+        .iter()
+        .map(|m| (m.payload.as_slice(), m.header("edgegate-error")))
+        .collect();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert_eq!(errors[0].0, b"unfilled");
+    assert!(errors[0].1.contains("deviceName"), "{}", errors[0].1);
+    assert_eq!(errors[1].0, b"bad-header");
+    assert!(errors[1].1.contains("not UTF-8"), "{}", errors[1].1);
+    assert_eq!(metric(admin, "edgegate_downlink_skipped_total"), 1.0);
+    assert_eq!(metric(admin, "edgegate_downlink_dead_lettered_total"), 2.0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(device.messages().len(), 1, "the own record was delivered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_uplink_delivers_everything_in_order_while_commands_flow() {
+    let (mqtt, kafka) = (Mosquitto::start(), Tansu::start());
+    kafka.create_topic("cmds", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = config(
+        dir.path(),
+        mqtt.port,
+        &kafka,
+        admin,
+        "[[downlink.routes]]\nsource = \"plant\"\ntopic = \"devices/${kafkaKey}\"\nqos = 1\n",
+        "",
+    );
+    let device = Device::subscribe(mqtt.port, "devices/#").await;
+    let gw = Gateway::start(&cfg);
+    gw.wait_for("downlink consuming", Duration::from_secs(20));
+    let p = producer(&kafka.bootstrap());
+    let commands = tokio::spawn(async move {
+        for n in 0..1000 {
+            produce(&p, "cmds", Some("d"), n.to_string().as_bytes(), &[]).await;
+        }
+    });
+    let topics: Vec<String> = (0..4).map(|i| format!("sensors/dev{i}")).collect();
+    let publisher = Publisher::connect(mqtt.port, "load").await;
+    for n in 0..1000 {
+        for t in &topics {
+            publisher.publish(t, payload(t, n, 200)).await;
+        }
+    }
+    publisher.wait_acked(4000, Duration::from_secs(60)).await;
+    commands.await.unwrap();
+    let msgs = consume(&kafka.bootstrap(), "uplink", 4000, Duration::from_secs(90));
+    assert_eq!(msgs.len(), 4000, "log:\n{}", gw.log());
+    assert_complete_in_order(&msgs, &topics, 1000, false);
+    let got = device.wait_for(1000, Duration::from_secs(60)).await;
+    assert_eq!(
+        first_occurrences(&got, "devices/d"),
+        (0..1000).collect::<Vec<u64>>()
+    );
+}
