@@ -1239,6 +1239,99 @@ topics = ["sensors/#", { filter = "cmd/+", qos = 0 }]
         Config::parse(text, Path::new("test.toml"))
     }
 
+    const DOWNLINK: &str = r#"
+[downlink]
+topics = ["cmds"]
+converter = "enc"
+[[downlink.routes]]
+match = { transport = "mqtt" }
+source = "plant"
+topic = "devices/${deviceName}/rpc"
+[converters.enc]
+type = "encoder"
+script = "enc.js"
+[converters.dec]
+script = "dec.js"
+"#;
+
+    fn downlink_error(text: &str) -> (String, String) {
+        match parse(text) {
+            Err(ConfigError::Invalid { key, message, .. }) => (key, message),
+            other => panic!("accepted: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_downlink_gets_defaults_and_its_routes() {
+        let c = parse(&format!("{MINIMAL}{DOWNLINK}")).unwrap();
+        let d = c.downlink.unwrap();
+        assert_eq!(d.max_age, Duration::from_secs(3600));
+        assert_eq!(d.msg_type, "RPC_CALL_FROM_SERVER_TO_DEVICE");
+        assert_eq!(d.start_from, StartFrom::Earliest);
+        assert_eq!(d.routes[0].qos, 1);
+        assert_eq!(d.routes[0].matches["transport"], "mqtt");
+        assert_eq!(c.converters["enc"].kind, ConverterKind::Encoder);
+        assert_eq!(c.converters["dec"].kind, ConverterKind::Decoder);
+    }
+
+    #[test]
+    fn a_downlink_loop_is_refused_unless_allowed() {
+        let looping = format!("{MINIMAL}{DOWNLINK}")
+            .replace("topics = [\"cmds\"]", "topics = [\"cmds\", \"t\"]");
+        let (key, message) = downlink_error(&looping);
+        assert_eq!(key, "downlink.topics[1]");
+        assert!(message.contains("allow_loop"), "{message}");
+        let allowed = looping.replace("[downlink]", "[downlink]\nallow_loop = true");
+        assert!(parse(&allowed).is_ok());
+    }
+
+    #[test]
+    fn downlink_mistakes_are_named_by_key() {
+        let base = format!("{MINIMAL}{DOWNLINK}");
+        let cases = [
+            (
+                base.replace("converter = \"enc\"", "converter = \"dec\""),
+                "downlink.converter",
+            ),
+            (
+                base.replace("converter = \"enc\"", "converter = \"nope\""),
+                "downlink.converter",
+            ),
+            (
+                base.replace("source = \"plant\"", "source = \"nope\""),
+                "downlink.routes[0].source",
+            ),
+            (base.replace("/rpc\"", "/${x\""), "downlink.routes[0].topic"),
+            (
+                base.replace("topic = \"devices/${deviceName}/rpc\"", ""),
+                "downlink.routes[0].topic",
+            ),
+            (
+                base.replace("[downlink]", "[downlink]\ndead_letter_topic = \"cmds\""),
+                "downlink.dead_letter_topic",
+            ),
+            (
+                base.replace("[downlink]", "[downlink]\nmax_age = \"0s\""),
+                "downlink.max_age",
+            ),
+            (
+                base.replace("[downlink]", "[downlink]\nstart_from = \"middle\""),
+                "downlink.start_from",
+            ),
+            (
+                MINIMAL.replace(
+                    "topics = [\"sensors/#\"",
+                    "converter = \"enc\"\ntopics = [\"sensors/#\"",
+                ) + DOWNLINK,
+                "sources.plant.converter",
+            ),
+        ];
+        for (text, expected) in cases {
+            let (key, message) = downlink_error(&text);
+            assert_eq!(key, expected, "{message}");
+        }
+    }
+
     #[test]
     fn minimal_config_gets_defaults() {
         let c = parse(MINIMAL).unwrap();
