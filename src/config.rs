@@ -146,6 +146,10 @@ pub struct RouteConfig {
     pub qos: u8,
 }
 
+/// Bytes of commands the downlink holds between consuming and delivery before consuming pauses
+/// (besides `downlink.max_in_flight` commands); a larger command is still taken alone.
+pub const DOWNLINK_IN_FLIGHT_BYTES: usize = 4 * 1024 * 1024;
+
 fn default_downlink_max_age() -> Duration {
     Duration::from_secs(3600)
 }
@@ -959,6 +963,13 @@ impl Config {
                 }
             };
             bounds.push((format!("sources.{name}.{key}"), bytes));
+        }
+        if self.downlink.is_some() {
+            // Commands between consuming and delivery, librdkafka's read-ahead queue, a fetch.
+            bounds.push((
+                "downlink".to_owned(),
+                DOWNLINK_IN_FLIGHT_BYTES as u64 + 2 * 1024 * 1024,
+            ));
         }
         bounds.push((
             "forwarder read batch".to_owned(),

@@ -31,7 +31,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::config::{Config, DownlinkConfig};
+use crate::config::{Config, DownlinkConfig, DOWNLINK_IN_FLIGHT_BYTES};
 use crate::converter::{ConvertError, ConverterError, Downlink, EncodeJob, Encoders};
 use crate::metrics::{DownlinkMetrics, Metrics, ReasonLabels};
 
@@ -57,9 +57,6 @@ pub enum DownlinkError {
     Failed(String),
 }
 
-/// Bytes of command values held between consuming and delivery before consuming pauses (besides
-/// `downlink.max_in_flight` commands); a larger command is still taken alone.
-const MAX_IN_FLIGHT_BYTES: usize = 4 * 1024 * 1024;
 /// How often librdkafka reports statistics, from which the lag gauge is set.
 const STATS_INTERVAL_MS: &str = "5000";
 /// How long shutdown waits for deliveries already under way.
@@ -298,7 +295,7 @@ impl Stage {
     async fn run(mut self, shutdown: CancellationToken) -> Result<(), DownlinkError> {
         let result = loop {
             let room = self.in_flight < self.settings.max_in_flight
-                && self.in_flight_bytes < MAX_IN_FLIGHT_BYTES;
+                && self.in_flight_bytes < DOWNLINK_IN_FLIGHT_BYTES;
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Ok(()),
@@ -327,7 +324,10 @@ impl Stage {
     /// A consumed record becomes a job, or is skipped.
     async fn take(&mut self, input: Input) -> Result<(), DownlinkError> {
         let (command, plan) = match input {
-            Input::OwnRecord => {
+            Input::OwnRecord(command) => {
+                let (topic, partition) = (&command.topic, command.partition);
+                self.offsets.consumed(topic, partition, command.offset);
+                self.commit(topic, partition, command.offset);
                 self.shared
                     .metrics
                     .downlink
@@ -448,7 +448,7 @@ impl Stage {
         self.in_flight -= 1;
         self.in_flight_bytes -= finished.bytes;
         if finished.done {
-            self.commit(&finished);
+            self.commit(&finished.topic, finished.partition, finished.offset);
         }
         let next = self.lanes.get_mut(&lane).and_then(VecDeque::pop_front);
         match next {
@@ -460,20 +460,15 @@ impl Stage {
         Ok(())
     }
 
-    fn commit(&mut self, finished: &Finished) {
-        let Some(position) =
-            self.offsets
-                .finished(&finished.topic, finished.partition, finished.offset)
-        else {
+    /// The command at `offset` finished: stores the partition's new committable position, which
+    /// librdkafka commits in the background (`auto.commit.interval.ms`).
+    fn commit(&mut self, topic: &str, partition: i32, offset: i64) {
+        let Some(position) = self.offsets.finished(topic, partition, offset) else {
             return;
         };
         let mut tpl = TopicPartitionList::new();
         if tpl
-            .add_partition_offset(
-                &finished.topic,
-                finished.partition,
-                Offset::Offset(position),
-            )
+            .add_partition_offset(topic, partition, Offset::Offset(position))
             .is_err()
         {
             return;
@@ -493,7 +488,7 @@ impl Stage {
         loop {
             tokio::select! {
                 joined = self.tasks.join_next_with_id() => match joined {
-                    Some(Ok((_, (_, finished)))) if finished.done => self.commit(&finished),
+                    Some(Ok((_, (_, f)))) if f.done => self.commit(&f.topic, f.partition, f.offset),
                     Some(_) => {}
                     None => break,
                 },

@@ -26,8 +26,9 @@ pub struct Command {
 #[derive(Debug)]
 pub enum Input {
     Command(Command),
-    /// Carries this gateway's own `edgegate-gateway` header: consuming it would loop.
-    OwnRecord,
+    /// Carries this gateway's own `edgegate-gateway` header: consuming it would loop. Skipped,
+    /// but its offset still counts as finished.
+    OwnRecord(Command),
     /// Cannot be turned into metadata; dead-lettered with the reason.
     Malformed(Command, String),
 }
@@ -61,7 +62,7 @@ pub fn read(message: &impl Message, gateway_id: &str, default_msg_type: &str) ->
                 }
             };
             if header.key == GATEWAY_HEADER && value == gateway_id {
-                return Input::OwnRecord;
+                return Input::OwnRecord(command);
             }
             let key = header
                 .key
@@ -155,7 +156,7 @@ mod tests {
     #[test]
     fn only_this_gateways_own_records_are_skipped() {
         let own = record(&[(GATEWAY_HEADER, b"gw")], None);
-        assert!(matches!(read(&own, "gw", "RPC"), Input::OwnRecord));
+        assert!(matches!(read(&own, "gw", "RPC"), Input::OwnRecord(_)));
         let other = record(&[(GATEWAY_HEADER, b"gw-2")], None);
         assert!(matches!(read(&other, "gw", "RPC"), Input::Command(_)));
     }
