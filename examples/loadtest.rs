@@ -8,7 +8,9 @@
 //! - edgegate idle RSS, and a backlog of BACKLOG records built with the uplink cut, then drained.
 //!
 //! Single scenarios: `raw N`, `e2e N`, `backlog N`, `converter-micro N`, `converter N [ROUNDS]` (raw
-//! and converter runs alternating for ROUNDS pairs, default 3), `serial PORTS SECS`, `ready N`.
+//! and converter runs alternating for ROUNDS pairs, default 3), `serial PORTS SECS`, `ready N`,
+//! `downlink N DEVICES` (Kafka → encoder → MQTT devices: a backlog of N commands, then 1,000/s for
+//! latency, and the RSS the downlink adds).
 //!
 //! `loadtest bridge MQTT_PORT BOOTSTRAP TOPIC` is the naive bridge itself (run as a child process
 //! so its CPU and memory are measured the same way as edgegate's).
@@ -973,6 +975,168 @@ async fn bridge(mqtt_port: u16, bootstrap: &str, topic: &str) {
     }
 }
 
+// ---------- downlink ----------
+
+/// The JSON encoder of the downlink benchmark: a command in, `{method, params, t}` out, to the
+/// device named by the Kafka key.
+const BENCH_ENCODER: &str = r#"
+return {
+  contentType: "JSON",
+  data: JSON.stringify({method: msg.method, params: msg.params, t: msg.t}),
+  metadata: {deviceName: metadata.kafkaKey}
+};
+"#;
+
+/// A device on mosquitto counting commands and their Kafka-produce-to-device latency.
+async fn command_device(port: u16) -> Tail {
+    let t = Tail {
+        count: Arc::default(),
+        latencies: Arc::default(),
+        stop: Arc::default(),
+    };
+    let (count, lat) = (t.count.clone(), t.latencies.clone());
+    let mut options = MqttOptions::new("bench-device", "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = AsyncClient::new(options, 1000);
+    client
+        .subscribe("devices/#", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    tokio::spawn(async move {
+        let _client = client;
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let text = String::from_utf8_lossy(&p.payload);
+                    let sent = text
+                        .split("\"t\":")
+                        .nth(1)
+                        .and_then(|r| r.trim_end_matches('}').parse::<u64>().ok());
+                    if let (Some(sent), Ok(mut l)) = (sent, lat.lock()) {
+                        l.push(now_micros().saturating_sub(sent));
+                    }
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    t
+}
+
+fn command(n: u64) -> String {
+    format!(
+        "{{\"method\":\"setValve\",\"params\":{{\"open\":true,\"n\":{n}}},\"t\":{}}}",
+        now_micros()
+    )
+}
+
+/// `loadtest downlink N DEVICES`: N commands over DEVICES keys, produced before the gateway starts,
+/// then delivered through the encoder to mosquitto at full speed; then 1,000 commands/s for 10 s
+/// for latency; RSS against the same gateway without a downlink.
+async fn downlink(n: u64, devices: u64) {
+    let broker = Mosquitto::start();
+    let kafka = Tansu::start();
+    kafka.create_topic("cmds", 3);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let admin = free_port();
+    let config = edgegate_config(dir.path(), broker.port, &kafka.bootstrap(), "uplink", admin);
+    let baseline = {
+        let mut gw = start_edgegate(&config);
+        std::thread::sleep(Duration::from_secs(5));
+        let s = proc_sample(gw.id());
+        let _ = gw.kill();
+        let _ = gw.wait();
+        s
+    };
+    let encoder = dir.path().join("encoder.js");
+    std::fs::write(&encoder, BENCH_ENCODER).expect("encoder");
+    let mut text = std::fs::read_to_string(&config).expect("config");
+    text += &format!(
+        "[downlink]\ntopics = [\"cmds\"]\nconverter = \"commands\"\n\
+         [[downlink.routes]]\nsource = \"plant\"\ntopic = \"devices/${{deviceName}}/rpc\"\nqos = 1\n\
+         [converters.commands]\ntype = \"encoder\"\nscript = \"{}\"\n",
+        encoder.display()
+    );
+    std::fs::write(&config, text).expect("config");
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap())
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .expect("producer");
+    for i in 0..n {
+        let key = format!("dev{}", i % devices);
+        let value = command(i);
+        let mut record = BaseRecord::to("cmds").key(&key).payload(&value);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    record = r;
+                    producer.poll(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+    let _ = producer.flush(Duration::from_secs(60));
+    let device = command_device(broker.port).await;
+    let mut gw = start_edgegate(&config);
+    let pid = gw.id();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while device.count() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let (start, cpu0) = (Instant::now(), proc_sample(pid).cpu_s);
+    let mut peak = 0.0f64;
+    while device.count() < n && Instant::now() < deadline {
+        peak = peak.max(proc_sample(pid).rss_mb);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let cpu = proc_sample(pid).cpu_s - cpu0;
+    let delivered = device.count();
+    println!("| scenario | commands | seconds | commands/s | CPU-s / 100k | p50 ms | p99 ms | RSS MB |");
+    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| backlog through the encoder, {devices} devices, QoS 1 | {delivered} | {secs:.1} | {:.0} | {:.2} | – | – | peak {peak:.1} |",
+        delivered as f64 / secs,
+        cpu / delivered as f64 * 100_000.0
+    );
+    // Paced: 1,000/s for 10 s, latency from produce to the device.
+    device.latencies.lock().map(|mut l| l.clear()).ok();
+    let before = device.count();
+    let paced = 10_000u64;
+    let t0 = Instant::now();
+    for i in 0..paced {
+        let due = t0 + Duration::from_micros(i * 1000);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
+        let key = format!("dev{}", i % devices);
+        let value = command(i);
+        let _ = producer.send(BaseRecord::to("cmds").key(&key).payload(&value));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while device.count() < before + paced && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let lat = device.sorted_latencies();
+    let after = proc_sample(pid);
+    println!(
+        "| paced 1,000/s for 10 s | {} | 10 | 1000 | – | {:.1} | {:.1} | {:.1} (idle gateway without downlink: {:.1}) |",
+        lat.len(),
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        after.rss_mb,
+        baseline.rss_mb
+    );
+    let _ = gw.kill();
+    let _ = gw.wait();
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
@@ -1018,6 +1182,11 @@ fn main() {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(1_000_000);
             ready(n);
+        }
+        Some("downlink") => {
+            let n = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(200_000);
+            let devices = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(100);
+            runtime.block_on(downlink(n, devices));
         }
         Some("bridge") => {
             let port = args.get(1).and_then(|p| p.parse().ok()).expect("MQTT_PORT");
