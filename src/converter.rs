@@ -21,7 +21,7 @@ use bytesize::ByteSize;
 use tokio::sync::oneshot;
 
 use crate::buffer::ReadChunk;
-use crate::config::{Config, ConverterConfig};
+use crate::config::{Config, ConverterConfig, ConverterKind};
 use crate::metrics::Metrics;
 use crate::record::Record;
 use crate::watchdog::Stage;
@@ -205,64 +205,36 @@ pub struct EncodedEntity {
     pub value: Vec<u8>,
 }
 
-/// One configured decoder script and the runtime that runs it.
-pub struct Converter {
-    name: Arc<str>,
+/// A script, its limits and the runtime that runs it: what decoders and encoders share. The
+/// runtime is recreated after a failure that may have left it in any state.
+struct Sandbox {
+    kind: ConverterKind,
     path: PathBuf,
     source: String,
     limits: Limits,
-    /// Shared so a record's metadata can borrow it while the script runs (`&mut self`).
-    static_metadata: Arc<[(String, String)]>,
     engine: Option<Engine>,
-    debug: DebugLog,
-    breaker: Breaker,
-    timeout_retry_delay: Duration,
 }
 
-impl Converter {
-    /// Reads and compiles the script; `debug_dir` enables the debug log where configured.
-    pub fn new(
-        name: &str,
-        config: &ConverterConfig,
-        debug_dir: Option<&Path>,
-    ) -> Result<Converter, ConverterError> {
+impl Sandbox {
+    /// Reads the script and compiles it as `kind`.
+    fn load(kind: ConverterKind, config: &ConverterConfig) -> Result<Sandbox, ConverterError> {
         let source =
             std::fs::read_to_string(&config.script).map_err(|source| ConverterError::Read {
                 path: config.script.clone(),
                 source,
             })?;
-        let debug = match debug_dir {
-            Some(dir) if config.debug != DebugMode::Off => DebugLog::new(
-                config.debug,
-                dir.join(format!("{name}.jsonl")),
-                config.debug_max_bytes.as_u64(),
-            ),
-            _ => DebugLog::disabled(),
-        };
-        let mut converter = Converter {
-            name: Arc::from(name),
+        let mut sandbox = Sandbox {
+            kind,
             path: config.script.clone(),
             source,
             limits: Limits {
                 timeout: config.timeout,
                 memory_bytes: config.memory_limit.as_u64() as usize,
             },
-            static_metadata: config
-                .metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
             engine: None,
-            debug,
-            breaker: Breaker::default(),
-            timeout_retry_delay: config.timeout_retry_delay,
         };
-        converter.engine()?;
-        Ok(converter)
-    }
-
-    pub fn name(&self) -> &Arc<str> {
-        &self.name
+        sandbox.engine()?;
+        Ok(sandbox)
     }
 
     fn engine(&mut self) -> Result<&mut Engine, ConverterError> {
@@ -270,7 +242,7 @@ impl Converter {
             Some(engine) => engine,
             None => {
                 let filename = self.path.display().to_string();
-                Engine::new(&self.source, &filename, self.limits).map_err(|e| {
+                Engine::compile(self.kind, &self.source, &filename, self.limits).map_err(|e| {
                     ConverterError::Compile {
                         path: self.path.clone(),
                         line: e.line,
@@ -280,6 +252,83 @@ impl Converter {
             }
         };
         Ok(self.engine.insert(engine))
+    }
+
+    /// Drops the runtime, whatever it was doing; the next call compiles the script afresh.
+    fn reset(&mut self) {
+        self.engine = None;
+    }
+
+    /// Runs the engine; a runtime left in an unknown state is dropped.
+    fn run<R>(
+        &mut self,
+        call: impl FnOnce(&mut Engine) -> Result<R, EngineError>,
+    ) -> Result<R, ConvertError> {
+        let limits = self.limits;
+        let engine = self
+            .engine()
+            .map_err(|e| ConvertError::Exception(e.to_string()))?;
+        let result = call(engine);
+        if result.as_ref().is_err_and(EngineError::poisons_runtime) {
+            self.reset();
+        }
+        result.map_err(|e| match e {
+            EngineError::Timeout => ConvertError::Timeout(limits.timeout),
+            EngineError::OutOfMemory => {
+                ConvertError::OutOfMemory(ByteSize::b(limits.memory_bytes as u64))
+            }
+            EngineError::Exception(m) => ConvertError::Exception(m),
+        })
+    }
+}
+
+/// The converter's debug log when `debug_dir` is given and its `debug` setting wants one.
+fn debug_log(name: &str, config: &ConverterConfig, debug_dir: Option<&Path>) -> DebugLog {
+    match debug_dir {
+        Some(dir) if config.debug != DebugMode::Off => DebugLog::new(
+            config.debug,
+            dir.join(format!("{name}.jsonl")),
+            config.debug_max_bytes.as_u64(),
+        ),
+        _ => DebugLog::disabled(),
+    }
+}
+
+/// One configured decoder script and the runtime that runs it.
+pub struct Converter {
+    name: Arc<str>,
+    sandbox: Sandbox,
+    /// Shared so a record's metadata can borrow it while the script runs (`&mut self`).
+    static_metadata: Arc<[(String, String)]>,
+    debug: DebugLog,
+    breaker: Breaker,
+    timeout_retry_delay: Duration,
+}
+
+impl Converter {
+    /// Reads and compiles the script as a decoder (whatever its `type`); `debug_dir` enables the
+    /// debug log where configured.
+    pub fn new(
+        name: &str,
+        config: &ConverterConfig,
+        debug_dir: Option<&Path>,
+    ) -> Result<Converter, ConverterError> {
+        Ok(Converter {
+            name: Arc::from(name),
+            sandbox: Sandbox::load(ConverterKind::Decoder, config)?,
+            static_metadata: config
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            debug: debug_log(name, config, debug_dir),
+            breaker: Breaker::default(),
+            timeout_retry_delay: config.timeout_retry_delay,
+        })
+    }
+
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
     }
 
     /// The converter's own `metadata` table.
@@ -313,26 +362,12 @@ impl Converter {
         }
     }
 
-    /// Runs the engine; a runtime left in an unknown state is dropped.
+    /// Runs the engine (see [`Sandbox::run`]).
     fn run<R>(
         &mut self,
         call: impl FnOnce(&mut Engine) -> Result<R, EngineError>,
     ) -> Result<R, ConvertError> {
-        let limits = self.limits;
-        let engine = self
-            .engine()
-            .map_err(|e| ConvertError::Exception(e.to_string()))?;
-        let result = call(engine);
-        if result.as_ref().is_err_and(EngineError::poisons_runtime) {
-            self.engine = None;
-        }
-        result.map_err(|e| match e {
-            EngineError::Timeout => ConvertError::Timeout(limits.timeout),
-            EngineError::OutOfMemory => {
-                ConvertError::OutOfMemory(ByteSize::b(limits.memory_bytes as u64))
-            }
-            EngineError::Exception(m) => ConvertError::Exception(m),
-        })
+        self.sandbox.run(call)
     }
 
     /// Converts one buffered record, records a debug event, and encodes the entities.
@@ -664,7 +699,7 @@ impl Worker {
             tracing::error!(converter = %converter.name, seq = record.seq, %message,
                 "converter panicked on a record; the record fails, the runtime is recreated");
             // Whatever the runtime was doing is unfinished; start from a fresh one.
-            converter.engine = None;
+            converter.sandbox.reset();
             Conversion::Failed {
                 converter: converter.name.clone(),
                 error: ConvertError::Panicked(message),

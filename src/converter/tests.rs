@@ -21,6 +21,7 @@ fn script(body: &str) -> Script {
     Script {
         _dir: dir,
         config: ConverterConfig {
+            kind: ConverterKind::Decoder,
             script: path,
             timeout: Duration::from_millis(100),
             timeout_retry_delay: Duration::from_secs(30),
@@ -480,7 +481,7 @@ fn both_paths(body: &str, payload: &[u8]) -> (Path, Result<Vec<Entity>, String>)
         timeout: Duration::from_secs(1),
         memory_bytes: 16 << 20,
     };
-    let mut engine = Engine::new(body, "case.js", limits).unwrap();
+    let mut engine = Engine::compile(ConverterKind::Decoder, body, "case.js", limits).unwrap();
     let general = |raw: Option<Value>| match raw {
         Some(raw) => normalize(raw, T),
         None => Err("undefined".to_owned()),
@@ -559,7 +560,8 @@ fn metadata_keys_kept_as_atoms_carry_each_records_own_values() {
         timeout: Duration::from_secs(1),
         memory_bytes: 16 << 20,
     };
-    let mut engine = Engine::new("return metadata;", "m.js", limits).unwrap();
+    let mut engine =
+        Engine::compile(ConverterKind::Decoder, "return metadata;", "m.js", limits).unwrap();
     // More distinct keys than the engine keeps as atoms: the rest still arrive.
     let keys: Vec<String> = (0..80).map(|i| format!("k{i}")).collect();
     for round in ["a", "b"] {
