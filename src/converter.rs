@@ -1,12 +1,15 @@
-//! ThingsBoard-compatible uplink converters: a decoder script turns a raw record into device and
-//! asset entities, each sent to Kafka as one normalized JSON record.
+//! ThingsBoard-compatible converters. Uplink: a decoder script turns a raw record into device and
+//! asset entities, each sent to Kafka as one normalized JSON record. Downlink: an encoder script
+//! turns a Kafka command into messages for devices ([`encoder`]).
 //!
 //! Conversion happens on the forwarding path, so the buffer keeps raw records and a corrected
-//! script applies to everything still buffered. QuickJS runtimes are not `Send`; all converters
-//! live on one dedicated thread ([`Converters`]) that the forwarder hands whole chunks to.
+//! script applies to everything still buffered. QuickJS runtimes are not `Send`; all decoders
+//! live on one dedicated thread ([`Converters`]) that the forwarder hands whole chunks to, and the
+//! encoder on one of its own ([`encoder::Encoders`]).
 
 mod crash;
 mod debug;
+pub mod encoder;
 mod engine;
 mod normalize;
 mod read;
@@ -28,7 +31,7 @@ use crate::watchdog::Stage;
 
 use crate::config::DebugMode;
 use crash::{CrashLog, StopHandle};
-use debug::{DebugEvent, DebugLog};
+use debug::{DebugEvent, DebugLog, Direction};
 use engine::{Converted, Engine, EngineError, Limits};
 pub use normalize::{normalize, Entity};
 
@@ -57,14 +60,16 @@ pub enum ConverterError {
 /// about the record: hold it (and everything after it) and convert it again after
 /// [`ConvertError::retry_in`]. The others are the record's own: it goes to the dead-letter topic
 /// when one is configured, otherwise it is counted and dropped, and the pipeline moves on.
+/// Encoders fail a command with the same errors, never a transient one.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConvertError {
     /// The script threw an exception.
     #[error("script error: {0}")]
     Exception(String),
-    /// The script ran past its `timeout` on this record [`TIMEOUT_ATTEMPTS`] times, the attempts
-    /// `timeout_retry_delay` apart: it does not finish on this record.
-    #[error("script timed out after {0:?}, {TIMEOUT_ATTEMPTS} times on this record")]
+    /// The script does not finish on this record: a decoder ran past its `timeout`
+    /// [`TIMEOUT_ATTEMPTS`] times, the attempts `timeout_retry_delay` apart; an encoder ran past
+    /// it once (encoders do not pause and retry).
+    #[error("script timed out after {0:?}")]
     Timeout(Duration),
     /// The script ran past its `timeout`, which a busy machine can cause as well as the record:
     /// transient, retry the record after `retry_in`.
@@ -76,7 +81,8 @@ pub enum ConvertError {
     /// The script allocated past its `memory_limit`.
     #[error("script exceeded its memory limit of {0}")]
     OutOfMemory(ByteSize),
-    /// The script returned something that is not a ThingsBoard uplink result.
+    /// The script returned something that is not a ThingsBoard uplink (decoder) or downlink
+    /// (encoder) result; the message names the element and key.
     #[error("invalid result: {0}")]
     InvalidResult(String),
     /// Converting this record panicked (a bug in edgegate or in QuickJS); the runtime is
@@ -422,9 +428,11 @@ impl Converter {
             .map(|entities| serde_json::Value::Array(entities.iter().map(Entity::value).collect()));
         let error = result.as_ref().err().map(ToString::to_string);
         self.debug.record(&DebugEvent {
+            direction: Direction::Uplink,
             seq: record.seq,
             payload: &record.payload,
             metadata: meta,
+            msg_type: None,
             output: output.as_ref(),
             error: error.as_deref(),
         });

@@ -269,6 +269,26 @@ impl Engine {
         result
     }
 
+    /// Runs the encoder on one command and returns its result as [`Engine::call`] does. `msg` is
+    /// the command's JSON value when its bytes are JSON, its text otherwise (ThingsBoard hands
+    /// encoders the parsed message body); the metadata tables become objects of strings.
+    pub fn encode(
+        &mut self,
+        msg: &[u8],
+        metadata: &[(&str, &str)],
+        msg_type: &str,
+        integration_metadata: &[(&str, &str)],
+    ) -> Result<Option<serde_json::Value>, EngineError> {
+        let (classes, budget) = (self.classes, self.memory_bytes);
+        self.guarded(|ctx, f, _, _| {
+            let msg = msg_value(ctx, msg)?;
+            let meta = string_object(ctx, metadata)?;
+            let integration = string_object(ctx, integration_metadata)?;
+            let out: Value = f.call((msg, meta, msg_type, integration))?;
+            to_json(ctx, classes, budget, out)
+        })
+    }
+
     /// Calls the script's function under the deadline; what goes wrong becomes an
     /// [`EngineError`].
     fn guarded<R>(
@@ -304,6 +324,46 @@ fn signature(kind: ConverterKind) -> &'static str {
         ConverterKind::Decoder => "function Decoder(payload, metadata)",
         ConverterKind::Encoder => "function Encoder(msg, metadata, msgType, integrationMetadata)",
     }
+}
+
+/// An encoder's `msg`: the parsed value when the bytes are JSON (parsed by QuickJS itself, so
+/// numbers are exactly what `JSON.parse` gives a script), the text otherwise, with invalid UTF-8
+/// replaced.
+fn msg_value<'js>(ctx: &Ctx<'js>, msg: &[u8]) -> rquickjs::Result<Value<'js>> {
+    // JSON text is UTF-8 (RFC 8259) and never holds a raw NUL, which `json_parse` cannot take.
+    let maybe_json = std::str::from_utf8(msg).is_ok() && !msg.contains(&0);
+    if maybe_json {
+        match ctx.json_parse(msg) {
+            Ok(value) => return Ok(value),
+            Err(rquickjs::Error::Exception) => {
+                let caught = ctx.catch();
+                // Out of memory or a nesting too deep for the stack are failures of this command,
+                // not a sign that it is text.
+                if !is_syntax_error(&caught) {
+                    return Err(ctx.throw(caught));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let text = String::from_utf8_lossy(msg);
+    rquickjs::String::from_str(ctx.clone(), &text).map(rquickjs::String::into_value)
+}
+
+fn is_syntax_error(caught: &Value<'_>) -> bool {
+    caught
+        .as_object()
+        .and_then(|o| o.get::<_, String>("name").ok())
+        .is_some_and(|name| name == "SyntaxError")
+}
+
+/// A fresh object holding `entries` as string properties.
+fn string_object<'js>(ctx: &Ctx<'js>, entries: &[(&str, &str)]) -> rquickjs::Result<Object<'js>> {
+    let object = Object::new(ctx.clone())?;
+    for (k, v) in entries {
+        object.set(*k, *v)?;
+    }
+    Ok(object)
 }
 
 /// What [`Engine::convert`] made of a result.
