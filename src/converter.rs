@@ -474,18 +474,40 @@ fn encode(entity: Entity) -> EncodedEntity {
     }
 }
 
-/// Compiles every configured converter; `check` and start-up both use it.
+/// The configured decoders, in the order [`load_all`] compiles them: [`Converters`] finds a
+/// source's converter by its index here.
+fn decoders(config: &Config) -> impl Iterator<Item = (&String, &ConverterConfig)> {
+    config
+        .converters
+        .iter()
+        .filter(|(_, c)| c.kind == ConverterKind::Decoder)
+}
+
+/// Compiles every configured decoder; `check` and start-up both use it. Encoders run elsewhere
+/// ([`load_encoders`]).
 pub fn load_all(
     config: &Config,
     debug_dir: Option<&Path>,
 ) -> Result<Vec<Converter>, (String, ConverterError)> {
-    config
-        .converters
-        .iter()
+    decoders(config)
         .map(|(name, c)| {
             Converter::new(name, c, debug_dir).map_err(|e| (format!("converters.{name}"), e))
         })
         .collect()
+}
+
+/// Compiles every configured encoder once, so that `check` names a broken one (its key, file and
+/// line) before the downlink ever starts it.
+pub fn load_encoders(config: &Config) -> Result<(), (String, ConverterError)> {
+    config
+        .converters
+        .iter()
+        .filter(|(_, c)| c.kind == ConverterKind::Encoder)
+        .try_for_each(|(name, c)| {
+            encoder::Encoder::new(name, c, None)
+                .map(drop)
+                .map_err(|e| (format!("converters.{name}"), e))
+        })
 }
 
 struct Job {
@@ -531,10 +553,7 @@ impl Converters {
             .sources
             .iter()
             .filter_map(|(name, s)| {
-                let i = config
-                    .converters
-                    .keys()
-                    .position(|c| Some(c.as_str()) == s.converter())?;
+                let i = decoders(config).position(|(c, _)| Some(c.as_str()) == s.converter())?;
                 Some((name.clone(), i))
             })
             .collect();
