@@ -1098,7 +1098,9 @@ async fn downlink(n: u64, devices: u64) {
     let secs = start.elapsed().as_secs_f64();
     let cpu = proc_sample(pid).cpu_s - cpu0;
     let delivered = device.count();
-    println!("| scenario | commands | seconds | commands/s | CPU-s / 100k | p50 ms | p99 ms | RSS MB |");
+    println!(
+        "| scenario | commands | seconds | commands/s | CPU-s / 100k | p50 ms | p99 ms | RSS MB |"
+    );
     println!("|---|---|---|---|---|---|---|---|");
     println!(
         "| backlog through the encoder, {devices} devices, QoS 1 | {delivered} | {secs:.1} | {:.0} | {:.2} | – | – | peak {peak:.1} |",

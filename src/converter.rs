@@ -1,13 +1,15 @@
-//! ThingsBoard-compatible uplink converters: a decoder script turns a raw record into device and
-//! asset entities, each sent to Kafka as one normalized JSON record.
+//! ThingsBoard-compatible converters. Uplink: a decoder script turns a raw record into device and
+//! asset entities, each sent to Kafka as one normalized JSON record. Downlink: an encoder script
+//! turns a Kafka command into messages for devices ([`encoder`]).
 //!
 //! Conversion happens on the forwarding path, so the buffer keeps raw records and a corrected
-//! script applies to everything still buffered. QuickJS runtimes are not `Send`; all converters
-//! live on one dedicated thread ([`Converters`]) that the forwarder hands whole chunks to.
+//! script applies to everything still buffered. QuickJS runtimes are not `Send`; all decoders
+//! live on one dedicated thread ([`Converters`]) that the forwarder hands whole chunks to, and the
+//! encoder on one of its own ([`encoder::Encoders`]).
 
 mod crash;
 mod debug;
-mod encoder;
+pub mod encoder;
 mod engine;
 mod normalize;
 mod read;
@@ -22,14 +24,14 @@ use bytesize::ByteSize;
 use tokio::sync::oneshot;
 
 use crate::buffer::ReadChunk;
-use crate::config::{Config, ConverterConfig};
+use crate::config::{Config, ConverterConfig, ConverterKind};
 use crate::metrics::Metrics;
 use crate::record::Record;
 use crate::watchdog::Stage;
 
 use crate::config::DebugMode;
 use crash::{CrashLog, StopHandle};
-use debug::{DebugEvent, DebugLog};
+use debug::{DebugEvent, DebugLog, Direction};
 pub use encoder::{ContentType, Downlink, EncodeJob, Encoders};
 use engine::{Converted, Engine, EngineError, Limits};
 pub use normalize::{normalize, Entity};
@@ -59,14 +61,16 @@ pub enum ConverterError {
 /// about the record: hold it (and everything after it) and convert it again after
 /// [`ConvertError::retry_in`]. The others are the record's own: it goes to the dead-letter topic
 /// when one is configured, otherwise it is counted and dropped, and the pipeline moves on.
+/// Encoders fail a command with the same errors, never a transient one.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConvertError {
     /// The script threw an exception.
     #[error("script error: {0}")]
     Exception(String),
-    /// The script ran past its `timeout` on this record [`TIMEOUT_ATTEMPTS`] times, the attempts
-    /// `timeout_retry_delay` apart: it does not finish on this record.
-    #[error("script timed out after {0:?}, {TIMEOUT_ATTEMPTS} times on this record")]
+    /// The script does not finish on this record: a decoder ran past its `timeout`
+    /// [`TIMEOUT_ATTEMPTS`] times, the attempts `timeout_retry_delay` apart; an encoder ran past
+    /// it once (encoders do not pause and retry).
+    #[error("script timed out after {0:?}")]
     Timeout(Duration),
     /// The script ran past its `timeout`, which a busy machine can cause as well as the record:
     /// transient, retry the record after `retry_in`.
@@ -78,7 +82,8 @@ pub enum ConvertError {
     /// The script allocated past its `memory_limit`.
     #[error("script exceeded its memory limit of {0}")]
     OutOfMemory(ByteSize),
-    /// The script returned something that is not a ThingsBoard uplink result.
+    /// The script returned something that is not a ThingsBoard uplink (decoder) or downlink
+    /// (encoder) result; the message names the element and key.
     #[error("invalid result: {0}")]
     InvalidResult(String),
     /// Converting this record panicked (a bug in edgegate or in QuickJS); the runtime is
@@ -207,64 +212,36 @@ pub struct EncodedEntity {
     pub value: Vec<u8>,
 }
 
-/// One configured decoder script and the runtime that runs it.
-pub struct Converter {
-    name: Arc<str>,
+/// A script, its limits and the runtime that runs it: what decoders and encoders share. The
+/// runtime is recreated after a failure that may have left it in any state.
+struct Sandbox {
+    kind: ConverterKind,
     path: PathBuf,
     source: String,
     limits: Limits,
-    /// Shared so a record's metadata can borrow it while the script runs (`&mut self`).
-    static_metadata: Arc<[(String, String)]>,
     engine: Option<Engine>,
-    debug: DebugLog,
-    breaker: Breaker,
-    timeout_retry_delay: Duration,
 }
 
-impl Converter {
-    /// Reads and compiles the script; `debug_dir` enables the debug log where configured.
-    pub fn new(
-        name: &str,
-        config: &ConverterConfig,
-        debug_dir: Option<&Path>,
-    ) -> Result<Converter, ConverterError> {
+impl Sandbox {
+    /// Reads the script and compiles it as `kind`.
+    fn load(kind: ConverterKind, config: &ConverterConfig) -> Result<Sandbox, ConverterError> {
         let source =
             std::fs::read_to_string(&config.script).map_err(|source| ConverterError::Read {
                 path: config.script.clone(),
                 source,
             })?;
-        let debug = match debug_dir {
-            Some(dir) if config.debug != DebugMode::Off => DebugLog::new(
-                config.debug,
-                dir.join(format!("{name}.jsonl")),
-                config.debug_max_bytes.as_u64(),
-            ),
-            _ => DebugLog::disabled(),
-        };
-        let mut converter = Converter {
-            name: Arc::from(name),
+        let mut sandbox = Sandbox {
+            kind,
             path: config.script.clone(),
             source,
             limits: Limits {
                 timeout: config.timeout,
                 memory_bytes: config.memory_limit.as_u64() as usize,
             },
-            static_metadata: config
-                .metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
             engine: None,
-            debug,
-            breaker: Breaker::default(),
-            timeout_retry_delay: config.timeout_retry_delay,
         };
-        converter.engine()?;
-        Ok(converter)
-    }
-
-    pub fn name(&self) -> &Arc<str> {
-        &self.name
+        sandbox.engine()?;
+        Ok(sandbox)
     }
 
     fn engine(&mut self) -> Result<&mut Engine, ConverterError> {
@@ -272,7 +249,7 @@ impl Converter {
             Some(engine) => engine,
             None => {
                 let filename = self.path.display().to_string();
-                Engine::new(&self.source, &filename, self.limits).map_err(|e| {
+                Engine::compile(self.kind, &self.source, &filename, self.limits).map_err(|e| {
                     ConverterError::Compile {
                         path: self.path.clone(),
                         line: e.line,
@@ -282,6 +259,83 @@ impl Converter {
             }
         };
         Ok(self.engine.insert(engine))
+    }
+
+    /// Drops the runtime, whatever it was doing; the next call compiles the script afresh.
+    fn reset(&mut self) {
+        self.engine = None;
+    }
+
+    /// Runs the engine; a runtime left in an unknown state is dropped.
+    fn run<R>(
+        &mut self,
+        call: impl FnOnce(&mut Engine) -> Result<R, EngineError>,
+    ) -> Result<R, ConvertError> {
+        let limits = self.limits;
+        let engine = self
+            .engine()
+            .map_err(|e| ConvertError::Exception(e.to_string()))?;
+        let result = call(engine);
+        if result.as_ref().is_err_and(EngineError::poisons_runtime) {
+            self.reset();
+        }
+        result.map_err(|e| match e {
+            EngineError::Timeout => ConvertError::Timeout(limits.timeout),
+            EngineError::OutOfMemory => {
+                ConvertError::OutOfMemory(ByteSize::b(limits.memory_bytes as u64))
+            }
+            EngineError::Exception(m) => ConvertError::Exception(m),
+        })
+    }
+}
+
+/// The converter's debug log when `debug_dir` is given and its `debug` setting wants one.
+fn debug_log(name: &str, config: &ConverterConfig, debug_dir: Option<&Path>) -> DebugLog {
+    match debug_dir {
+        Some(dir) if config.debug != DebugMode::Off => DebugLog::new(
+            config.debug,
+            dir.join(format!("{name}.jsonl")),
+            config.debug_max_bytes.as_u64(),
+        ),
+        _ => DebugLog::disabled(),
+    }
+}
+
+/// One configured decoder script and the runtime that runs it.
+pub struct Converter {
+    name: Arc<str>,
+    sandbox: Sandbox,
+    /// Shared so a record's metadata can borrow it while the script runs (`&mut self`).
+    static_metadata: Arc<[(String, String)]>,
+    debug: DebugLog,
+    breaker: Breaker,
+    timeout_retry_delay: Duration,
+}
+
+impl Converter {
+    /// Reads and compiles the script as a decoder (whatever its `type`); `debug_dir` enables the
+    /// debug log where configured.
+    pub fn new(
+        name: &str,
+        config: &ConverterConfig,
+        debug_dir: Option<&Path>,
+    ) -> Result<Converter, ConverterError> {
+        Ok(Converter {
+            name: Arc::from(name),
+            sandbox: Sandbox::load(ConverterKind::Decoder, config)?,
+            static_metadata: config
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            debug: debug_log(name, config, debug_dir),
+            breaker: Breaker::default(),
+            timeout_retry_delay: config.timeout_retry_delay,
+        })
+    }
+
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
     }
 
     /// The converter's own `metadata` table.
@@ -315,26 +369,12 @@ impl Converter {
         }
     }
 
-    /// Runs the engine; a runtime left in an unknown state is dropped.
+    /// Runs the engine (see [`Sandbox::run`]).
     fn run<R>(
         &mut self,
         call: impl FnOnce(&mut Engine) -> Result<R, EngineError>,
     ) -> Result<R, ConvertError> {
-        let limits = self.limits;
-        let engine = self
-            .engine()
-            .map_err(|e| ConvertError::Exception(e.to_string()))?;
-        let result = call(engine);
-        if result.as_ref().is_err_and(EngineError::poisons_runtime) {
-            self.engine = None;
-        }
-        result.map_err(|e| match e {
-            EngineError::Timeout => ConvertError::Timeout(limits.timeout),
-            EngineError::OutOfMemory => {
-                ConvertError::OutOfMemory(ByteSize::b(limits.memory_bytes as u64))
-            }
-            EngineError::Exception(m) => ConvertError::Exception(m),
-        })
+        self.sandbox.run(call)
     }
 
     /// Converts one buffered record, records a debug event, and encodes the entities.
@@ -389,9 +429,11 @@ impl Converter {
             .map(|entities| serde_json::Value::Array(entities.iter().map(Entity::value).collect()));
         let error = result.as_ref().err().map(ToString::to_string);
         self.debug.record(&DebugEvent {
+            direction: Direction::Uplink,
             seq: record.seq,
             payload: &record.payload,
             metadata: meta,
+            msg_type: None,
             output: output.as_ref(),
             error: error.as_deref(),
         });
@@ -433,18 +475,40 @@ fn encode(entity: Entity) -> EncodedEntity {
     }
 }
 
-/// Compiles every configured converter; `check` and start-up both use it.
+/// The configured decoders, in the order [`load_all`] compiles them: [`Converters`] finds a
+/// source's converter by its index here.
+fn decoders(config: &Config) -> impl Iterator<Item = (&String, &ConverterConfig)> {
+    config
+        .converters
+        .iter()
+        .filter(|(_, c)| c.kind == ConverterKind::Decoder)
+}
+
+/// Compiles every configured decoder; `check` and start-up both use it. Encoders run elsewhere
+/// ([`load_encoders`]).
 pub fn load_all(
     config: &Config,
     debug_dir: Option<&Path>,
 ) -> Result<Vec<Converter>, (String, ConverterError)> {
-    config
-        .converters
-        .iter()
+    decoders(config)
         .map(|(name, c)| {
             Converter::new(name, c, debug_dir).map_err(|e| (format!("converters.{name}"), e))
         })
         .collect()
+}
+
+/// Compiles every configured encoder once, so that `check` names a broken one (its key, file and
+/// line) before the downlink ever starts it.
+pub fn load_encoders(config: &Config) -> Result<(), (String, ConverterError)> {
+    config
+        .converters
+        .iter()
+        .filter(|(_, c)| c.kind == ConverterKind::Encoder)
+        .try_for_each(|(name, c)| {
+            encoder::Encoder::new(name, c, None)
+                .map(drop)
+                .map_err(|e| (format!("converters.{name}"), e))
+        })
 }
 
 struct Job {
@@ -490,10 +554,7 @@ impl Converters {
             .sources
             .iter()
             .filter_map(|(name, s)| {
-                let i = config
-                    .converters
-                    .keys()
-                    .position(|c| Some(c.as_str()) == s.converter())?;
+                let i = decoders(config).position(|(c, _)| Some(c.as_str()) == s.converter())?;
                 Some((name.clone(), i))
             })
             .collect();
@@ -666,7 +727,7 @@ impl Worker {
             tracing::error!(converter = %converter.name, seq = record.seq, %message,
                 "converter panicked on a record; the record fails, the runtime is recreated");
             // Whatever the runtime was doing is unfinished; start from a fresh one.
-            converter.engine = None;
+            converter.sandbox.reset();
             Conversion::Failed {
                 converter: converter.name.clone(),
                 error: ConvertError::Panicked(message),

@@ -82,6 +82,7 @@ pub fn validate(config: &Config, path: &Path) -> Result<(), ConfigError> {
     };
     kafka::check_guarantees(config).map_err(|(k, m)| invalid(k, m))?;
     converter::load_all(config, None).map_err(|(k, e)| invalid(k, e.to_string()))?;
+    converter::load_encoders(config).map_err(|(k, e)| invalid(k, e.to_string()))?;
     check_data_dir(&config.gateway.data_dir).map_err(|m| invalid("gateway.data_dir".into(), m))
 }
 

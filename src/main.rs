@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use edgegate::buffer::tools::ToolError;
 use edgegate::buffer::Buffer;
-use edgegate::config::{Config, ConverterConfig};
+use edgegate::config::{Config, ConverterConfig, ConverterKind};
+use edgegate::converter::encoder::Encoder;
 use edgegate::converter::{script_metadata, Converter, Entity};
 use edgegate::gateway;
 use edgegate::record::now_ms;
@@ -37,7 +38,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Run a decoder on one payload, like ThingsBoard's "Test decoder function". Prints
+    /// Run a decoder on one payload, like ThingsBoard's "Test decoder function", or with
+    /// --encoder an encoder on one command ("Test encoder function"). Prints
     /// {"output": …, "error": …}; exits 0 on success, 1 on a script error, 2 on bad arguments.
     Convert(ConvertArgs),
     /// Inspect or edit the disk buffer while the service is stopped.
@@ -73,25 +75,41 @@ enum BufferAction {
 
 #[derive(clap::Args)]
 struct ConvertArgs {
-    /// The decoder script (the body of `function Decoder(payload, metadata)`).
+    /// The script: the body of `function Decoder(payload, metadata)`, or with --encoder of
+    /// `function Encoder(msg, metadata, msgType, integrationMetadata)`.
     #[arg(long, required_unless_present = "config", conflicts_with = "config")]
     script: Option<PathBuf>,
     /// Take the script and its settings from this configuration file…
     #[arg(long, short, requires = "converter")]
     config: Option<PathBuf>,
-    /// …from its `[converters.<NAME>]` table.
+    /// …from its `[converters.<NAME>]` table (with --encoder, one with type = "encoder").
     #[arg(long, requires = "config")]
     converter: Option<String>,
-    /// File holding the payload, or - for standard input.
-    #[arg(long)]
-    payload: PathBuf,
-    /// The payload file holds base64 text; decode it first.
+    /// Run a downlink encoder on --msg instead of a decoder on --payload. Output: one
+    /// {"contentType", "data", "metadata"} per message, data as the script returned it.
+    #[arg(long, requires = "msg")]
+    encoder: bool,
+    /// Decoder: file holding the payload, or - for standard input.
+    #[arg(long, required_unless_present = "encoder", conflicts_with = "encoder")]
+    payload: Option<PathBuf>,
+    /// Encoder: file holding the command, the script's `msg` (parsed when it is JSON), or - for
+    /// standard input.
+    #[arg(long, requires = "encoder")]
+    msg: Option<PathBuf>,
+    /// Encoder: the script's `msgType`.
+    #[arg(
+        long,
+        requires = "encoder",
+        default_value = "RPC_CALL_FROM_SERVER_TO_DEVICE"
+    )]
+    msg_type: String,
+    /// The payload (or msg) file holds base64 text; decode it first.
     #[arg(long)]
     base64: bool,
-    /// Extra metadata for the script, as key=value; repeatable.
+    /// Extra metadata for the script (an encoder's `metadata`), as key=value; repeatable.
     #[arg(long = "metadata", value_name = "KEY=VALUE", value_parser = key_value)]
     metadata: Vec<(String, String)>,
-    /// Print the script's own return value, unnormalized, as ThingsBoard shows it.
+    /// Print the script's own return value, unnormalized and unchecked, as ThingsBoard shows it.
     #[arg(long)]
     raw: bool,
 }
@@ -226,21 +244,28 @@ fn convert(args: ConvertArgs) -> ExitCode {
         eprintln!("edgegate convert: {message}");
         ExitCode::from(2)
     };
-    let payload = match read_payload(&args.payload, args.base64) {
+    // clap makes exactly one of them present.
+    let Some(input) = args.msg.as_ref().or(args.payload.as_ref()) else {
+        return usage("give --payload, or --encoder with --msg".into());
+    };
+    let payload = match read_payload(input, args.base64) {
         Ok(p) => p,
         Err(message) => return usage(message),
+    };
+    let kind = if args.encoder {
+        ConverterKind::Encoder
+    } else {
+        ConverterKind::Decoder
     };
     let (name, settings, gateway_id) = match (&args.script, &args.config, &args.converter) {
         (Some(script), _, _) => {
             let name = script
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "decoder".into());
-            (
-                name,
-                ConverterConfig::for_script(script.clone()),
-                String::new(),
-            )
+                .unwrap_or_else(|| if args.encoder { "encoder" } else { "decoder" }.into());
+            let mut settings = ConverterConfig::for_script(script.clone());
+            settings.kind = kind;
+            (name, settings, String::new())
         }
         (None, Some(path), Some(name)) => {
             let config = match Config::load(path) {
@@ -250,6 +275,15 @@ fn convert(args: ConvertArgs) -> ExitCode {
             let Some(settings) = config.converters.get(name) else {
                 return usage(format!("{}: no [converters.{name}] table", path.display()));
             };
+            match (settings.kind, kind) {
+                (ConverterKind::Encoder, ConverterKind::Decoder) => {
+                    return usage(format!("[converters.{name}] is an encoder: add --encoder"))
+                }
+                (ConverterKind::Decoder, ConverterKind::Encoder) => {
+                    return usage(format!("[converters.{name}] is a decoder: drop --encoder"))
+                }
+                _ => {}
+            }
             (name.clone(), settings.clone(), config.gateway.id.clone())
         }
         _ => return usage("give --script, or --config with --converter".into()),
@@ -257,26 +291,9 @@ fn convert(args: ConvertArgs) -> ExitCode {
     if let Err(e) = std::fs::metadata(&settings.script) {
         return usage(format!("{}: {e}", settings.script.display()));
     }
-    let (output, error) = match Converter::new(&name, &settings, None) {
-        Err(e) => (None, Some(e.to_string())),
-        Ok(mut converter) => {
-            let static_meta = converter.static_metadata();
-            let mut meta = script_metadata(&static_meta, &name, &gateway_id, &args.metadata);
-            if gateway_id.is_empty() {
-                meta.retain(|(k, _)| *k != "gatewayId");
-            }
-            let result = if args.raw {
-                converter.run_raw(&payload, &meta)
-            } else {
-                converter
-                    .convert(&payload, &meta, now_ms())
-                    .map(|entities| entities.iter().map(Entity::value).collect())
-            };
-            match result {
-                Ok(v) => (Some(v), None),
-                Err(e) => (None, Some(e.to_string())),
-            }
-        }
+    let (output, error) = match kind {
+        ConverterKind::Decoder => decode(&args, &name, &settings, &gateway_id, &payload),
+        ConverterKind::Encoder => encode(&args, &name, &settings, &gateway_id, &payload),
     };
     let failed = error.is_some();
     let report = serde_json::json!({ "output": output, "error": error });
@@ -290,6 +307,67 @@ fn convert(args: ConvertArgs) -> ExitCode {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// `convert`'s (output, error) for a decoder.
+fn decode(
+    args: &ConvertArgs,
+    name: &str,
+    settings: &ConverterConfig,
+    gateway_id: &str,
+    payload: &[u8],
+) -> (Option<serde_json::Value>, Option<String>) {
+    match Converter::new(name, settings, None) {
+        Err(e) => (None, Some(e.to_string())),
+        Ok(mut converter) => {
+            let static_meta = converter.static_metadata();
+            let mut meta = script_metadata(&static_meta, name, gateway_id, &args.metadata);
+            if gateway_id.is_empty() {
+                meta.retain(|(k, _)| *k != "gatewayId");
+            }
+            let result = if args.raw {
+                converter.run_raw(payload, &meta)
+            } else {
+                converter
+                    .convert(payload, &meta, now_ms())
+                    .map(|entities| entities.iter().map(Entity::value).collect())
+            };
+            report(result)
+        }
+    }
+}
+
+/// `convert`'s (output, error) for an encoder: the command line's metadata is the script's
+/// `metadata`; `integrationMetadata` comes from the converter's settings.
+fn encode(
+    args: &ConvertArgs,
+    name: &str,
+    settings: &ConverterConfig,
+    gateway_id: &str,
+    msg: &[u8],
+) -> (Option<serde_json::Value>, Option<String>) {
+    let mut encoder = match Encoder::new(name, settings, None) {
+        Ok(encoder) => encoder,
+        Err(e) => return (None, Some(e.to_string())),
+    };
+    let (meta, msg_type) = (&args.metadata, &args.msg_type);
+    let result = if args.raw {
+        encoder.encode_raw(msg, meta, msg_type, gateway_id)
+    } else {
+        encoder
+            .encode_json(msg, meta, msg_type, gateway_id)
+            .map(serde_json::Value::Array)
+    };
+    report(result)
+}
+
+fn report<E: ToString>(
+    result: Result<serde_json::Value, E>,
+) -> (Option<serde_json::Value>, Option<String>) {
+    match result {
+        Ok(v) => (Some(v), None),
+        Err(e) => (None, Some(e.to_string())),
     }
 }
 

@@ -357,6 +357,169 @@ fn convert_exits_1_on_script_errors_and_2_on_bad_arguments() {
     assert_eq!(code, Some(2));
 }
 
+const TB_ENCODER: &str = "tests/fixtures/encoders/thingsboard.js";
+
+fn thingsboard_encoder_args(msg: &str) -> Vec<&str> {
+    vec![
+        "--encoder",
+        "--script",
+        TB_ENCODER,
+        "--msg",
+        msg,
+        "--metadata",
+        "ss_serialNumber=SN-1",
+        "--metadata",
+        "deviceType=thermostat",
+        "--metadata",
+        "deviceName=T1",
+    ]
+}
+
+#[test]
+fn convert_runs_the_thingsboard_documentation_encoder_like_its_test_function() {
+    // {"temperatureUploadFrequency":60,"humidityUploadFrequency":30}
+    let msg = "tests/fixtures/encoders/thingsboard-msg.json";
+    let (code, out, err) = convert(&thingsboard_encoder_args(msg), b"");
+    assert_eq!(code, Some(0), "{err}");
+    let expected = serde_json::json!({
+        "contentType": "JSON",
+        "data": r#"{"tempFreq":60,"humFreq":30,"devSerialNumber":"SN-1"}"#,
+        "metadata": {"topic": "thermostat/T1/upload"}
+    });
+    assert_eq!(
+        out,
+        serde_json::json!({"output": [expected.clone()], "error": null})
+    );
+    // --raw: the script's own value, here the same object unwrapped; the msg from stdin.
+    let mut args = thingsboard_encoder_args("-");
+    args.push("--raw");
+    let (code, raw, err) = convert(
+        &args,
+        br#"{"temperatureUploadFrequency":60,"humidityUploadFrequency":30}"#,
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(raw["output"], expected);
+    // Node.js, where installed, runs the same body to the same result.
+    let node = std::process::Command::new("node")
+        .arg("-e")
+        .arg(format!(
+            "const Encoder = new Function('msg', 'metadata', 'msgType', 'integrationMetadata', {});\n\
+             console.log(JSON.stringify(Encoder({{temperatureUploadFrequency: 60, humidityUploadFrequency: 30}},\n\
+               {{ss_serialNumber: 'SN-1', deviceType: 'thermostat', deviceName: 'T1'}}, 'RPC_CALL_FROM_SERVER_TO_DEVICE', {{}})));",
+            serde_json::Value::from(std::fs::read_to_string(TB_ENCODER).unwrap())
+        ))
+        .output();
+    match node {
+        Ok(node) if node.status.success() => {
+            let by_node: serde_json::Value = serde_json::from_slice(&node.stdout).unwrap();
+            assert_eq!(by_node, expected);
+        }
+        Ok(node) => panic!("node failed: {}", String::from_utf8_lossy(&node.stderr)),
+        Err(e) => eprintln!("node not run ({e}); compared with the expected output only"),
+    }
+}
+
+fn with_encoder(dir: &Path, script: &str) -> std::path::PathBuf {
+    std::fs::write(dir.join("encoder.js"), script).unwrap();
+    write(
+        dir,
+        &format!(
+            "{GOOD}\n[converters.commands]\ntype = \"encoder\"\nscript = \"encoder.js\"\nmetadata = {{ site = \"north\" }}\n"
+        ),
+    )
+}
+
+#[test]
+fn convert_runs_a_configured_encoder_with_its_integration_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = with_encoder(
+        dir.path(),
+        "return [{contentType: 'TEXT', data: msgType + ' ' + msg,\n\
+         metadata: {to: integrationMetadata.integrationName + '@' + integrationMetadata.gatewayId + '/' + integrationMetadata.site}},\n\
+         {contentType: 'BINARY', data: 'AP8=', metadata: {n: 7}}];",
+    );
+    let config = config.display().to_string();
+    let args = [
+        "--config",
+        &config,
+        "--converter",
+        "commands",
+        "--encoder",
+        "--msg",
+        "-",
+        "--msg-type",
+        "ATTRIBUTES_UPDATED",
+    ];
+    let (code, out, err) = convert(&args, b"reboot");
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        out["output"],
+        serde_json::json!([
+            {"contentType": "TEXT", "data": "ATTRIBUTES_UPDATED reboot",
+             "metadata": {"to": "commands@gw-01/north"}},
+            {"contentType": "BINARY", "data": "AP8=", "metadata": {"n": "7"}}
+        ])
+    );
+    // An encoder table is not a decoder, and the other way round: bad arguments.
+    let (code, _, err) = convert(
+        &[
+            "--config",
+            &config,
+            "--converter",
+            "commands",
+            "--payload",
+            "-",
+        ],
+        b"x",
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("is an encoder"), "{err}");
+}
+
+#[test]
+fn convert_encoder_exits_1_naming_a_missing_key_or_the_line_that_does_not_compile() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("enc.js");
+    std::fs::write(
+        &script,
+        "return [{contentType: 'JSON', data: '{}'}, {data: 'x'}];",
+    )
+    .unwrap();
+    let script = script.display().to_string();
+    let args = ["--encoder", "--script", &script, "--msg", "-"];
+    let (code, out, err) = convert(&args, b"{}");
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(out["output"], serde_json::Value::Null);
+    let error = out["error"].as_str().unwrap();
+    assert!(error.contains("result[1].contentType: missing"), "{error}");
+
+    std::fs::write(
+        &script,
+        "var a = 1;\nreturn {contentType: 'TEXT', data: a +};\n",
+    )
+    .unwrap();
+    let (code, out, err) = convert(&args, b"{}");
+    assert_eq!(code, Some(1), "{err}");
+    let error = out["error"].as_str().unwrap();
+    assert!(error.contains(&format!("{script}:2:")), "{error}");
+    assert!(error.contains("SyntaxError"), "{error}");
+}
+
+#[test]
+fn check_reports_an_encoder_syntax_error_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = with_encoder(dir.path(), "var a = 1;\n\nvar b = ;\nreturn null;\n");
+    let script = dir.path().join("encoder.js").display().to_string();
+    assert_rejected(
+        &config,
+        &[
+            "converters.commands",
+            &format!("{script}:3:"),
+            "SyntaxError",
+        ],
+    );
+}
+
 fn serial_source(settings: &str) -> String {
     format!("{GOOD}\n[sources.rs485]\ntype = \"serial\"\n{settings}\n")
 }

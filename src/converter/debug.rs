@@ -1,4 +1,4 @@
-//! ThingsBoard-style converter debug events (In / Out / Metadata / Error) as JSON lines under
+//! ThingsBoard-style converter debug events (Type / In / Out / Metadata / Error) as JSON lines under
 //! `<data_dir>/debug/<converter>.jsonl`, bounded in size: when a file would pass `max_bytes` it
 //! becomes `<converter>.jsonl.1` (replacing the previous one) and a new file starts.
 
@@ -25,11 +25,24 @@ pub struct DebugLog {
     broken: bool,
 }
 
+/// Which way a converter works; ThingsBoard shows it as the event's type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// A decoder: device payload to entities.
+    Uplink,
+    /// An encoder: command to device messages.
+    Downlink,
+}
+
 /// One conversion, as the debug log records it.
 pub struct DebugEvent<'a> {
+    pub direction: Direction,
+    /// The record's buffer sequence number (uplink) or the command's Kafka offset (downlink).
     pub seq: u64,
     pub payload: &'a [u8],
     pub metadata: &'a [(&'a str, &'a str)],
+    /// The encoder's `msgType`; decoders have none.
+    pub msg_type: Option<&'a str>,
     pub output: Option<&'a Value>,
     pub error: Option<&'a str>,
 }
@@ -127,13 +140,21 @@ fn event_json(event: &DebugEvent<'_>) -> Value {
         .iter()
         .map(|(k, v)| ((*k).to_owned(), Value::from(*v)))
         .collect();
+    let direction = match event.direction {
+        Direction::Uplink => "Uplink",
+        Direction::Downlink => "Downlink",
+    };
     let mut v = json!({
         "ts": crate::record::now_ms(),
+        "type": direction,
         "seq": event.seq,
         "metadata": metadata,
         "out": event.output,
         "error": event.error,
     });
+    if let Some(msg_type) = event.msg_type {
+        v["msgType"] = msg_type.into();
+    }
     match std::str::from_utf8(event.payload) {
         Ok(text) => v["in"] = text.into(),
         Err(_) => {
@@ -151,9 +172,11 @@ mod tests {
 
     fn event(error: Option<&str>) -> DebugEvent<'_> {
         DebugEvent {
+            direction: Direction::Uplink,
             seq: 1,
             payload: b"{\"a\":1}",
             metadata: &[("topic", "t")],
+            msg_type: None,
             output: None,
             error,
         }
@@ -176,6 +199,7 @@ mod tests {
         assert!(current.len() <= 400 && rotated.len() <= 400);
         let first: Value = serde_json::from_str(current.lines().next().unwrap()).unwrap();
         assert_eq!(first["error"], "TypeError: boom");
+        assert_eq!(first["type"], "Uplink");
         assert_eq!(first["in"], "{\"a\":1}");
         assert_eq!(first["metadata"]["topic"], "t");
     }

@@ -1,4 +1,5 @@
-//! One sandboxed QuickJS runtime running one decoder script.
+//! One sandboxed QuickJS runtime running one converter script: an uplink decoder or a downlink
+//! encoder.
 //!
 //! The sandbox: QuickJS's own allocator with a hard memory limit (rquickjs's `rust-alloc`
 //! feature would bypass it), a stack limit, an interrupt handler that stops a script at its
@@ -12,6 +13,8 @@ use std::time::{Duration, Instant};
 use rquickjs::context::EvalOptions;
 use rquickjs::{qjs, Array, Context, Ctx, Function, Object, Persistent, Runtime, Value};
 
+use crate::config::ConverterKind;
+
 use super::normalize::Entity;
 use super::read::{normalize_direct, read_json, PlainClasses};
 
@@ -20,9 +23,9 @@ const SCRIPT_STACK_BYTES: usize = 512 * 1024;
 /// Stack of the thread that runs converters; comfortably above [`SCRIPT_STACK_BYTES`].
 pub const THREAD_STACK_BYTES: usize = 4 * 1024 * 1024;
 
-/// Helpers ThingsBoard provides to every decoder. A script's own function declarations shadow
-/// them, as they do in ThingsBoard. Chunked so a payload beyond the argument-count limit of
-/// `apply` still decodes.
+/// Helpers ThingsBoard provides to every decoder; encoders get them too, as they cost nothing. A
+/// script's own function declarations shadow them, as they do in ThingsBoard. Chunked so a payload
+/// beyond the argument-count limit of `apply` still decodes.
 const PRELUDE: &str = r#"
 globalThis.decodeToString = function decodeToString(payload) {
   var s = '';
@@ -72,7 +75,8 @@ pub struct CompileError {
 
 pub struct Engine {
     // Field order is drop order: the function handle must go before its runtime.
-    decoder: Persistent<Function<'static>>,
+    /// The compiled `Decoder` or `Encoder` function.
+    function: Persistent<Function<'static>>,
     context: Context,
     _runtime: Runtime,
     deadline: Rc<Cell<Option<Instant>>>,
@@ -161,8 +165,14 @@ fn set_string<'js>(
 }
 
 impl Engine {
-    /// Compiles `body` as the body of `function Decoder(payload, metadata)`.
-    pub fn new(body: &str, filename: &str, limits: Limits) -> Result<Engine, CompileError> {
+    /// Compiles `body` as the body of the function `kind` names: `Decoder(payload, metadata)` or
+    /// `Encoder(msg, metadata, msgType, integrationMetadata)`, ThingsBoard's signatures.
+    pub fn compile(
+        kind: ConverterKind,
+        body: &str,
+        filename: &str,
+        limits: Limits,
+    ) -> Result<Engine, CompileError> {
         let engine_err = |e: rquickjs::Error| CompileError {
             line: None,
             message: format!("javascript engine: {e}"),
@@ -184,12 +194,12 @@ impl Engine {
         deadline.set(Some(
             Instant::now() + limits.timeout.max(Duration::from_secs(5)),
         ));
-        let decoder = context.with(|ctx| compile(&ctx, body, filename));
+        let function = context.with(|ctx| compile(&ctx, signature(kind), body, filename));
         deadline.set(None);
         // SAFETY: the context is live and used on this thread only.
         let classes = context.with(|ctx| unsafe { PlainClasses::of(ctx.as_raw().as_ptr()) });
         Ok(Engine {
-            decoder: decoder?,
+            function: function?,
             memory_bytes: limits.memory_bytes,
             classes,
             payload_values: Vec::new(),
@@ -236,38 +246,124 @@ impl Engine {
         })
     }
 
+    /// Runs the decoder on one record.
     fn run<R>(
         &mut self,
         payload: &[u8],
         metadata: &[(&str, &str)],
         finish: impl for<'js> FnOnce(&Ctx<'js>, Value<'js>) -> rquickjs::Result<R>,
     ) -> Result<R, EngineError> {
-        self.interrupted.set(false);
-        self.deadline.set(Some(Instant::now() + self.timeout));
-        let decoder = self.decoder.clone();
-        let interrupted = self.interrupted.clone();
-        let values = &mut self.payload_values;
-        let atoms = &mut self.metadata_keys;
-        let result = self.context.with(|ctx| {
-            let run = || -> rquickjs::Result<R> {
-                let f = decoder.restore(&ctx)?;
-                let payload = payload_array(&ctx, payload, values)?;
-                let meta = Object::new(ctx.clone())?;
-                for (k, v) in metadata {
-                    set_string(&ctx, &meta, atoms.get(&ctx, k), v)?;
-                }
-                let out: Value = f.call((payload, meta))?;
-                finish(&ctx, out)
-            };
-            run().map_err(|e| classify(&ctx, e, interrupted.get()))
+        let result = self.guarded(|ctx, f, values, atoms| {
+            let payload = payload_array(ctx, payload, values)?;
+            let meta = Object::new(ctx.clone())?;
+            for (k, v) in metadata {
+                set_string(ctx, &meta, atoms.get(ctx, k), v)?;
+            }
+            let out: Value = f.call((payload, meta))?;
+            finish(ctx, out)
         });
-        self.deadline.set(None);
         if self.payload_values.capacity() > KEPT_PAYLOAD_VALUES {
             // One large payload must not keep its 16 bytes per byte for the engine's life.
             self.payload_values = Vec::new();
         }
         result
     }
+
+    /// Runs the encoder on one command and returns its result as [`Engine::call`] does. `msg` is
+    /// the command's JSON value when its bytes are JSON, its text otherwise (ThingsBoard hands
+    /// encoders the parsed message body); the metadata tables become objects of strings.
+    pub fn encode(
+        &mut self,
+        msg: &[u8],
+        metadata: &[(&str, &str)],
+        msg_type: &str,
+        integration_metadata: &[(&str, &str)],
+    ) -> Result<Option<serde_json::Value>, EngineError> {
+        let (classes, budget) = (self.classes, self.memory_bytes);
+        self.guarded(|ctx, f, _, _| {
+            let msg = msg_value(ctx, msg)?;
+            let meta = string_object(ctx, metadata)?;
+            let integration = string_object(ctx, integration_metadata)?;
+            let out: Value = f.call((msg, meta, msg_type, integration))?;
+            to_json(ctx, classes, budget, out)
+        })
+    }
+
+    /// Calls the script's function under the deadline; what goes wrong becomes an
+    /// [`EngineError`].
+    fn guarded<R>(
+        &mut self,
+        call: impl for<'js> FnOnce(
+            &Ctx<'js>,
+            Function<'js>,
+            &mut Vec<qjs::JSValue>,
+            &mut KeyAtoms,
+        ) -> rquickjs::Result<R>,
+    ) -> Result<R, EngineError> {
+        self.interrupted.set(false);
+        self.deadline.set(Some(Instant::now() + self.timeout));
+        let function = self.function.clone();
+        let interrupted = self.interrupted.clone();
+        let values = &mut self.payload_values;
+        let atoms = &mut self.metadata_keys;
+        let result = self.context.with(|ctx| {
+            let run = || -> rquickjs::Result<R> {
+                let f = function.restore(&ctx)?;
+                call(&ctx, f, values, atoms)
+            };
+            run().map_err(|e| classify(&ctx, e, interrupted.get()))
+        });
+        self.deadline.set(None);
+        result
+    }
+}
+
+/// The wrapper a script body is compiled in.
+fn signature(kind: ConverterKind) -> &'static str {
+    match kind {
+        ConverterKind::Decoder => "function Decoder(payload, metadata)",
+        ConverterKind::Encoder => "function Encoder(msg, metadata, msgType, integrationMetadata)",
+    }
+}
+
+/// An encoder's `msg`: the parsed value when the bytes are JSON (parsed by QuickJS itself, so
+/// numbers are exactly what `JSON.parse` gives a script), the text otherwise, with invalid UTF-8
+/// replaced.
+fn msg_value<'js>(ctx: &Ctx<'js>, msg: &[u8]) -> rquickjs::Result<Value<'js>> {
+    // JSON text is UTF-8 (RFC 8259) and never holds a raw NUL, which `json_parse` cannot take.
+    let maybe_json = std::str::from_utf8(msg).is_ok() && !msg.contains(&0);
+    if maybe_json {
+        match ctx.json_parse(msg) {
+            Ok(value) => return Ok(value),
+            Err(rquickjs::Error::Exception) => {
+                let caught = ctx.catch();
+                // Out of memory or a nesting too deep for the stack are failures of this command,
+                // not a sign that it is text.
+                if !is_syntax_error(&caught) {
+                    return Err(ctx.throw(caught));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let text = String::from_utf8_lossy(msg);
+    rquickjs::String::from_str(ctx.clone(), &text).map(rquickjs::String::into_value)
+}
+
+fn is_syntax_error(caught: &Value<'_>) -> bool {
+    caught
+        .as_object()
+        .and_then(|o| o.get::<_, String>("name").ok())
+        .is_some_and(|name| name == "SyntaxError")
+}
+
+/// A fresh object holding `entries` as string properties.
+fn string_object<'js>(ctx: &Ctx<'js>, entries: &[(&str, &str)]) -> rquickjs::Result<Object<'js>> {
+    let object = Object::new(ctx.clone())?;
+    for (k, v) in entries {
+        object.set(*k, *v)?;
+    }
+    Ok(object)
 }
 
 /// What [`Engine::convert`] made of a result.
@@ -301,6 +397,7 @@ fn to_json<'js>(
 
 fn compile<'js>(
     ctx: &Ctx<'js>,
+    signature: &str,
     body: &str,
     filename: &str,
 ) -> Result<Persistent<Function<'static>>, CompileError> {
@@ -314,11 +411,11 @@ fn compile<'js>(
     };
     ctx.eval::<(), _>(PRELUDE).map_err(|e| fail(ctx, e))?;
     let mut options = EvalOptions::default();
-    options.strict = false; // ThingsBoard decoders are sloppy-mode scripts.
+    options.strict = false; // ThingsBoard converters are sloppy-mode scripts.
     options.backtrace_barrier = true;
     options.filename = Some(filename.to_owned());
     // The body starts on the wrapper's first line so script line numbers stay true.
-    let source = format!("(function Decoder(payload, metadata) {{{body}\n}})");
+    let source = format!("({signature} {{{body}\n}})");
     let f: Function = ctx
         .eval_with_options(source, options)
         .map_err(|e| fail(ctx, e))?;

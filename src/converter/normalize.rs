@@ -168,7 +168,7 @@ pub(super) fn timestamp(v: &Value) -> Option<u64> {
     }
 }
 
-fn type_name(v: &Value) -> &'static str {
+pub(super) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

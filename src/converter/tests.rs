@@ -21,7 +21,7 @@ fn script(body: &str) -> Script {
     Script {
         _dir: dir,
         config: ConverterConfig {
-            kind: Default::default(),
+            kind: ConverterKind::Decoder,
             script: path,
             timeout: Duration::from_millis(100),
             timeout_retry_delay: Duration::from_secs(30),
@@ -481,7 +481,7 @@ fn both_paths(body: &str, payload: &[u8]) -> (Path, Result<Vec<Entity>, String>)
         timeout: Duration::from_secs(1),
         memory_bytes: 16 << 20,
     };
-    let mut engine = Engine::new(body, "case.js", limits).unwrap();
+    let mut engine = Engine::compile(ConverterKind::Decoder, body, "case.js", limits).unwrap();
     let general = |raw: Option<Value>| match raw {
         Some(raw) => normalize(raw, T),
         None => Err("undefined".to_owned()),
@@ -560,7 +560,8 @@ fn metadata_keys_kept_as_atoms_carry_each_records_own_values() {
         timeout: Duration::from_secs(1),
         memory_bytes: 16 << 20,
     };
-    let mut engine = Engine::new("return metadata;", "m.js", limits).unwrap();
+    let mut engine =
+        Engine::compile(ConverterKind::Decoder, "return metadata;", "m.js", limits).unwrap();
     // More distinct keys than the engine keeps as atoms: the rest still arrive.
     let keys: Vec<String> = (0..80).map(|i| format!("k{i}")).collect();
     for round in ["a", "b"] {
@@ -662,4 +663,55 @@ async fn a_dead_converter_thread_is_restarted() {
     assert!(
         matches!(&conversions[0], Conversion::Entities { entities, .. } if entities[0].key == "a")
     );
+}
+
+/// Encoders are compiled by `load_encoders`, not run as decoders; a source's converter is found
+/// among the decoders even when an encoder sorts before it.
+#[tokio::test]
+async fn encoders_are_left_out_of_the_decoders_and_checked_on_their_own() {
+    let decoder = script("return {deviceName: 'decoded-' + decodeToString(payload)};");
+    let encoder = script("return {contentType: 'TEXT', data: 'never a decoder'};");
+    let dir = tempfile::tempdir().unwrap();
+    let text = |encoder_script: &std::path::Path| {
+        format!(
+            "[gateway]\nid = \"gw\"\ndata_dir = \"{}\"\n[kafka]\nbootstrap_servers = \"127.0.0.1:1\"\n\
+             topic = \"t\"\n[sources.plant]\ntype = \"serial\"\npath = \"/dev/unused\"\n\
+             converter = \"b\"\n[converters.a]\ntype = \"encoder\"\nscript = \"{}\"\n\
+             [converters.b]\nscript = \"{}\"\n",
+            dir.path().display(),
+            encoder_script.display(),
+            decoder.config.script.display()
+        )
+    };
+    let config = Arc::new(
+        Config::parse(
+            &text(&encoder.config.script),
+            std::path::Path::new("t.toml"),
+        )
+        .unwrap(),
+    );
+    let decoders = load_all(&config, None).unwrap();
+    let names: Vec<&str> = decoders.iter().map(|c| c.name().as_ref()).collect();
+    assert_eq!(names, ["b"]);
+    load_encoders(&config).unwrap();
+    let converters = Converters::start(&config, Arc::new(Metrics::new())).unwrap();
+    let (_, conversions) = converters
+        .convert(chunk_of(vec![record_seq(1, b"x")]))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&conversions[0], Conversion::Entities { converter, entities }
+            if converter.as_ref() == "b" && entities[0].key == "decoded-x"),
+        "{conversions:?}"
+    );
+    let broken = script("return {;");
+    let config =
+        Config::parse(&text(&broken.config.script), std::path::Path::new("t.toml")).unwrap();
+    match load_encoders(&config) {
+        Err((key, ConverterError::Compile { path, .. })) => {
+            assert_eq!(key, "converters.a");
+            assert_eq!(path, broken.config.script);
+        }
+        other => panic!("expected the encoder's compile error, got {other:?}"),
+    }
 }
