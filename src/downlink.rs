@@ -80,11 +80,10 @@ pub async fn run(
                 .converters
                 .get(name)
                 .ok_or_else(|| DownlinkError::Failed(format!("no [converters.{name}] table")))?;
-            let debug_dir = config.gateway.data_dir.join("debug");
             Some(Encoders::start(
                 name,
                 c,
-                debug_dir,
+                &config.gateway.data_dir,
                 config.gateway.id.clone(),
             )?)
         }
@@ -408,6 +407,7 @@ impl Stage {
                     metadata: command.metadata.clone(),
                     msg_type: command.msg_type.clone(),
                     seq: u64::try_from(command.offset).unwrap_or(0),
+                    origin: format!("{}/{}/{}", command.topic, command.partition, command.offset),
                 };
                 let encoded = encoder
                     .encode(job)
@@ -415,7 +415,11 @@ impl Stage {
                     .map_err(|e| DownlinkError::Failed(e.to_string()))?;
                 match encoded {
                     Ok(messages) => messages,
-                    Err(e) => return Ok(Err(encoder_failure(e))),
+                    Err(e) => {
+                        let metrics = &self.shared.metrics;
+                        metrics.count_converter_error(encoder.name(), e.kind());
+                        return Ok(Err(encoder_failure(e)));
+                    }
                 }
             }
         };

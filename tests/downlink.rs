@@ -540,3 +540,210 @@ async fn the_uplink_delivers_everything_in_order_while_commands_flow() {
         (0..1000).collect::<Vec<u64>>()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binary_command_reaches_a_serial_device_byte_exact() {
+    let (mqtt, kafka) = (Mosquitto::start(), Tansu::start());
+    kafka.create_topic("cmds", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    // Modbus-like frame: address, function, register, value; built from the JSON command.
+    let enc = script(
+        dir.path(),
+        "modbus.js",
+        r#"
+var bytes = [msg.addr, 6, 0, msg.reg, (msg.value >> 8) & 255, msg.value & 255, 0, 255, 13, 10];
+return {contentType: "BINARY", data: btoa(String.fromCharCode.apply(null, bytes))};
+"#,
+    );
+    let link = dir.path().join("ttyRS");
+    let cfg = config(
+        dir.path(),
+        mqtt.port,
+        &kafka,
+        admin,
+        "converter = \"modbus\"\n[[downlink.routes]]\nsource = \"rs485\"\n",
+        &format!(
+            "[converters.modbus]\ntype = \"encoder\"\nscript = \"{enc}\"\n\
+             [sources.rs485]\ntype = \"serial\"\npath = \"{}\"\nreconnect_min = \"50ms\"\nreconnect_max = \"200ms\"\n",
+            link.display()
+        ),
+    );
+    let gw = Gateway::start(&cfg);
+    gw.wait_for("downlink consuming", Duration::from_secs(20));
+    let mut pty = plug(dir.path(), admin);
+    let p = producer(&kafka.bootstrap());
+    produce(
+        &p,
+        "cmds",
+        Some("m1"),
+        br#"{"addr":17,"reg":3,"value":1000}"#,
+        &[],
+    )
+    .await;
+    let expected = [17u8, 6, 0, 3, 0x03, 0xe8, 0, 255, 13, 10];
+    assert_eq!(
+        pty.receive(expected.len(), Duration::from_secs(20)),
+        expected,
+        "log:\n{}",
+        gw.log()
+    );
+    wait_metric(
+        admin,
+        "edgegate_downlink_delivered_total{route=\"0:rs485\"}",
+        |v| v == 1.0,
+        Duration::from_secs(10),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thingsboards_sample_encoder_runs_unmodified_on_rule_node_headers() {
+    let (mqtt, kafka) = (Mosquitto::start(), Tansu::start());
+    kafka.create_topic("cmds", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let enc = std::fs::canonicalize("tests/fixtures/encoders/thingsboard.js").unwrap();
+    let cfg = config(
+        dir.path(),
+        mqtt.port,
+        &kafka,
+        admin,
+        "converter = \"tb\"\n[[downlink.routes]]\nsource = \"plant\"\ntopic = \"${topic}\"\nqos = 1\n",
+        &format!("[converters.tb]\ntype = \"encoder\"\nscript = \"{}\"\n", enc.display()),
+    );
+    let device = Device::subscribe(mqtt.port, "thermostat/#").await;
+    let gw = Gateway::start(&cfg);
+    gw.wait_for("downlink consuming", Duration::from_secs(20));
+    let p = producer(&kafka.bootstrap());
+    // As ThingsBoard's Kafka rule node sends it with "add message metadata as headers".
+    produce(
+        &p,
+        "cmds",
+        Some("T1"),
+        br#"{"temperatureUploadFrequency":60,"humidityUploadFrequency":30}"#,
+        &[
+            ("tb_msg_md_deviceType", b"thermostat"),
+            ("tb_msg_md_deviceName", b"T1"),
+            ("tb_msg_md_ss_serialNumber", b"SN-1"),
+        ],
+    )
+    .await;
+    let got = device.wait_for(1, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 1, "log:\n{}", gw.log());
+    assert_eq!(got[0].0, "thermostat/T1/upload");
+    assert_eq!(
+        got[0].1,
+        br#"{"tempFreq":60,"humFreq":30,"devSerialNumber":"SN-1"}"#
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encoder_failures_are_dead_lettered_and_counted_and_the_next_command_goes() {
+    let (mqtt, kafka) = (Mosquitto::start(), Tansu::start());
+    kafka.create_topic("cmds", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let enc = script(
+        dir.path(),
+        "picky.js",
+        r#"
+if (msg.kind === "throw") throw new Error("no such command");
+if (msg.kind === "nodata") return {contentType: "JSON"};
+if (msg.kind === "deep") return {contentType: "TEXT", data: "x", metadata: {a: {b: 1}}};
+return {contentType: "TEXT", data: "ok " + msg.kind};
+"#,
+    );
+    let cfg = config(
+        dir.path(),
+        mqtt.port,
+        &kafka,
+        admin,
+        "converter = \"picky\"\ndead_letter_topic = \"cmds.dlq\"\n\
+         [[downlink.routes]]\nsource = \"plant\"\ntopic = \"devices/${kafkaKey}\"\nqos = 1\n",
+        &format!("[converters.picky]\ntype = \"encoder\"\nscript = \"{enc}\"\n"),
+    );
+    let device = Device::subscribe(mqtt.port, "devices/#").await;
+    let gw = Gateway::start(&cfg);
+    gw.wait_for("downlink consuming", Duration::from_secs(20));
+    let p = producer(&kafka.bootstrap());
+    for kind in ["throw", "nodata", "deep", "fine"] {
+        produce(
+            &p,
+            "cmds",
+            Some("d"),
+            format!("{{\"kind\":\"{kind}\"}}").as_bytes(),
+            &[],
+        )
+        .await;
+    }
+    let got = device.wait_for(1, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 1, "log:\n{}", gw.log());
+    assert_eq!(got[0].1, b"ok fine");
+    let dlq = consume(&kafka.bootstrap(), "cmds.dlq", 3, Duration::from_secs(30));
+    let errors: Vec<&str> = dlq.iter().map(|m| m.header("edgegate-error")).collect();
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert!(errors[0].contains("no such command"), "{}", errors[0]);
+    assert!(errors[1].contains("data"), "{}", errors[1]);
+    assert!(errors[2].contains("metadata"), "{}", errors[2]);
+    assert_eq!(
+        metric(admin, "edgegate_converter_errors_total{converter=\"picky\""),
+        3.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_ends_the_process_twice_is_dead_lettered_without_running() {
+    let (mqtt, kafka) = (Mosquitto::start(), Tansu::start());
+    kafka.create_topic("cmds", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    // Spins for its whole (long) timeout: a kill -9 lands while it runs, like a crash in QuickJS.
+    let enc = script(
+        dir.path(),
+        "spin.js",
+        "if (msg === 'spin') { while (true) {} }\nreturn {contentType: 'TEXT', data: msg};",
+    );
+    let cfg = config(
+        dir.path(),
+        mqtt.port,
+        &kafka,
+        admin,
+        "converter = \"spin\"\ndead_letter_topic = \"cmds.dlq\"\n\
+         [[downlink.routes]]\nsource = \"plant\"\ntopic = \"devices/${kafkaKey}\"\nqos = 1\n",
+        &format!("[converters.spin]\ntype = \"encoder\"\nscript = \"{enc}\"\ntimeout = \"60s\"\n"),
+    );
+    let device = Device::subscribe(mqtt.port, "devices/#").await;
+    let p = producer(&kafka.bootstrap());
+    produce(&p, "cmds", Some("d"), b"spin", &[]).await;
+    produce(&p, "cmds", Some("d"), b"after", &[]).await;
+    let mut gw = Gateway::start(&cfg);
+    let inflight = dir.path().join("data/encoder.inflight");
+    for run in 1..=2 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // The marker names the command and the crashes before this run.
+        let marker = format!("cmds/0/0 {}", run - 1);
+        while !std::fs::read_to_string(&inflight)
+            .unwrap_or_default()
+            .starts_with(&marker)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "run {run} never encoded it; log:\n{}",
+                gw.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        gw.kill9();
+        gw.restart();
+    }
+    let got = device.wait_for(1, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 1, "log:\n{}", gw.log());
+    assert_eq!(got[0].1, b"after");
+    let dlq = consume(&kafka.bootstrap(), "cmds.dlq", 1, Duration::from_secs(30));
+    assert_eq!(dlq[0].payload, b"spin");
+    assert!(
+        dlq[0].header("edgegate-error").contains("twice"),
+        "{:?}",
+        dlq[0].headers
+    );
+}

@@ -27,6 +27,9 @@ use super::{
 };
 use crate::config::{ConverterConfig, ConverterKind};
 
+mod inflight;
+use inflight::InFlight;
+
 /// How a message's `data` is to be read: ThingsBoard's downlink content types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ContentType {
@@ -393,6 +396,9 @@ pub struct EncodeJob {
     pub msg_type: String,
     /// The command's Kafka offset (or 0), for the debug log.
     pub seq: u64,
+    /// Names the command across restarts (`topic/partition/offset`) for the crash guard; empty:
+    /// not guarded.
+    pub origin: String,
 }
 
 struct Request {
@@ -422,9 +428,10 @@ impl Encoders {
     pub fn start(
         name: &str,
         config: &ConverterConfig,
-        debug_dir: PathBuf,
+        data_dir: &Path,
         gateway_id: String,
     ) -> Result<Encoders, ConverterError> {
+        let debug_dir = data_dir.join("debug");
         let jobs = spawn(name, config, &debug_dir, &gateway_id)?;
         Ok(Encoders {
             jobs,
@@ -483,8 +490,23 @@ fn spawn(
                 }
             };
             let _ = loaded_tx.send(Ok(()));
+            let mut in_flight = debug_dir.parent().map(InFlight::open);
             while let Ok(request) = rx.recv() {
-                let result = encode_guarded(&mut encoder, &request.job, &gateway_id);
+                let origin = &request.job.origin;
+                let guard = match in_flight.as_mut().filter(|_| !origin.is_empty()) {
+                    Some(g) => g.begin(origin).map(|()| Some(g)),
+                    None => Ok(None),
+                };
+                let result = match guard {
+                    Ok(guard) => {
+                        let result = encode_guarded(&mut encoder, &request.job, &gateway_id);
+                        if let Some(g) = guard {
+                            g.end();
+                        }
+                        result
+                    }
+                    Err(crashed) => Err(crashed),
+                };
                 // The caller may have stopped waiting (shutdown); nothing to do then.
                 let _ = request.reply.send(result);
             }

@@ -401,6 +401,7 @@ fn job(value: &[u8], seq: u64) -> EncodeJob {
         metadata: meta(&[("deviceName", "T1")]),
         msg_type: RPC.into(),
         seq,
+        origin: format!("cmds/0/{seq}"),
     }
 }
 
@@ -408,8 +409,7 @@ fn job(value: &[u8], seq: u64) -> EncodeJob {
 async fn the_encoder_thread_encodes_and_a_panic_fails_only_its_command() {
     let s =
         script("return {contentType: 'TEXT', data: msg + '@' + integrationMetadata.gatewayId};");
-    let encoders =
-        Encoders::start("enc", &s.config, s.dir.path().join("debug"), "gw-9".into()).unwrap();
+    let encoders = Encoders::start("enc", &s.config, s.dir.path(), "gw-9".into()).unwrap();
     assert_eq!(encoders.name().as_ref(), "enc");
     let first = encoders.encode(job(b"a", 1)).await.unwrap();
     assert_eq!(first, Ok(vec![text("a@gw-9")]));
@@ -425,7 +425,7 @@ async fn the_encoder_thread_encodes_and_a_panic_fails_only_its_command() {
 #[test]
 fn the_encoder_thread_reports_a_script_that_does_not_compile() {
     let s = script("return {;");
-    match Encoders::start("enc", &s.config, s.dir.path().to_owned(), "gw".into()) {
+    match Encoders::start("enc", &s.config, s.dir.path(), "gw".into()) {
         Err(ConverterError::Compile { line, .. }) => assert_eq!(line, Some(1)),
         Err(other) => panic!("expected a compile error, got {other}"),
         Ok(_) => panic!("a broken script started"),
