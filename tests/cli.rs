@@ -584,3 +584,30 @@ fn a_source_that_cannot_start_ends_the_gateway_naming_it() {
         gw.log()
     );
 }
+
+#[test]
+fn a_downlink_that_would_consume_the_uplink_is_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let downlink = "[downlink]\ntopics = [\"cmds\", \"t\"]\n\
+                    [[downlink.routes]]\nsource = \"plant\"\ntopic = \"d/${deviceName}\"\n";
+    let config = write(dir.path(), &format!("{GOOD}{downlink}"));
+    assert_rejected(
+        &config,
+        &["downlink.topics[1]", "allow_loop", "edgegate.toml:14:"],
+    );
+    let allowed = downlink.replace("[downlink]\n", "[downlink]\nallow_loop = true\n");
+    let out = edgegate_with(&["check"], &write(dir.path(), &format!("{GOOD}{allowed}")));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let unfillable = downlink.replace("d/${deviceName}", "d/${deviceName");
+    assert_rejected(
+        &write(
+            dir.path(),
+            &format!("{GOOD}{unfillable}").replace(", \"t\"", ""),
+        ),
+        &["downlink.routes[0].topic", "unclosed"],
+    );
+}
