@@ -114,6 +114,7 @@ pub async fn run(
         tasks: JoinSet::new(),
         in_flight: 0,
         in_flight_bytes: 0,
+        link: ConsumerState::default(),
         shared: Arc::new(Shared {
             metrics,
             dead_letters,
@@ -278,6 +279,26 @@ struct Stage {
     in_flight: usize,
     in_flight_bytes: usize,
     shared: Arc<Shared>,
+    link: ConsumerState,
+}
+
+/// The consumer's last error, logged when it changes and when records flow again.
+#[derive(Default)]
+struct ConsumerState(Option<String>);
+
+impl ConsumerState {
+    fn down(&mut self, error: String) {
+        if self.0.as_deref() != Some(error.as_str()) {
+            tracing::warn!(%error, "downlink consumer cannot fetch; retrying");
+            self.0 = Some(error);
+        }
+    }
+
+    fn up(&mut self) {
+        if self.0.take().is_some() {
+            tracing::info!("downlink consumer fetching again");
+        }
+    }
 }
 
 /// How a job ended.
@@ -305,14 +326,16 @@ impl Stage {
                 }
                 received = self.consumer.recv(), if room => match received {
                     Ok(message) => {
+                        self.link.up();
                         let input = input::read(&message, &self.shared.gateway_id, &self.settings.msg_type);
                         drop(message);
                         if let Err(e) = self.take(input).await {
                             break Err(e);
                         }
                     }
-                    // librdkafka retries by itself; its errors say the link is down for now.
-                    Err(e) => tracing::debug!(error = %e, "downlink consumer"),
+                    // librdkafka retries by itself; say once what is wrong (a missing topic, no
+                    // broker, not authorised) and once when records flow again.
+                    Err(e) => self.link.down(e.to_string()),
                 },
             }
         };

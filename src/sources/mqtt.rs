@@ -87,8 +87,25 @@ pub const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 /// event is the n-th request queued here; the lock makes "queue the request, then its notice"
 /// atomic against the event-loop task that pops notices. Resends after a reconnect carry ids
 /// already waiting and are not new publishes.
-#[derive(Clone, Default)]
-pub struct MqttOutlet(Arc<Mutex<Option<Outbound>>>);
+#[derive(Clone)]
+pub struct MqttOutlet {
+    outbound: Arc<Mutex<Option<Outbound>>>,
+    /// Publishes awaiting their acknowledgement. Below rumqttc's outgoing window (100): when that
+    /// is full, rumqttc stops reading its request channel, which also holds the uplink's acks.
+    window: Arc<Semaphore>,
+}
+
+/// Downlink publishes one source has waiting for the broker at a time.
+const DOWNLINK_WINDOW: usize = 64;
+
+impl Default for MqttOutlet {
+    fn default() -> Self {
+        MqttOutlet {
+            outbound: Arc::default(),
+            window: Arc::new(Semaphore::new(DOWNLINK_WINDOW)),
+        }
+    }
+}
 
 type Notice = oneshot::Sender<()>;
 
@@ -108,7 +125,7 @@ struct Outbound {
 
 impl MqttOutlet {
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Outbound>> {
-        self.0
+        self.outbound
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -120,6 +137,11 @@ impl MqttOutlet {
         qos: u8,
         payload: Vec<u8>,
     ) -> Result<(), PublishError> {
+        let _in_window = self
+            .window
+            .acquire()
+            .await
+            .map_err(|_| PublishError::NotRunning)?;
         let acked = {
             let mut guard = self.lock();
             let out = guard.as_mut().ok_or(PublishError::NotRunning)?;
@@ -903,6 +925,85 @@ mod tests {
         assert_eq!(out[1], Packet::Publish(small));
         assert_eq!(out.len(), 2);
         assert!(largest_buffered <= 16 * 1024, "{largest_buffered}");
+    }
+
+    /// Publishes through a started outlet; the returned task ends with the publish's result.
+    async fn publish_in_order(
+        outlet: &MqttOutlet,
+        qos: u8,
+    ) -> tokio::task::JoinHandle<Result<(), PublishError>> {
+        let before = outlet.lock().as_ref().map_or(0, |o| o.unassigned.len());
+        let o = outlet.clone();
+        let task = tokio::spawn(async move { o.publish("t".into(), qos, b"x".to_vec()).await });
+        // Queued before the next one, as the downlink's lanes would.
+        while outlet.lock().as_ref().map_or(0, |o| o.unassigned.len()) == before {
+            tokio::task::yield_now().await;
+        }
+        task
+    }
+
+    fn settle() -> impl std::future::Future<Output = ()> {
+        tokio::time::sleep(Duration::from_millis(20))
+    }
+
+    #[tokio::test]
+    async fn downlink_publishes_complete_on_their_own_acknowledgement() {
+        use rumqttc::{PubAck, PubComp, PubRec};
+        let options = MqttOptions::new("t", "127.0.0.1", 1);
+        let (client, _eventloop) = AsyncClient::new(options, 100);
+        let outlet = MqttOutlet::default();
+        outlet.start(client);
+        outlet.set_connected(true);
+        let first = publish_in_order(&outlet, 1).await;
+        let second = publish_in_order(&outlet, 1).await;
+        let third = publish_in_order(&outlet, 2).await;
+        let fourth = publish_in_order(&outlet, 1).await;
+        let at_most_once = publish_in_order(&outlet, 0).await;
+        for pkid in [1, 2, 3] {
+            outlet.observe(&Event::Outgoing(Outgoing::Publish(pkid)));
+        }
+        // The fourth's id is still in use: it waits for that id's acknowledgement.
+        outlet.observe(&Event::Outgoing(Outgoing::AwaitAck(1)));
+        outlet.observe(&Event::Outgoing(Outgoing::Publish(0)));
+        settle().await;
+        assert!(at_most_once.is_finished(), "QoS 0 is done once written");
+        outlet.observe(&Event::Incoming(Packet::PubAck(PubAck::new(2))));
+        settle().await;
+        assert!(second.is_finished() && !first.is_finished());
+        // A reconnect resends 1 and 3 with their ids: not new publishes.
+        outlet.observe(&Event::Outgoing(Outgoing::Publish(1)));
+        outlet.observe(&Event::Outgoing(Outgoing::Publish(3)));
+        outlet.observe(&Event::Incoming(Packet::PubRec(PubRec::new(3))));
+        settle().await;
+        assert!(!third.is_finished(), "QoS 2 waits for PUBCOMP");
+        outlet.observe(&Event::Incoming(Packet::PubAck(PubAck::new(1))));
+        outlet.observe(&Event::Outgoing(Outgoing::Publish(1)));
+        settle().await;
+        assert!(first.is_finished() && !fourth.is_finished());
+        outlet.observe(&Event::Incoming(Packet::PubComp(PubComp::new(3))));
+        outlet.observe(&Event::Incoming(Packet::PubAck(PubAck::new(1))));
+        for task in [first, second, third, fourth, at_most_once] {
+            assert!(task.await.unwrap().is_ok());
+        }
+    }
+
+    #[tokio::test]
+    async fn downlink_publishes_fail_when_the_source_stops_or_is_down() {
+        let options = MqttOptions::new("t", "127.0.0.1", 1);
+        let (client, _eventloop) = AsyncClient::new(options, 100);
+        let outlet = MqttOutlet::default();
+        let refused = outlet.publish("t".into(), 1, vec![]).await;
+        assert!(matches!(refused, Err(PublishError::NotRunning)));
+        outlet.start(client);
+        let refused = outlet.publish("t".into(), 1, vec![]).await;
+        assert!(matches!(refused, Err(PublishError::NotConnected)));
+        outlet.set_connected(true);
+        let waiting = publish_in_order(&outlet, 1).await;
+        outlet.stop();
+        assert!(matches!(
+            waiting.await.unwrap(),
+            Err(PublishError::Unconfirmed(_))
+        ));
     }
 
     #[test]
