@@ -323,11 +323,7 @@ impl Converter {
         Ok(Converter {
             name: Arc::from(name),
             sandbox: Sandbox::load(ConverterKind::Decoder, config)?,
-            static_metadata: config
-                .metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            static_metadata: static_metadata(config),
             debug: debug_log(name, config, debug_dir),
             breaker: Breaker::default(),
             timeout_retry_delay: config.timeout_retry_delay,
@@ -438,6 +434,15 @@ impl Converter {
             error: error.as_deref(),
         });
     }
+}
+
+/// The converter's own `metadata` table, shared with each record's metadata while a script runs.
+fn static_metadata(config: &ConverterConfig) -> Arc<[(String, String)]> {
+    config
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 fn undefined_result() -> ConvertError {

@@ -114,6 +114,71 @@ fn config(
     write_config(dir, mqtt, &kafka.bootstrap(), "uplink", &text)
 }
 
+/// Mosquitto, Tansu with the `cmds` topic, a data directory, an admin port and a producer of
+/// commands: what every test here starts with.
+struct Env {
+    mqtt: Mosquitto,
+    kafka: Tansu,
+    dir: tempfile::TempDir,
+    admin: u16,
+    producer: FutureProducer,
+}
+
+impl Env {
+    fn new(partitions: u32) -> Env {
+        let (mqtt, kafka) = (Mosquitto::start(), Tansu::start());
+        kafka.create_topic("cmds", partitions);
+        let producer = producer(&kafka.bootstrap());
+        Env {
+            mqtt,
+            kafka,
+            dir: tempfile::tempdir().unwrap(),
+            admin: free_port(),
+            producer,
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn config(&self, downlink: &str, extra: &str) -> std::path::PathBuf {
+        config(
+            self.path(),
+            self.mqtt.port,
+            &self.kafka,
+            self.admin,
+            downlink,
+            extra,
+        )
+    }
+
+    fn serial_config(&self, max_age: &str) -> std::path::PathBuf {
+        serial_config(
+            self.path(),
+            self.mqtt.port,
+            &self.kafka,
+            self.admin,
+            max_age,
+        )
+    }
+
+    async fn device(&self, filter: &str) -> Device {
+        Device::subscribe(self.mqtt.port, filter).await
+    }
+
+    /// Starts the gateway and waits until the downlink consumes.
+    fn start(&self, config: &Path) -> Gateway {
+        let gw = Gateway::start(config);
+        gw.wait_for("downlink consuming", Duration::from_secs(20));
+        gw
+    }
+
+    fn bootstrap(&self) -> String {
+        self.kafka.bootstrap()
+    }
+}
+
 fn script(dir: &Path, name: &str, body: &str) -> String {
     let path = dir.join(name);
     std::fs::write(&path, body).unwrap();
@@ -130,26 +195,18 @@ return {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_reaches_an_mqtt_device_on_its_templated_topic_at_qos_1() {
-    let (mqtt, kafka) = (Mosquitto::start(), Tansu::start());
-    kafka.create_topic("cmds", 2);
-    let dir = tempfile::tempdir().unwrap();
-    let admin = free_port();
-    let enc = script(dir.path(), "enc.js", JSON_ENCODER);
-    let cfg = config(
-        dir.path(),
-        mqtt.port,
-        &kafka,
-        admin,
+    let env = Env::new(2);
+    let enc = script(env.path(), "enc.js", JSON_ENCODER);
+    let cfg = env.config(
         "converter = \"commands\"\n\
          [[downlink.routes]]\nmatch = { transport = \"mqtt\" }\nsource = \"plant\"\ntopic = \"devices/${deviceName}/rpc\"\nqos = 1\n",
         &format!("[converters.commands]\ntype = \"encoder\"\nscript = \"{enc}\"\n"),
     );
-    let device = Device::subscribe(mqtt.port, "devices/#").await;
-    let gw = Gateway::start(&cfg);
-    gw.wait_for("downlink consuming", Duration::from_secs(20));
-    let p = producer(&kafka.bootstrap());
+    let device = env.device("devices/#").await;
+    let gw = env.start(&cfg);
+    let p = &env.producer;
     produce(
-        &p,
+        p,
         "cmds",
         Some("pump-7"),
         br#"{"method":"setValve","params":{"open":true}}"#,
@@ -165,35 +222,27 @@ async fn a_command_reaches_an_mqtt_device_on_its_templated_topic_at_qos_1() {
     );
     assert_eq!(got[0].2, QoS::AtLeastOnce);
     wait_metric(
-        admin,
+        env.admin,
         "edgegate_downlink_delivered_total",
         |v| v == 1.0,
         Duration::from_secs(10),
     );
-    assert_eq!(metric(admin, "edgegate_downlink_received_total"), 1.0);
+    assert_eq!(metric(env.admin, "edgegate_downlink_received_total"), 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_an_encoder_the_value_goes_as_is_in_order_per_device() {
-    let (mqtt, kafka) = (Mosquitto::start(), Tansu::start());
-    kafka.create_topic("cmds", 2);
-    let dir = tempfile::tempdir().unwrap();
-    let admin = free_port();
-    let cfg = config(
-        dir.path(),
-        mqtt.port,
-        &kafka,
-        admin,
+    let env = Env::new(2);
+    let cfg = env.config(
         "[[downlink.routes]]\nsource = \"plant\"\ntopic = \"devices/${kafkaKey}/raw\"\nqos = 2\n",
         "",
     );
-    let device = Device::subscribe(mqtt.port, "devices/#").await;
-    let gw = Gateway::start(&cfg);
-    gw.wait_for("downlink consuming", Duration::from_secs(20));
-    let p = producer(&kafka.bootstrap());
+    let device = env.device("devices/#").await;
+    let gw = env.start(&cfg);
+    let p = &env.producer;
     for n in 0..100 {
         for key in ["a", "b", "c"] {
-            produce(&p, "cmds", Some(key), format!("{key}-{n}").as_bytes(), &[]).await;
+            produce(p, "cmds", Some(key), format!("{key}-{n}").as_bytes(), &[]).await;
         }
     }
     let got = device.wait_for(300, Duration::from_secs(60)).await;
@@ -212,7 +261,7 @@ async fn without_an_encoder_the_value_goes_as_is_in_order_per_device() {
     }
     assert!(got.iter().all(|(_, _, q)| *q == QoS::ExactlyOnce));
     wait_metric(
-        admin,
+        env.admin,
         "edgegate_downlink_delivered_total",
         |v| v == 300.0,
         Duration::from_secs(10),
@@ -246,11 +295,11 @@ fn serial_config(
 }
 
 /// Plugs a device in at the serial source's path; waits until the source has it open.
-fn plug(dir: &Path, admin: u16) -> Pty {
+fn plug(env: &Env) -> Pty {
     let pty = Pty::open();
-    pty.link_as(&dir.join("ttyRS"));
+    pty.link_as(&env.path().join("ttyRS"));
     wait_metric(
-        admin,
+        env.admin,
         "edgegate_source_connected{source=\"rs485\"}",
         |v| v == 1.0,
         Duration::from_secs(10),
@@ -258,11 +307,11 @@ fn plug(dir: &Path, admin: u16) -> Pty {
     pty
 }
 
-fn unplug(pty: Pty, dir: &Path, admin: u16) {
+fn unplug(pty: Pty, env: &Env) {
     drop(pty);
-    let _ = std::fs::remove_file(dir.join("ttyRS"));
+    let _ = std::fs::remove_file(env.path().join("ttyRS"));
     wait_metric(
-        admin,
+        env.admin,
         "edgegate_source_connected{source=\"rs485\"}",
         |v| v == 0.0,
         Duration::from_secs(10),
@@ -271,30 +320,26 @@ fn unplug(pty: Pty, dir: &Path, admin: u16) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unplugged_port_is_retried_then_dead_lettered_while_other_devices_get_theirs() {
-    let (mqtt, kafka) = (Mosquitto::start(), Tansu::start());
-    kafka.create_topic("cmds", 1);
-    let dir = tempfile::tempdir().unwrap();
-    let admin = free_port();
-    let cfg = serial_config(dir.path(), mqtt.port, &kafka, admin, "4s");
-    let device = Device::subscribe(mqtt.port, "devices/#").await;
-    let gw = Gateway::start(&cfg);
-    gw.wait_for("downlink consuming", Duration::from_secs(20));
-    let p = producer(&kafka.bootstrap());
+    let env = Env::new(1);
+    let cfg = env.serial_config("4s");
+    let device = env.device("devices/#").await;
+    let gw = env.start(&cfg);
+    let p = &env.producer;
 
     // Unplugged: the meter's command waits; the valve's, behind it in the same partition, do not.
-    produce(&p, "cmds", Some("meter"), b"M1\n", &[]).await;
+    produce(p, "cmds", Some("meter"), b"M1\n", &[]).await;
     for n in 0..5 {
-        produce(&p, "cmds", Some("valve"), format!("V{n}").as_bytes(), &[]).await;
+        produce(p, "cmds", Some("valve"), format!("V{n}").as_bytes(), &[]).await;
     }
     let got = device.wait_for(5, Duration::from_secs(10)).await;
     assert_eq!(got.len(), 5, "valve commands held up; log:\n{}", gw.log());
     wait_metric(
-        admin,
+        env.admin,
         "edgegate_downlink_failed_total",
         |v| v >= 1.0,
         Duration::from_secs(10),
     );
-    let mut pty = plug(dir.path(), admin);
+    let mut pty = plug(&env);
     assert_eq!(
         pty.receive(3, Duration::from_secs(10)),
         b"M1\n",
@@ -302,18 +347,18 @@ async fn an_unplugged_port_is_retried_then_dead_lettered_while_other_devices_get
     );
 
     // Unplugged past max_age: dead-lettered with the reason, and the lane goes on afterwards.
-    unplug(pty, dir.path(), admin);
+    unplug(pty, &env);
     produce(
-        &p,
+        p,
         "cmds",
         Some("meter"),
         b"M2\n",
         &[("tb_msg_md_deviceName", b"meter-1")],
     )
     .await;
-    produce(&p, "cmds", Some("valve"), b"V5", &[]).await;
+    produce(p, "cmds", Some("valve"), b"V5", &[]).await;
     assert_eq!(device.wait_for(6, Duration::from_secs(10)).await.len(), 6);
-    let dlq = consume(&kafka.bootstrap(), "cmds.dlq", 1, Duration::from_secs(30));
+    let dlq = consume(&env.bootstrap(), "cmds.dlq", 1, Duration::from_secs(30));
     assert_eq!(dlq.len(), 1, "log:\n{}", gw.log());
     assert_eq!(dlq[0].payload, b"M2\n");
     assert_eq!(dlq[0].key.as_deref(), Some(&b"meter"[..]));
@@ -328,9 +373,12 @@ async fn an_unplugged_port_is_retried_then_dead_lettered_while_other_devices_get
         "original headers kept"
     );
     assert_eq!(dlq[0].header("edgegate-gateway"), "gw-test");
-    assert_eq!(metric(admin, "edgegate_downlink_dead_lettered_total"), 1.0);
-    let mut pty = plug(dir.path(), admin);
-    produce(&p, "cmds", Some("meter"), b"M3\n", &[]).await;
+    assert_eq!(
+        metric(env.admin, "edgegate_downlink_dead_lettered_total"),
+        1.0
+    );
+    let mut pty = plug(&env);
+    produce(p, "cmds", Some("meter"), b"M3\n", &[]).await;
     assert_eq!(pty.receive(3, Duration::from_secs(10)), b"M3\n");
     // One line per state change: failing (M1), delivering (M1), failing (M2); not one per retry.
     assert_eq!(gw.count("downlink route cannot deliver"), 2);
@@ -339,28 +387,24 @@ async fn an_unplugged_port_is_retried_then_dead_lettered_while_other_devices_get
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_consumed_before_a_kill_9_is_delivered_after_the_restart_in_order() {
-    let (mqtt, kafka) = (Mosquitto::start(), Tansu::start());
-    kafka.create_topic("cmds", 1);
-    let dir = tempfile::tempdir().unwrap();
-    let admin = free_port();
-    let cfg = serial_config(dir.path(), mqtt.port, &kafka, admin, "1h");
-    let mut gw = Gateway::start(&cfg);
-    gw.wait_for("downlink consuming", Duration::from_secs(20));
-    let p = producer(&kafka.bootstrap());
-    produce(&p, "cmds", Some("meter"), b"C0\n", &[]).await;
+    let env = Env::new(1);
+    let cfg = env.serial_config("1h");
+    let mut gw = env.start(&cfg);
+    let p = &env.producer;
+    produce(p, "cmds", Some("meter"), b"C0\n", &[]).await;
     wait_metric(
-        admin,
+        env.admin,
         "edgegate_downlink_failed_total",
         |v| v >= 1.0,
         Duration::from_secs(20),
     );
     gw.kill9();
     for n in 1..4 {
-        produce(&p, "cmds", Some("meter"), format!("C{n}\n").as_bytes(), &[]).await;
+        produce(p, "cmds", Some("meter"), format!("C{n}\n").as_bytes(), &[]).await;
     }
     gw.restart();
     gw.wait_for_count("edgegate ready", 2, Duration::from_secs(20));
-    let mut pty = plug(dir.path(), admin);
+    let mut pty = plug(&env);
     let got = pty.receive(12, Duration::from_secs(30));
     assert_eq!(
         String::from_utf8_lossy(&got),
@@ -372,24 +416,17 @@ async fn a_command_consumed_before_a_kill_9_is_delivered_after_the_restart_in_or
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_9_mid_stream_neither_skips_nor_reorders_commands() {
-    let (mqtt, kafka) = (Mosquitto::start(), Tansu::start());
-    kafka.create_topic("cmds", 2);
-    let dir = tempfile::tempdir().unwrap();
-    let admin = free_port();
-    let cfg = config(
-        dir.path(),
-        mqtt.port,
-        &kafka,
-        admin,
+    let env = Env::new(2);
+    let cfg = env.config(
         "[[downlink.routes]]\nsource = \"plant\"\ntopic = \"devices/${kafkaKey}\"\nqos = 1\n",
         "",
     );
-    let device = Device::subscribe(mqtt.port, "devices/#").await;
-    let p = producer(&kafka.bootstrap());
+    let device = env.device("devices/#").await;
+    let p = &env.producer;
     let per_key = 1500;
     for n in 0..per_key {
         for key in ["a", "b"] {
-            produce(&p, "cmds", Some(key), n.to_string().as_bytes(), &[]).await;
+            produce(p, "cmds", Some(key), n.to_string().as_bytes(), &[]).await;
         }
     }
     let mut gw = Gateway::start(&cfg);
@@ -438,27 +475,19 @@ fn first_occurrences(messages: &[Received], topic: &str) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_commands_are_dead_lettered_or_skipped_and_nothing_else_stalls() {
-    let (mqtt, kafka) = (Mosquitto::start(), Tansu::start());
-    kafka.create_topic("cmds", 1);
-    let dir = tempfile::tempdir().unwrap();
-    let admin = free_port();
-    let cfg = config(
-        dir.path(),
-        mqtt.port,
-        &kafka,
-        admin,
+    let env = Env::new(1);
+    let cfg = env.config(
         "dead_letter_topic = \"cmds.dlq\"\n\
          [[downlink.routes]]\nsource = \"plant\"\ntopic = \"devices/${deviceName}\"\nqos = 1\n",
         "",
     );
-    let device = Device::subscribe(mqtt.port, "devices/#").await;
-    let gw = Gateway::start(&cfg);
-    gw.wait_for("downlink consuming", Duration::from_secs(20));
-    let p = producer(&kafka.bootstrap());
+    let device = env.device("devices/#").await;
+    let gw = env.start(&cfg);
+    let p = &env.producer;
     let named: &[(&str, &[u8])] = &[("tb_msg_md_deviceName", b"d1")];
-    produce(&p, "cmds", Some("d1"), b"unfilled", &[]).await;
+    produce(p, "cmds", Some("d1"), b"unfilled", &[]).await;
     produce(
-        &p,
+        p,
         "cmds",
         Some("d1"),
         b"bad-header",
@@ -466,7 +495,7 @@ async fn bad_commands_are_dead_lettered_or_skipped_and_nothing_else_stalls() {
     )
     .await;
     produce(
-        &p,
+        p,
         "cmds",
         Some("d1"),
         b"own",
@@ -476,14 +505,14 @@ async fn bad_commands_are_dead_lettered_or_skipped_and_nothing_else_stalls() {
         ],
     )
     .await;
-    produce(&p, "cmds", Some("d1"), b"good", named).await;
+    produce(p, "cmds", Some("d1"), b"good", named).await;
     let got = device.wait_for(1, Duration::from_secs(20)).await;
     assert_eq!(got.len(), 1, "log:\n{}", gw.log());
     assert_eq!(
         (got[0].0.as_str(), got[0].1.as_slice()),
         ("devices/d1", &b"good"[..])
     );
-    let dlq = consume(&kafka.bootstrap(), "cmds.dlq", 2, Duration::from_secs(30));
+    let dlq = consume(&env.bootstrap(), "cmds.dlq", 2, Duration::from_secs(30));
     let errors: Vec<(&[u8], &str)> = dlq
         .iter()
         .map(|m| (m.payload.as_slice(), m.header("edgegate-error")))
@@ -493,37 +522,32 @@ async fn bad_commands_are_dead_lettered_or_skipped_and_nothing_else_stalls() {
     assert!(errors[0].1.contains("deviceName"), "{}", errors[0].1);
     assert_eq!(errors[1].0, b"bad-header");
     assert!(errors[1].1.contains("not UTF-8"), "{}", errors[1].1);
-    assert_eq!(metric(admin, "edgegate_downlink_skipped_total"), 1.0);
-    assert_eq!(metric(admin, "edgegate_downlink_dead_lettered_total"), 2.0);
+    assert_eq!(metric(env.admin, "edgegate_downlink_skipped_total"), 1.0);
+    assert_eq!(
+        metric(env.admin, "edgegate_downlink_dead_lettered_total"),
+        2.0
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(device.messages().len(), 1, "the own record was delivered");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_uplink_delivers_everything_in_order_while_commands_flow() {
-    let (mqtt, kafka) = (Mosquitto::start(), Tansu::start());
-    kafka.create_topic("cmds", 1);
-    let dir = tempfile::tempdir().unwrap();
-    let admin = free_port();
-    let cfg = config(
-        dir.path(),
-        mqtt.port,
-        &kafka,
-        admin,
+    let env = Env::new(1);
+    let cfg = env.config(
         "[[downlink.routes]]\nsource = \"plant\"\ntopic = \"devices/${kafkaKey}\"\nqos = 1\n",
         "",
     );
-    let device = Device::subscribe(mqtt.port, "devices/#").await;
-    let gw = Gateway::start(&cfg);
-    gw.wait_for("downlink consuming", Duration::from_secs(20));
-    let p = producer(&kafka.bootstrap());
+    let device = env.device("devices/#").await;
+    let gw = env.start(&cfg);
+    let p = producer(&env.bootstrap());
     let commands = tokio::spawn(async move {
         for n in 0..1000 {
             produce(&p, "cmds", Some("d"), n.to_string().as_bytes(), &[]).await;
         }
     });
     let topics: Vec<String> = (0..4).map(|i| format!("sensors/dev{i}")).collect();
-    let publisher = Publisher::connect(mqtt.port, "load").await;
+    let publisher = Publisher::connect(env.mqtt.port, "load").await;
     for n in 0..1000 {
         for t in &topics {
             publisher.publish(t, payload(t, n, 200)).await;
@@ -531,7 +555,7 @@ async fn the_uplink_delivers_everything_in_order_while_commands_flow() {
     }
     publisher.wait_acked(4000, Duration::from_secs(60)).await;
     commands.await.unwrap();
-    let msgs = consume(&kafka.bootstrap(), "uplink", 4000, Duration::from_secs(90));
+    let msgs = consume(&env.bootstrap(), "uplink", 4000, Duration::from_secs(90));
     assert_eq!(msgs.len(), 4000, "log:\n{}", gw.log());
     assert_complete_in_order(&msgs, &topics, 1000, false);
     let got = device.wait_for(1000, Duration::from_secs(60)).await;
@@ -543,25 +567,18 @@ async fn the_uplink_delivers_everything_in_order_while_commands_flow() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_binary_command_reaches_a_serial_device_byte_exact() {
-    let (mqtt, kafka) = (Mosquitto::start(), Tansu::start());
-    kafka.create_topic("cmds", 1);
-    let dir = tempfile::tempdir().unwrap();
-    let admin = free_port();
+    let env = Env::new(1);
     // Modbus-like frame: address, function, register, value; built from the JSON command.
     let enc = script(
-        dir.path(),
+        env.path(),
         "modbus.js",
         r#"
 var bytes = [msg.addr, 6, 0, msg.reg, (msg.value >> 8) & 255, msg.value & 255, 0, 255, 13, 10];
 return {contentType: "BINARY", data: btoa(String.fromCharCode.apply(null, bytes))};
 "#,
     );
-    let link = dir.path().join("ttyRS");
-    let cfg = config(
-        dir.path(),
-        mqtt.port,
-        &kafka,
-        admin,
+    let link = env.path().join("ttyRS");
+    let cfg = env.config(
         "converter = \"modbus\"\n[[downlink.routes]]\nsource = \"rs485\"\n",
         &format!(
             "[converters.modbus]\ntype = \"encoder\"\nscript = \"{enc}\"\n\
@@ -569,12 +586,11 @@ return {contentType: "BINARY", data: btoa(String.fromCharCode.apply(null, bytes)
             link.display()
         ),
     );
-    let gw = Gateway::start(&cfg);
-    gw.wait_for("downlink consuming", Duration::from_secs(20));
-    let mut pty = plug(dir.path(), admin);
-    let p = producer(&kafka.bootstrap());
+    let gw = env.start(&cfg);
+    let mut pty = plug(&env);
+    let p = &env.producer;
     produce(
-        &p,
+        p,
         "cmds",
         Some("m1"),
         br#"{"addr":17,"reg":3,"value":1000}"#,
@@ -589,7 +605,7 @@ return {contentType: "BINARY", data: btoa(String.fromCharCode.apply(null, bytes)
         gw.log()
     );
     wait_metric(
-        admin,
+        env.admin,
         "edgegate_downlink_delivered_total{route=\"0:rs485\"}",
         |v| v == 1.0,
         Duration::from_secs(10),
@@ -598,26 +614,18 @@ return {contentType: "BINARY", data: btoa(String.fromCharCode.apply(null, bytes)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thingsboards_sample_encoder_runs_unmodified_on_rule_node_headers() {
-    let (mqtt, kafka) = (Mosquitto::start(), Tansu::start());
-    kafka.create_topic("cmds", 1);
-    let dir = tempfile::tempdir().unwrap();
-    let admin = free_port();
+    let env = Env::new(1);
     let enc = std::fs::canonicalize("tests/fixtures/encoders/thingsboard.js").unwrap();
-    let cfg = config(
-        dir.path(),
-        mqtt.port,
-        &kafka,
-        admin,
+    let cfg = env.config(
         "converter = \"tb\"\n[[downlink.routes]]\nsource = \"plant\"\ntopic = \"${topic}\"\nqos = 1\n",
         &format!("[converters.tb]\ntype = \"encoder\"\nscript = \"{}\"\n", enc.display()),
     );
-    let device = Device::subscribe(mqtt.port, "thermostat/#").await;
-    let gw = Gateway::start(&cfg);
-    gw.wait_for("downlink consuming", Duration::from_secs(20));
-    let p = producer(&kafka.bootstrap());
+    let device = env.device("thermostat/#").await;
+    let gw = env.start(&cfg);
+    let p = &env.producer;
     // As ThingsBoard's Kafka rule node sends it with "add message metadata as headers".
     produce(
-        &p,
+        p,
         "cmds",
         Some("T1"),
         br#"{"temperatureUploadFrequency":60,"humidityUploadFrequency":30}"#,
@@ -639,12 +647,9 @@ async fn thingsboards_sample_encoder_runs_unmodified_on_rule_node_headers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn encoder_failures_are_dead_lettered_and_counted_and_the_next_command_goes() {
-    let (mqtt, kafka) = (Mosquitto::start(), Tansu::start());
-    kafka.create_topic("cmds", 1);
-    let dir = tempfile::tempdir().unwrap();
-    let admin = free_port();
+    let env = Env::new(1);
     let enc = script(
-        dir.path(),
+        env.path(),
         "picky.js",
         r#"
 if (msg.kind === "throw") throw new Error("no such command");
@@ -653,22 +658,17 @@ if (msg.kind === "deep") return {contentType: "TEXT", data: "x", metadata: {a: {
 return {contentType: "TEXT", data: "ok " + msg.kind};
 "#,
     );
-    let cfg = config(
-        dir.path(),
-        mqtt.port,
-        &kafka,
-        admin,
+    let cfg = env.config(
         "converter = \"picky\"\ndead_letter_topic = \"cmds.dlq\"\n\
          [[downlink.routes]]\nsource = \"plant\"\ntopic = \"devices/${kafkaKey}\"\nqos = 1\n",
         &format!("[converters.picky]\ntype = \"encoder\"\nscript = \"{enc}\"\n"),
     );
-    let device = Device::subscribe(mqtt.port, "devices/#").await;
-    let gw = Gateway::start(&cfg);
-    gw.wait_for("downlink consuming", Duration::from_secs(20));
-    let p = producer(&kafka.bootstrap());
+    let device = env.device("devices/#").await;
+    let gw = env.start(&cfg);
+    let p = &env.producer;
     for kind in ["throw", "nodata", "deep", "fine"] {
         produce(
-            &p,
+            p,
             "cmds",
             Some("d"),
             format!("{{\"kind\":\"{kind}\"}}").as_bytes(),
@@ -679,45 +679,41 @@ return {contentType: "TEXT", data: "ok " + msg.kind};
     let got = device.wait_for(1, Duration::from_secs(20)).await;
     assert_eq!(got.len(), 1, "log:\n{}", gw.log());
     assert_eq!(got[0].1, b"ok fine");
-    let dlq = consume(&kafka.bootstrap(), "cmds.dlq", 3, Duration::from_secs(30));
+    let dlq = consume(&env.bootstrap(), "cmds.dlq", 3, Duration::from_secs(30));
     let errors: Vec<&str> = dlq.iter().map(|m| m.header("edgegate-error")).collect();
     assert_eq!(errors.len(), 3, "{errors:?}");
     assert!(errors[0].contains("no such command"), "{}", errors[0]);
     assert!(errors[1].contains("data"), "{}", errors[1]);
     assert!(errors[2].contains("metadata"), "{}", errors[2]);
     assert_eq!(
-        metric(admin, "edgegate_converter_errors_total{converter=\"picky\""),
+        metric(
+            env.admin,
+            "edgegate_converter_errors_total{converter=\"picky\""
+        ),
         3.0
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_that_ends_the_process_twice_is_dead_lettered_without_running() {
-    let (mqtt, kafka) = (Mosquitto::start(), Tansu::start());
-    kafka.create_topic("cmds", 1);
-    let dir = tempfile::tempdir().unwrap();
-    let admin = free_port();
+    let env = Env::new(1);
     // Spins for its whole (long) timeout: a kill -9 lands while it runs, like a crash in QuickJS.
     let enc = script(
-        dir.path(),
+        env.path(),
         "spin.js",
         "if (msg === 'spin') { while (true) {} }\nreturn {contentType: 'TEXT', data: msg};",
     );
-    let cfg = config(
-        dir.path(),
-        mqtt.port,
-        &kafka,
-        admin,
+    let cfg = env.config(
         "converter = \"spin\"\ndead_letter_topic = \"cmds.dlq\"\n\
          [[downlink.routes]]\nsource = \"plant\"\ntopic = \"devices/${kafkaKey}\"\nqos = 1\n",
         &format!("[converters.spin]\ntype = \"encoder\"\nscript = \"{enc}\"\ntimeout = \"60s\"\n"),
     );
-    let device = Device::subscribe(mqtt.port, "devices/#").await;
-    let p = producer(&kafka.bootstrap());
-    produce(&p, "cmds", Some("d"), b"spin", &[]).await;
-    produce(&p, "cmds", Some("d"), b"after", &[]).await;
+    let device = env.device("devices/#").await;
+    let p = &env.producer;
+    produce(p, "cmds", Some("d"), b"spin", &[]).await;
+    produce(p, "cmds", Some("d"), b"after", &[]).await;
     let mut gw = Gateway::start(&cfg);
-    let inflight = dir.path().join("data/encoder.inflight");
+    let inflight = env.path().join("data/encoder.inflight");
     for run in 1..=2 {
         let deadline = Instant::now() + Duration::from_secs(30);
         // The marker names the command and the crashes before this run.
@@ -739,7 +735,7 @@ async fn a_command_that_ends_the_process_twice_is_dead_lettered_without_running(
     let got = device.wait_for(1, Duration::from_secs(30)).await;
     assert_eq!(got.len(), 1, "log:\n{}", gw.log());
     assert_eq!(got[0].1, b"after");
-    let dlq = consume(&kafka.bootstrap(), "cmds.dlq", 1, Duration::from_secs(30));
+    let dlq = consume(&env.bootstrap(), "cmds.dlq", 1, Duration::from_secs(30));
     assert_eq!(dlq[0].payload, b"spin");
     assert!(
         dlq[0].header("edgegate-error").contains("twice"),

@@ -22,8 +22,8 @@ use tokio::sync::oneshot;
 use super::debug::{DebugEvent, DebugLog, Direction};
 use super::normalize::type_name;
 use super::{
-    debug_log, engine, panic_message, script_metadata, ConvertError, ConverterError,
-    ConvertersGone, Sandbox,
+    debug_log, engine, panic_message, script_metadata, static_metadata, ConvertError,
+    ConverterError, ConvertersGone, Sandbox,
 };
 use crate::config::{ConverterConfig, ConverterKind};
 
@@ -79,7 +79,7 @@ pub struct Encoder {
     name: Arc<str>,
     sandbox: Sandbox,
     /// The converter's own `metadata` table, part of `integrationMetadata`.
-    static_metadata: Vec<(String, String)>,
+    static_metadata: Arc<[(String, String)]>,
     debug: DebugLog,
 }
 
@@ -94,11 +94,7 @@ impl Encoder {
         Ok(Encoder {
             name: Arc::from(name),
             sandbox: Sandbox::load(ConverterKind::Encoder, config)?,
-            static_metadata: config
-                .metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            static_metadata: static_metadata(config),
             debug: debug_log(name, config, debug_dir),
         })
     }
