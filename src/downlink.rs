@@ -580,21 +580,27 @@ async fn deliver(job: Job, shared: &Shared) -> Finished {
     for (i, delivery) in deliveries.iter().enumerate() {
         let mut backoff = Backoff::new(shared.retry.0, shared.retry.1);
         loop {
-            let error = match delivery.attempt().await {
+            let failed = match delivery.attempt().await {
                 Ok(()) => {
                     DownlinkMetrics::route(&m.delivered, &delivery.route).inc();
                     m.latency.observe(job.consumed.elapsed().as_secs_f64());
                     route_state(shared, &delivery.route, None);
                     break;
                 }
-                Err(error) => error,
+                Err(failed) => failed,
             };
+            let rest = (deliveries.len() - i) as u64;
+            if failed.permanent {
+                finished.done =
+                    dead_letter(&job.command, &delivery.route, &failed.error, rest, shared).await;
+                return finished;
+            }
+            let error = failed.error;
             DownlinkMetrics::route(&m.failed, &delivery.route).inc();
             route_state(shared, &delivery.route, Some(&error));
             let left = shared.max_age.saturating_sub(job.consumed.elapsed());
             if left.is_zero() {
                 let error = format!("undeliverable for {:?}: {error}", shared.max_age);
-                let rest = (deliveries.len() - i) as u64;
                 finished.done =
                     dead_letter(&job.command, &delivery.route, &error, rest, shared).await;
                 return finished;

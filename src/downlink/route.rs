@@ -139,18 +139,33 @@ impl Routes {
     }
 }
 
+/// Why an attempt failed.
+#[derive(Debug)]
+pub struct Failed {
+    pub error: String,
+    /// The same message can never succeed: give it up now rather than after `max_age`.
+    pub permanent: bool,
+}
+
 impl Delivery {
-    /// One attempt; `Err` is worth a retry (the device or broker may come back).
-    pub async fn attempt(&self) -> Result<(), String> {
+    /// One attempt; a failure that is not [`Failed::permanent`] is worth a retry (the device or
+    /// its broker may come back).
+    pub async fn attempt(&self) -> Result<(), Failed> {
         match &self.to {
             To::Mqtt { outlet, topic, qos } => outlet
                 .publish(topic.clone(), *qos, self.payload.clone())
                 .await
-                .map_err(|e| e.to_string()),
+                .map_err(|e| Failed {
+                    permanent: e.is_permanent(),
+                    error: e.to_string(),
+                }),
             To::Serial(outlet) => outlet
                 .write(self.payload.clone())
                 .await
-                .map_err(|e| e.to_string()),
+                .map_err(|e| Failed {
+                    permanent: false,
+                    error: e.to_string(),
+                }),
         }
     }
 

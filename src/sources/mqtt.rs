@@ -67,11 +67,22 @@ pub enum PublishError {
     /// rumqttc's request queue is full; retry shortly.
     #[error("mqtt source is busy")]
     Busy,
+    /// The message cannot be sent on this connection at all (larger than the source's packet
+    /// limit); retrying cannot help: give it up.
+    #[error("{size} bytes is more than this mqtt source sends in one message ({max}); raise its max_payload_bytes")]
+    TooLarge { size: usize, max: usize },
     /// The connection or the source ended before the broker acknowledged the message, or the
     /// acknowledgement took longer than [`DELIVERY_TIMEOUT`]; the broker may still have it, so
     /// a retry can duplicate it.
     #[error("no acknowledgement from the broker: {0}")]
     Unconfirmed(&'static str),
+}
+
+impl PublishError {
+    /// Whether the same message can never succeed on this source.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, PublishError::TooLarge { .. })
+    }
 }
 
 /// How long a published downlink message may wait for its PUBACK (PUBCOMP), reconnects included:
@@ -111,6 +122,9 @@ type Notice = oneshot::Sender<()>;
 
 struct Outbound {
     client: AsyncClient,
+    /// rumqttc's outgoing packet limit: a larger publish would fail the connection, and be
+    /// resent first on every reconnect.
+    max_packet: usize,
     connected: bool,
     /// Queued in rumqttc's request channel, not yet given a packet id, in order.
     unassigned: VecDeque<Notice>,
@@ -145,6 +159,12 @@ impl MqttOutlet {
         let acked = {
             let mut guard = self.lock();
             let out = guard.as_mut().ok_or(PublishError::NotRunning)?;
+            // Fixed header (5), topic length (2), packet id (2).
+            let size = payload.len() + topic.len() + 9;
+            if size > out.max_packet {
+                let max = out.max_packet;
+                return Err(PublishError::TooLarge { size, max });
+            }
             if !out.connected {
                 return Err(PublishError::NotConnected);
             }
@@ -162,9 +182,10 @@ impl MqttOutlet {
         }
     }
 
-    fn start(&self, client: AsyncClient) {
+    fn start(&self, client: AsyncClient, max_packet: usize) {
         *self.lock() = Some(Outbound {
             client,
+            max_packet,
             connected: false,
             unassigned: VecDeque::new(),
             awaiting_ack: HashMap::new(),
@@ -189,6 +210,16 @@ impl MqttOutlet {
         let mut guard = self.lock();
         let Some(out) = guard.as_mut() else { return };
         match event {
+            Event::Incoming(Packet::ConnAck(connack)) if !connack.session_present => {
+                // The broker lost the session: rumqttc dropped every publish it was to resend
+                // and every request queued while it reconnected. Their notices fail (the
+                // commands are retried); kept, they would be completed by the acks of later
+                // publishes that reuse their packet ids.
+                out.unassigned.clear();
+                out.awaiting_ack.clear();
+                out.awaiting_comp.clear();
+                out.collided = None;
+            }
             Event::Outgoing(Outgoing::Publish(0)) => {
                 if let Some(notice) = out.unassigned.pop_front() {
                     let _ = notice.send(());
@@ -598,7 +629,7 @@ pub async fn run(
 ) -> Result<(), MqttError> {
     let options = mqtt_options(&config, &ctx)?;
     let (client, eventloop) = AsyncClient::new(options, config.max_pending * 2 + 64);
-    ctx.outlet.start(client.clone());
+    ctx.outlet.start(client.clone(), max_packet_size(&config));
     let _stop_outlet = StopOutlet(ctx.outlet.clone());
     let connection = CurrentConnection::default();
     let (polled_tx, mut polled) = mpsc::channel(POLLED_CAPACITY);
@@ -817,15 +848,17 @@ fn qos_of(q: u8) -> QoS {
     }
 }
 
+fn max_packet_size(config: &MqttSourceConfig) -> usize {
+    config.max_payload_bytes.as_u64() as usize + PUBLISH_HEADER_MAX
+}
+
 fn mqtt_options(config: &MqttSourceConfig, ctx: &SourceContext) -> Result<MqttOptions, MqttError> {
     let mut o = MqttOptions::new(&ctx.client_id, &config.host, config.port);
     o.set_keep_alive(config.keep_alive)
         .set_clean_session(false)
         .set_manual_acks(true)
-        .set_max_packet_size(
-            config.max_payload_bytes.as_u64() as usize + PUBLISH_HEADER_MAX,
-            64 * 1024,
-        );
+        // Downlink commands may be as large as the messages the source accepts.
+        .set_max_packet_size(max_packet_size(config), max_packet_size(config));
     if let Some(user) = &config.username {
         // `check` verified the variable exists; an empty password is what the broker gets otherwise.
         let password = config.resolve_password().ok().flatten().map(|s| s.0);
@@ -952,7 +985,7 @@ mod tests {
         let options = MqttOptions::new("t", "127.0.0.1", 1);
         let (client, _eventloop) = AsyncClient::new(options, 100);
         let outlet = MqttOutlet::default();
-        outlet.start(client);
+        outlet.start(client, 1 << 20);
         outlet.set_connected(true);
         let first = publish_in_order(&outlet, 1).await;
         let second = publish_in_order(&outlet, 1).await;
@@ -988,13 +1021,54 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn downlink_publishes_lost_with_the_broker_session_fail_and_stay_unmatched() {
+        use rumqttc::{ConnAck, PubAck};
+        let options = MqttOptions::new("t", "127.0.0.1", 1);
+        let (client, _eventloop) = AsyncClient::new(options, 100);
+        let outlet = MqttOutlet::default();
+        outlet.start(client, 1 << 20);
+        outlet.set_connected(true);
+        let sent = publish_in_order(&outlet, 1).await;
+        outlet.observe(&Event::Outgoing(Outgoing::Publish(1)));
+        let queued = publish_in_order(&outlet, 1).await;
+        // Reconnected to a broker without the session: rumqttc resends neither of them.
+        let connack = ConnAck::new(ConnectReturnCode::Success, false);
+        outlet.observe(&Event::Incoming(Packet::ConnAck(connack)));
+        for lost in [sent, queued] {
+            assert!(matches!(
+                lost.await.unwrap(),
+                Err(PublishError::Unconfirmed(_))
+            ));
+        }
+        // A new publish reusing id 1 completes itself only.
+        let next = publish_in_order(&outlet, 1).await;
+        outlet.observe(&Event::Outgoing(Outgoing::Publish(1)));
+        outlet.observe(&Event::Incoming(Packet::PubAck(PubAck::new(1))));
+        assert!(next.await.unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_downlink_message_over_the_packet_limit_is_refused_for_good() {
+        let options = MqttOptions::new("t", "127.0.0.1", 1);
+        let (client, _eventloop) = AsyncClient::new(options, 100);
+        let outlet = MqttOutlet::default();
+        outlet.start(client, 1000);
+        outlet.set_connected(true);
+        let refused = outlet.publish("t".into(), 1, vec![0; 1000]).await;
+        assert!(
+            refused.as_ref().is_err_and(PublishError::is_permanent),
+            "{refused:?}"
+        );
+    }
+
+    #[tokio::test]
     async fn downlink_publishes_fail_when_the_source_stops_or_is_down() {
         let options = MqttOptions::new("t", "127.0.0.1", 1);
         let (client, _eventloop) = AsyncClient::new(options, 100);
         let outlet = MqttOutlet::default();
         let refused = outlet.publish("t".into(), 1, vec![]).await;
         assert!(matches!(refused, Err(PublishError::NotRunning)));
-        outlet.start(client);
+        outlet.start(client, 1 << 20);
         let refused = outlet.publish("t".into(), 1, vec![]).await;
         assert!(matches!(refused, Err(PublishError::NotConnected)));
         outlet.set_connected(true);
