@@ -17,6 +17,7 @@ mod route;
 mod template;
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,7 +39,7 @@ use crate::metrics::{DownlinkMetrics, Metrics, ReasonLabels};
 pub use input::GATEWAY_HEADER;
 use input::{Command, Input};
 use offsets::Offsets;
-use route::{Delivery, Routes, Unroutable, NO_ROUTE};
+use route::{Delivery, Failed, Routes, Unroutable, NO_ROUTE};
 pub use route::{Outlet, Outlets};
 pub use template::Template;
 
@@ -59,6 +60,8 @@ pub enum DownlinkError {
 
 /// How often librdkafka reports statistics, from which the lag gauge is set.
 const STATS_INTERVAL_MS: &str = "5000";
+/// The time an attempt gets when its command is already past `max_age`.
+const LAST_ATTEMPT: Duration = Duration::from_secs(1);
 /// How long shutdown waits for deliveries already under way.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
@@ -115,6 +118,7 @@ pub async fn run(
         in_flight: 0,
         in_flight_bytes: 0,
         link: ConsumerState::default(),
+        paused: false,
         shared: Arc::new(Shared {
             metrics,
             dead_letters,
@@ -122,6 +126,7 @@ pub async fn run(
             retry: (settings.retry_min, settings.retry_max),
             gateway_id: config.gateway.id.clone(),
             failing_routes: Default::default(),
+            dead_letters_failing: AtomicBool::new(false),
             shutdown: shutdown.clone(),
         }),
         settings,
@@ -197,6 +202,7 @@ fn consumer(
         // librdkafka's read-ahead, bounded for small boards.
         .set("queued.max.messages.kbytes", "1024")
         .set("queued.min.messages", "1000")
+        .set("fetch.max.bytes", "1048576")
         .set("fetch.wait.max.ms", "100")
         .set("socket.keepalive.enable", "true")
         .set("reconnect.backoff.ms", "200")
@@ -219,6 +225,8 @@ fn consumer(
 /// Producer settings in `kafka.properties` that a consumer refuses outright.
 const CONSUMER_PROPERTY_FILTER: &[&str] = &[
     "acks",
+    // The producer's record limit; the consumer's fetch bound is its own.
+    "message.max.bytes",
     "enable.idempotence",
     "enable.gapless.guarantee",
     "message.timeout.ms",
@@ -265,6 +273,8 @@ struct Shared {
     gateway_id: String,
     /// Routes whose last attempt failed; one log line when a route fails and when it recovers.
     failing_routes: std::sync::Mutex<HashMap<String, bool>>,
+    /// The last dead-letter send failed; one line when that starts and one when it ends.
+    dead_letters_failing: AtomicBool,
     shutdown: CancellationToken,
 }
 
@@ -280,6 +290,8 @@ struct Stage {
     in_flight_bytes: usize,
     shared: Arc<Shared>,
     link: ConsumerState,
+    /// Fetching is paused: `max_in_flight` commands (or their bytes) are in flight.
+    paused: bool,
 }
 
 /// The consumer's last error, logged when it changes and when records flow again.
@@ -314,8 +326,9 @@ struct Finished {
 impl Stage {
     async fn run(mut self, shutdown: CancellationToken) -> Result<(), DownlinkError> {
         let result = loop {
-            let room = self.in_flight < self.settings.max_in_flight
-                && self.in_flight_bytes < DOWNLINK_IN_FLIGHT_BYTES;
+            let full = self.in_flight >= self.settings.max_in_flight
+                || self.in_flight_bytes >= DOWNLINK_IN_FLIGHT_BYTES;
+            self.pause(full);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Ok(()),
@@ -324,11 +337,18 @@ impl Stage {
                         break Err(e);
                     }
                 }
-                received = self.consumer.recv(), if room => match received {
+                // Polled even when full, with the partitions paused: librdkafka leaves the group
+                // when not polled for max.poll.interval.ms, and serves its logs and statistics
+                // here. A record fetched before the pause is still taken.
+                received = self.consumer.recv() => match received {
                     Ok(message) => {
                         self.link.up();
                         let input = input::read(&message, &self.shared.gateway_id, &self.settings.msg_type);
                         drop(message);
+                        if full {
+                            // Partitions assigned since the pause are paused too.
+                            self.paused = false;
+                        }
                         if let Err(e) = self.take(input).await {
                             break Err(e);
                         }
@@ -341,6 +361,26 @@ impl Stage {
         };
         self.stop().await;
         result
+    }
+
+    /// Pauses fetching while the commands in flight are at their bound, resumes it after.
+    /// librdkafka then fetches again from the last record consumed, so nothing is skipped.
+    fn pause(&mut self, full: bool) {
+        if full == self.paused {
+            return;
+        }
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        let done = if full {
+            self.consumer.pause(&assignment)
+        } else {
+            self.consumer.resume(&assignment)
+        };
+        match done {
+            Ok(()) => self.paused = full,
+            Err(e) => tracing::debug!(error = %e, "downlink pause or resume failed"),
+        }
     }
 
     /// A consumed record becomes a job, or is skipped.
@@ -580,7 +620,17 @@ async fn deliver(job: Job, shared: &Shared) -> Finished {
     for (i, delivery) in deliveries.iter().enumerate() {
         let mut backoff = Backoff::new(shared.retry.0, shared.retry.1);
         loop {
-            let failed = match delivery.attempt().await {
+            // No attempt outlasts max_age (an MQTT publish otherwise waits up to 30 s for its
+            // ack); one whose command waited in its lane past max_age still gets a second.
+            let left = shared.max_age.saturating_sub(job.consumed.elapsed());
+            let attempt = tokio::time::timeout(left.max(LAST_ATTEMPT), delivery.attempt());
+            let attempted = attempt.await.unwrap_or_else(|_| {
+                Err(Failed {
+                    error: "no confirmation before max_age".into(),
+                    permanent: false,
+                })
+            });
+            let failed = match attempted {
                 Ok(()) => {
                     DownlinkMetrics::route(&m.delivered, &delivery.route).inc();
                     m.latency.observe(job.consumed.elapsed().as_secs_f64());
@@ -654,12 +704,17 @@ async fn dead_letter(
     loop {
         match dlq.send(command, error, &shared.gateway_id).await {
             Ok(()) => {
+                if shared.dead_letters_failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("downlink dead-letter topic available again");
+                }
                 counter.inc_by(messages);
                 dlq_log(route, error, true);
                 return true;
             }
             Err(e) => {
-                tracing::warn!(error = %e, "downlink dead-letter topic unavailable; retrying")
+                if !shared.dead_letters_failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "downlink dead-letter topic unavailable; retrying");
+                }
             }
         }
         tokio::select! {

@@ -743,3 +743,163 @@ async fn a_command_that_ends_the_process_twice_is_dead_lettered_without_running(
         dlq[0].headers
     );
 }
+
+/// A command published into a dead link (no PUBACK); the broker then restarts without the
+/// session, so rumqttc drops the publish. The command must be published again, not taken for
+/// delivered when a later publish reuses its packet id (found by review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_lost_with_the_broker_session_is_sent_again() {
+    let mut env = Env::new(1);
+    let proxy_port = free_port();
+    let proxy = Proxy::start(proxy_port, env.mqtt.port);
+    let routes =
+        "[[downlink.routes]]\nsource = \"plant\"\ntopic = \"devices/${kafkaKey}\"\nqos = 1\n";
+    let cfg = config(env.path(), proxy_port, &env.kafka, env.admin, routes, "");
+    let gw = env.start(&cfg);
+    let connected = "edgegate_source_connected{source=\"plant\"}";
+    wait_metric(env.admin, connected, |v| v == 1.0, Duration::from_secs(10));
+    proxy.set(ProxyMode::Blackhole);
+    produce(&env.producer, "cmds", Some("a"), b"A", &[]).await;
+    let received = "edgegate_downlink_received_total";
+    wait_metric(env.admin, received, |v| v >= 1.0, Duration::from_secs(20));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.set(ProxyMode::Cut);
+    wait_metric(env.admin, connected, |v| v == 0.0, Duration::from_secs(10));
+    env.mqtt.restart();
+    let device = env.device("devices/#").await;
+    proxy.set(ProxyMode::Up);
+    wait_metric(env.admin, connected, |v| v == 1.0, Duration::from_secs(20));
+    // Enough later commands for rumqttc's packet ids (1..=99) to come round.
+    for n in 0..120 {
+        let value = format!("B{n}");
+        produce(&env.producer, "cmds", Some("b"), value.as_bytes(), &[]).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = device.messages();
+        let a = got.iter().filter(|(t, _, _)| t == "devices/a").count();
+        let b = first_occurrences_text(&got, "devices/b");
+        if a >= 1 && b.len() == 120 {
+            let expected: Vec<String> = (0..120).map(|n| format!("B{n}")).collect();
+            assert_eq!(b, expected, "reordered");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A received {a} times, {} of 120 B; log:\n{}",
+            b.len(),
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn first_occurrences_text(messages: &[Received], topic: &str) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    messages
+        .iter()
+        .filter(|(t, _, _)| t == topic)
+        .map(|(_, p, _)| String::from_utf8_lossy(p).into_owned())
+        .filter(|p| seen.insert(p.clone()))
+        .collect()
+}
+
+/// A command larger than the source sends is given up at once; it must not cost the source its
+/// connection (and the uplink its acks) on every reconnect (found by review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_too_large_for_the_source_is_dead_lettered_and_the_uplink_goes_on() {
+    let env = Env::new(1);
+    let cfg = env.config(
+        "dead_letter_topic = \"cmds.dlq\"\n\
+         [[downlink.routes]]\nsource = \"plant\"\ntopic = \"devices/${kafkaKey}\"\nqos = 1\n",
+        "",
+    );
+    // The source takes (and sends) at most 64 KiB.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text = text.replace("[admin]", "max_payload_bytes = \"64KiB\"\n[admin]");
+    std::fs::write(&cfg, text).unwrap();
+    let gw = env.start(&cfg);
+    let device = env.device("devices/#").await;
+    produce(&env.producer, "cmds", Some("big"), &vec![b'x'; 200_000], &[]).await;
+    produce(&env.producer, "cmds", Some("big"), b"small", &[]).await;
+    let dlq = consume(&env.bootstrap(), "cmds.dlq", 1, Duration::from_secs(30));
+    assert_eq!(dlq.len(), 1, "log:\n{}", gw.log());
+    assert!(dlq[0]
+        .header("edgegate-error")
+        .contains("max_payload_bytes"));
+    let got = device.wait_for(1, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1, b"small");
+    let topic = "sensors/dev0".to_owned();
+    let publisher = Publisher::connect(env.mqtt.port, "load").await;
+    for n in 0..20 {
+        publisher.publish(&topic, payload(&topic, n, 100)).await;
+    }
+    let msgs = consume(&env.bootstrap(), "uplink", 20, Duration::from_secs(30));
+    assert_eq!(msgs.len(), 20, "uplink stalled; log:\n{}", gw.log());
+    assert_eq!(gw.count("mqtt disconnected"), 0, "log:\n{}", gw.log());
+}
+
+/// With max_in_flight commands waiting for an unplugged port, consuming pauses; the consumer must
+/// stay in its group all the same (polled within max.poll.interval.ms), so the commands given up
+/// meanwhile are committed and never run later (found by review; scaled down: 10 s, max_age 20 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_given_up_while_consuming_is_paused_are_not_consumed_again() {
+    let env = Env::new(1);
+    let link = env.path().join("ttyRS");
+    let cfg = env.config(
+        "max_age = \"20s\"\nmax_in_flight = 2\ndead_letter_topic = \"cmds.dlq\"\n\
+         [[downlink.routes]]\nsource = \"rs485\"\n",
+        &format!(
+            "[sources.rs485]\ntype = \"serial\"\npath = \"{}\"\nreconnect_min = \"50ms\"\nreconnect_max = \"200ms\"\n\
+             [kafka.properties]\n\"max.poll.interval.ms\" = \"10000\"\n\"session.timeout.ms\" = \"10000\"\n",
+            link.display()
+        ),
+    );
+    let gw = env.start(&cfg);
+    for value in [&b"M1\n"[..], b"M2\n", b"M3\n"] {
+        produce(&env.producer, "cmds", Some("meter"), value, &[]).await;
+    }
+    let dlq = consume(&env.bootstrap(), "cmds.dlq", 3, Duration::from_secs(90));
+    assert_eq!(dlq.len(), 3, "log:\n{}", gw.log());
+    let mut pty = plug(&env);
+    let late = pty.receive(6, Duration::from_secs(15));
+    assert!(
+        late.is_empty(),
+        "dead-lettered commands executed later: {:?}; log:\n{}",
+        String::from_utf8_lossy(&late),
+        gw.log()
+    );
+    assert_eq!(gw.count("leaving group"), 0, "log:\n{}", gw.log());
+}
+
+/// A device that takes no bytes (flow control held, or not reading) fails the write after a
+/// while; the command is given up after max_age, and the port's reading goes on (found by review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serial_device_that_stops_reading_gets_its_command_dead_lettered() {
+    let env = Env::new(1);
+    let cfg = env.serial_config("3s");
+    let gw = env.start(&cfg);
+    let mut pty = plug(&env); // plugged in, but nothing reads it for now
+    produce(
+        &env.producer,
+        "cmds",
+        Some("meter"),
+        &vec![b'x'; 256 * 1024],
+        &[],
+    )
+    .await;
+    let dlq = consume(&env.bootstrap(), "cmds.dlq", 1, Duration::from_secs(60));
+    assert_eq!(dlq.len(), 1, "log:\n{}", gw.log());
+    // The port still reads: a frame from the device reaches Kafka.
+    let _ = pty.receive(1 << 20, Duration::from_millis(500));
+    pty.send(b"reading\n");
+    let msgs = consume_until(&env.bootstrap(), "uplink", Duration::from_secs(30), |m| {
+        m.iter().any(|m| m.payload == b"reading")
+    });
+    assert!(
+        msgs.iter().any(|m| m.payload == b"reading"),
+        "log:\n{}",
+        gw.log()
+    );
+}

@@ -584,6 +584,13 @@ async fn poll_events(
         let report = match event {
             Packet::ConnAck(connack) => {
                 backoff.reset();
+                if !connack.session_present {
+                    // rumqttc dropped the publishes it was to resend, but not a publish waiting
+                    // for one of their packet ids: that one would wait for an ack that never
+                    // comes, and rumqttc would end every connection on it (CollisionTimeout).
+                    eventloop.state.collision = None;
+                    eventloop.state.collision_ping_count = 0;
+                }
                 outlet.set_connected(true);
                 Polled::Connected {
                     session_present: connack.session_present,

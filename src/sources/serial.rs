@@ -36,6 +36,10 @@ pub enum SerialError {
     /// The write failed; the port is being reopened.
     #[error("writing to serial port {port}: {error}")]
     Write { port: String, error: std::io::Error },
+    /// The device did not take the bytes in time (flow control held, or it stopped reading);
+    /// part of them may have gone out. Retry later.
+    #[error("serial port {0}: the device did not take the bytes in time")]
+    WriteTimedOut(String),
     /// The source has stopped (shutdown).
     #[error("serial source stopped")]
     Stopped,
@@ -240,6 +244,15 @@ struct FrameReader {
     quota: Arc<Semaphore>,
     /// This source's records-in counter, looked up once rather than per frame.
     received: prometheus_client::metrics::counter::Counter,
+    /// Characters the line carries per second, for the write timeout.
+    chars_per_second: f64,
+}
+
+/// How long a write may take: three times its time on the wire, plus a second. A device that
+/// holds flow control (or stops reading) longer fails the write instead of stopping the port's
+/// reading and every later write for good.
+fn write_timeout(len: usize, chars_per_second: f64) -> Duration {
+    Duration::from_secs(1) + Duration::from_secs_f64(3.0 * len as f64 / chars_per_second.max(1.0))
 }
 
 impl FrameReader {
@@ -269,6 +282,7 @@ impl FrameReader {
             meta,
             quota: Arc::new(Semaphore::new(config.max_pending)),
             received: ctx.metrics.source_in(&ctx.name),
+            chars_per_second: f64::from(config.baud_rate) / f64::from(config.bits_per_char()),
         }
     }
 
@@ -316,7 +330,13 @@ impl FrameReader {
                     }
                 }
                 Some(req) = ctx.writes.recv() => {
-                    let written = tx.write_all(&req.bytes).await;
+                    let limit = write_timeout(req.bytes.len(), self.chars_per_second);
+                    let Ok(written) = tokio::time::timeout(limit, tx.write_all(&req.bytes)).await
+                    else {
+                        let port = self.meta[0].1.clone();
+                        let _ = req.done.send(Err(SerialError::WriteTimedOut(port)));
+                        continue;
+                    };
                     let failed = written.as_ref().err().map(ToString::to_string);
                     let _ = req.done.send(written.map_err(|error| SerialError::Write {
                         port: self.meta[0].1.clone(),
