@@ -1007,12 +1007,7 @@ async fn command_device(port: u16) -> Tail {
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let text = String::from_utf8_lossy(&p.payload);
-                    let sent = text
-                        .split("\"t\":")
-                        .nth(1)
-                        .and_then(|r| r.trim_end_matches('}').parse::<u64>().ok());
-                    if let (Some(sent), Ok(mut l)) = (sent, lat.lock()) {
+                    if let (Some(sent), Ok(mut l)) = (command_sent(&p.payload), lat.lock()) {
                         l.push(now_micros().saturating_sub(sent));
                     }
                     count.fetch_add(1, Ordering::Relaxed);
@@ -1031,6 +1026,48 @@ fn command(n: u64) -> String {
         "{{\"method\":\"setValve\",\"params\":{{\"open\":true,\"n\":{n}}},\"t\":{}}}",
         now_micros()
     )
+}
+
+/// Reads `cmds` as it is written (no group) and records produce-to-consume latency: the Kafka
+/// part of the downlink's latency, measured beside it.
+fn command_tail(bootstrap: &str, fetch_wait: &str) -> Tail {
+    let t = Tail {
+        count: Arc::default(),
+        latencies: Arc::default(),
+        stop: Arc::default(),
+    };
+    let (count, lat, stop) = (t.count.clone(), t.latencies.clone(), t.stop.clone());
+    let wait_ms = humantime::parse_duration(fetch_wait).map_or(500, |d| d.as_millis());
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "loadtest-commands")
+        .set("fetch.wait.max.ms", wait_ms.to_string())
+        .create()
+        .expect("consumer");
+    std::thread::spawn(move || {
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..3 {
+            let _ = tpl.add_partition_offset("cmds", p, Offset::End);
+        }
+        let _ = c.assign(&tpl);
+        while !stop.load(Ordering::Relaxed) {
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+                if let Some(sent) = m.payload().and_then(command_sent) {
+                    if let Ok(mut l) = lat.lock() {
+                        l.push(now_micros().saturating_sub(sent));
+                    }
+                }
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    t
+}
+
+fn command_sent(payload: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let digits = text.split("\"t\":").nth(1)?;
+    digits.trim_end_matches('}').parse().ok()
 }
 
 /// `loadtest downlink N DEVICES`: N commands over DEVICES keys, produced before the gateway starts,
@@ -1054,13 +1091,23 @@ async fn downlink(n: u64, devices: u64) {
     let encoder = dir.path().join("encoder.js");
     std::fs::write(&encoder, BENCH_ENCODER).expect("encoder");
     let mut text = std::fs::read_to_string(&config).expect("config");
+    // LOADTEST_FETCH_WAIT: downlink.fetch_wait, and the bare consumer's fetch.wait.max.ms.
+    let fetch_wait = std::env::var("LOADTEST_FETCH_WAIT").unwrap_or_else(|_| "500ms".into());
     text += &format!(
-        "[downlink]\ntopics = [\"cmds\"]\nconverter = \"commands\"\n\
+        "[downlink]\ntopics = [\"cmds\"]\nconverter = \"commands\"\nfetch_wait = \"{fetch_wait}\"\n\
          [[downlink.routes]]\nsource = \"plant\"\ntopic = \"devices/${{deviceName}}/rpc\"\nqos = 1\n\
          [converters.commands]\ntype = \"encoder\"\nscript = \"{}\"\n",
         encoder.display()
     );
     std::fs::write(&config, text).expect("config");
+    let idle_with_downlink = {
+        let mut gw = start_edgegate(&config);
+        std::thread::sleep(Duration::from_secs(5));
+        let s = proc_sample(gw.id());
+        let _ = gw.kill();
+        let _ = gw.wait();
+        s
+    };
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", kafka.bootstrap())
         .set("linger.ms", "5")
@@ -1107,8 +1154,12 @@ async fn downlink(n: u64, devices: u64) {
         delivered as f64 / secs,
         cpu / delivered as f64 * 100_000.0
     );
-    // Paced: 1,000/s for 10 s, latency from produce to the device.
+    // Paced: 1,000/s for 10 s, latency from produce to the device, and to a bare consumer.
     device.latencies.lock().map(|mut l| l.clear()).ok();
+    let kafka_only = command_tail(&kafka.bootstrap(), &fetch_wait);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Whatever Tansu's watermark let the tail read of the backlog is not this phase's.
+    kafka_only.latencies.lock().map(|mut l| l.clear()).ok();
     let before = device.count();
     let paced = 10_000u64;
     let t0 = Instant::now();
@@ -1127,12 +1178,20 @@ async fn downlink(n: u64, devices: u64) {
     }
     let lat = device.sorted_latencies();
     let after = proc_sample(pid);
+    let bare = kafka_only.sorted_latencies();
     println!(
-        "| paced 1,000/s for 10 s | {} | 10 | 1000 | – | {:.1} | {:.1} | {:.1} (idle gateway without downlink: {:.1}) |",
+        "| the same, produce to a bare consumer (no gateway) | {} | 10 | 1000 | – | {:.1} | {:.1} | – |",
+        bare.len(),
+        percentile(&bare, 0.5),
+        percentile(&bare, 0.99)
+    );
+    println!(
+        "| paced 1,000/s for 10 s | {} | 10 | 1000 | – | {:.1} | {:.1} | {:.1} after; idle {:.1} with the downlink, {:.1} without |",
         lat.len(),
         percentile(&lat, 0.5),
         percentile(&lat, 0.99),
         after.rss_mb,
+        idle_with_downlink.rss_mb,
         baseline.rss_mb
     );
     let _ = gw.kill();

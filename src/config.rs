@@ -92,6 +92,11 @@ pub struct DownlinkConfig {
     /// gateway's first start are delivered) or `"latest"`. Committed offsets always win.
     #[serde(default)]
     pub start_from: StartFrom,
+    /// How long a fetch waits at the broker for new commands (librdkafka's `fetch.wait.max.ms`).
+    /// Kafka answers as soon as a command arrives, so this sets the idle request rate, not the
+    /// latency; a broker that answers only when the wait is over (Tansu 0.6) adds up to this much.
+    #[serde(default = "default_fetch_wait", with = "humantime_serde")]
+    pub fetch_wait: Duration,
     /// `msgType` for records without a `msgType` header.
     #[serde(default = "default_msg_type")]
     pub msg_type: String,
@@ -150,6 +155,9 @@ pub struct RouteConfig {
 /// (besides `downlink.max_in_flight` commands); a larger command is still taken alone.
 pub const DOWNLINK_IN_FLIGHT_BYTES: usize = 4 * 1024 * 1024;
 
+fn default_fetch_wait() -> Duration {
+    Duration::from_millis(500)
+}
 fn default_downlink_max_age() -> Duration {
     Duration::from_secs(3600)
 }
@@ -859,6 +867,9 @@ impl Config {
         }
         if d.max_in_flight == 0 {
             return err("max_in_flight", "must be at least 1".into());
+        }
+        if !(Duration::from_millis(1)..=Duration::from_secs(300)).contains(&d.fetch_wait) {
+            return err("fetch_wait", "must be between 1ms and 300s".into());
         }
         if d.retry_min.is_zero() || d.retry_max < d.retry_min {
             return err(

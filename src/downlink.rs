@@ -203,7 +203,10 @@ fn consumer(
         .set("queued.max.messages.kbytes", "1024")
         .set("queued.min.messages", "1000")
         .set("fetch.max.bytes", "1048576")
-        .set("fetch.wait.max.ms", "100")
+        .set(
+            "fetch.wait.max.ms",
+            settings.fetch_wait.as_millis().to_string(),
+        )
         .set("socket.keepalive.enable", "true")
         .set("reconnect.backoff.ms", "200")
         .set("reconnect.backoff.max.ms", "5000")
