@@ -329,9 +329,14 @@ struct Finished {
 impl Stage {
     async fn run(mut self, shutdown: CancellationToken) -> Result<(), DownlinkError> {
         let result = loop {
-            let full = self.in_flight >= self.settings.max_in_flight
-                || self.in_flight_bytes >= DOWNLINK_IN_FLIGHT_BYTES;
-            self.pause(full);
+            let max = self.settings.max_in_flight;
+            let full = self.in_flight >= max || self.in_flight_bytes >= DOWNLINK_IN_FLIGHT_BYTES;
+            // Resumed at half: every resume restarts the fetch from the broker.
+            let roomy =
+                self.in_flight <= max / 2 && self.in_flight_bytes <= DOWNLINK_IN_FLIGHT_BYTES / 2;
+            if full || roomy {
+                self.pause(full);
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Ok(()),
@@ -348,9 +353,11 @@ impl Stage {
                         self.link.up();
                         let input = input::read(&message, &self.shared.gateway_id, &self.settings.msg_type);
                         drop(message);
-                        if full {
-                            // Partitions assigned since the pause are paused too.
+                        if self.paused {
+                            // Fetched before the pause, or from a partition assigned since:
+                            // pause them all again, so that the flag stays true to librdkafka.
                             self.paused = false;
+                            self.pause(true);
                         }
                         if let Err(e) = self.take(input).await {
                             break Err(e);
@@ -366,7 +373,8 @@ impl Stage {
         result
     }
 
-    /// Pauses fetching while the commands in flight are at their bound, resumes it after.
+    /// Pauses fetching while the commands in flight are at their bound, resumes it once half of
+    /// them are through.
     /// librdkafka then fetches again from the last record consumed, so nothing is skipped.
     fn pause(&mut self, full: bool) {
         if full == self.paused {

@@ -820,7 +820,14 @@ async fn a_command_too_large_for_the_source_is_dead_lettered_and_the_uplink_goes
     std::fs::write(&cfg, text).unwrap();
     let gw = env.start(&cfg);
     let device = env.device("devices/#").await;
-    produce(&env.producer, "cmds", Some("big"), &vec![b'x'; 200_000], &[]).await;
+    produce(
+        &env.producer,
+        "cmds",
+        Some("big"),
+        &vec![b'x'; 200_000],
+        &[],
+    )
+    .await;
     produce(&env.producer, "cmds", Some("big"), b"small", &[]).await;
     let dlq = consume(&env.bootstrap(), "cmds.dlq", 1, Duration::from_secs(30));
     assert_eq!(dlq.len(), 1, "log:\n{}", gw.log());
