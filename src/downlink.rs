@@ -60,6 +60,9 @@ pub enum DownlinkError {
 
 /// How often librdkafka reports statistics, from which the lag gauge is set.
 const STATS_INTERVAL_MS: &str = "5000";
+/// How long the commands in flight may stay at their bound before fetching is paused and the
+/// consumer read again (well below any sensible max.poll.interval.ms).
+const PAUSE_AFTER: Duration = Duration::from_secs(2);
 /// The time an attempt gets when its command is already past `max_age`.
 const LAST_ATTEMPT: Duration = Duration::from_secs(1);
 /// How long shutdown waits for deliveries already under way.
@@ -328,15 +331,28 @@ struct Finished {
 
 impl Stage {
     async fn run(mut self, shutdown: CancellationToken) -> Result<(), DownlinkError> {
+        let mut full_since: Option<Instant> = None;
         let result = loop {
             let max = self.settings.max_in_flight;
             let full = self.in_flight >= max || self.in_flight_bytes >= DOWNLINK_IN_FLIGHT_BYTES;
-            // Resumed at half: every resume restarts the fetch from the broker.
             let roomy =
                 self.in_flight <= max / 2 && self.in_flight_bytes <= DOWNLINK_IN_FLIGHT_BYTES / 2;
-            if full || roomy {
-                self.pause(full);
+            // A brief full is back-pressure: the consumer is simply not read, and librdkafka's
+            // prefetched records wait. Full for longer (a device that cannot be reached holds
+            // the slots), fetching is paused and the consumer read again: librdkafka leaves the
+            // group when not read for max.poll.interval.ms, and serves its logs and statistics
+            // through it. A pause drops the prefetched records (fetched again on resume), so it
+            // is resumed only at half.
+            full_since = if full {
+                full_since.or(Some(Instant::now()))
+            } else {
+                None
+            };
+            let stuck = full_since.is_some_and(|t| t.elapsed() >= PAUSE_AFTER);
+            if (stuck && !self.paused) || (self.paused && roomy) {
+                self.pause(stuck);
             }
+            let read = !full || self.paused;
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Ok(()),
@@ -345,10 +361,8 @@ impl Stage {
                         break Err(e);
                     }
                 }
-                // Polled even when full, with the partitions paused: librdkafka leaves the group
-                // when not polled for max.poll.interval.ms, and serves its logs and statistics
-                // here. A record fetched before the pause is still taken.
-                received = self.consumer.recv() => match received {
+                _ = tokio::time::sleep(PAUSE_AFTER), if full && !self.paused => {}
+                received = self.consumer.recv(), if read => match received {
                     Ok(message) => {
                         self.link.up();
                         let input = input::read(&message, &self.shared.gateway_id, &self.settings.msg_type);
@@ -373,8 +387,8 @@ impl Stage {
         result
     }
 
-    /// Pauses fetching while the commands in flight are at their bound, resumes it once half of
-    /// them are through.
+    /// Pauses or resumes fetching of every assigned partition. librdkafka then fetches again from
+    /// the last record consumed, so nothing is skipped.
     /// librdkafka then fetches again from the last record consumed, so nothing is skipped.
     fn pause(&mut self, full: bool) {
         if full == self.paused {
