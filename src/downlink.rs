@@ -95,7 +95,13 @@ pub async fn run(
         }
         None => None,
     };
-    let consumer = Arc::new(consumer(&config, &settings, metrics.clone())?);
+    let positions = Positions::default();
+    let consumer = Arc::new(consumer(
+        &config,
+        &settings,
+        metrics.clone(),
+        positions.clone(),
+    )?);
     let dead_letters = match &settings.dead_letter_topic {
         Some(topic) => Some(DeadLetters::new(&config, topic).await?),
         None => None,
@@ -115,6 +121,7 @@ pub async fn run(
     tracing::info!(topics = ?settings.topics, group = %group_id(&config, &settings),
         encoder = settings.converter.as_deref().unwrap_or("none"), "downlink consuming");
     let stage = Stage {
+        positions,
         lanes: Lanes::default(),
         offsets: Offsets::default(),
         tasks: JoinSet::new(),
@@ -150,6 +157,7 @@ type CommandConsumer = StreamConsumer<ConsumerEvents>;
 /// the lag gauge from its statistics, which cost no extra requests.
 struct ConsumerEvents {
     metrics: Arc<Metrics>,
+    positions: Positions,
 }
 
 impl ClientContext for ConsumerEvents {
@@ -165,16 +173,28 @@ impl ClientContext for ConsumerEvents {
         }
     }
 
+    /// Lag: the broker's high watermark less the position that would be committed, per
+    /// partition; librdkafka's own figure knows nothing before the first commit.
     fn stats(&self, statistics: Statistics) {
+        let positions = lock(&self.positions);
         let lag: i64 = statistics
             .topics
-            .values()
-            .flat_map(|t| t.partitions.values())
-            .filter(|p| p.partition >= 0)
-            .map(|p| p.consumer_lag_stored.max(0))
+            .iter()
+            .flat_map(|(topic, t)| t.partitions.values().map(move |p| (topic, p)))
+            .filter_map(|(topic, p)| {
+                let position = positions.get(&(topic.clone(), p.partition))?;
+                Some((p.hi_offset - position).max(0))
+            })
             .sum();
         self.metrics.downlink.lag.set(lag);
     }
+}
+
+/// Each partition's committable position, shared with the statistics callback for the lag.
+type Positions = Arc<std::sync::Mutex<HashMap<(String, i32), i64>>>;
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl ConsumerContext for ConsumerEvents {}
@@ -183,6 +203,7 @@ fn consumer(
     config: &Config,
     settings: &DownlinkConfig,
     metrics: Arc<Metrics>,
+    positions: Positions,
 ) -> Result<CommandConsumer, DownlinkError> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.kafka.bootstrap_servers)
@@ -221,7 +242,7 @@ fn consumer(
         }
         c.set(key, value);
     }
-    c.create_with_context(ConsumerEvents { metrics })
+    c.create_with_context(ConsumerEvents { metrics, positions })
         .map_err(|e| DownlinkError::Client {
             what: "consumer",
             message: e.to_string(),
@@ -291,6 +312,7 @@ struct Stage {
     consumer: Arc<CommandConsumer>,
     lanes: Lanes,
     offsets: Offsets,
+    positions: Positions,
     tasks: JoinSet<(LaneKey, Finished)>,
     in_flight: usize,
     in_flight_bytes: usize,
@@ -413,7 +435,7 @@ impl Stage {
         let (command, plan) = match input {
             Input::OwnRecord(command) => {
                 let (topic, partition) = (&command.topic, command.partition);
-                self.offsets.consumed(topic, partition, command.offset);
+                self.consumed(topic, partition, command.offset);
                 self.commit(topic, partition, command.offset);
                 self.shared
                     .metrics
@@ -452,8 +474,7 @@ impl Stage {
             + plan
                 .as_ref()
                 .map_or(0, |ds| ds.iter().map(Delivery::len).sum());
-        self.offsets
-            .consumed(&command.topic, command.partition, command.offset);
+        self.consumed(&command.topic, command.partition, command.offset);
         let lane = LaneKey {
             topic: Arc::from(command.topic.as_str()),
             partition: command.partition,
@@ -552,12 +573,20 @@ impl Stage {
         Ok(())
     }
 
+    fn consumed(&mut self, topic: &str, partition: i32, offset: i64) {
+        let first = self.offsets.consumed(topic, partition, offset);
+        if let Some(position) = first {
+            lock(&self.positions).insert((topic.to_owned(), partition), position);
+        }
+    }
+
     /// The command at `offset` finished: stores the partition's new committable position, which
     /// librdkafka commits in the background (`auto.commit.interval.ms`).
     fn commit(&mut self, topic: &str, partition: i32, offset: i64) {
         let Some(position) = self.offsets.finished(topic, partition, offset) else {
             return;
         };
+        lock(&self.positions).insert((topic.to_owned(), partition), position);
         let mut tpl = TopicPartitionList::new();
         if tpl
             .add_partition_offset(topic, partition, Offset::Offset(position))

@@ -910,3 +910,31 @@ async fn a_serial_device_that_stops_reading_gets_its_command_dead_lettered() {
         gw.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lag_gauge_and_latency_histogram_follow_undelivered_commands() {
+    let env = Env::new(1);
+    let cfg = env.serial_config("1h");
+    let gw = env.start(&cfg);
+    for n in 0..5 {
+        let value = format!("C{n}\n");
+        produce(&env.producer, "cmds", Some("meter"), value.as_bytes(), &[]).await;
+    }
+    // Unplugged: none is committed. Tansu's watermark can lag by a batch, hence >= 4.
+    let lag = "edgegate_downlink_lag_records";
+    wait_metric(env.admin, lag, |v| v >= 4.0, Duration::from_secs(30));
+    let mut pty = plug(&env);
+    let got = pty.receive(15, Duration::from_secs(20));
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "C0\nC1\nC2\nC3\nC4\n",
+        "log:\n{}",
+        gw.log()
+    );
+    wait_metric(env.admin, lag, |v| v == 0.0, Duration::from_secs(30));
+    let count = "edgegate_downlink_latency_seconds_count";
+    assert_eq!(metric(env.admin, count), 5.0);
+    // Waiting for the port counts: the slowest took seconds, not milliseconds.
+    let sum = metric(env.admin, "edgegate_downlink_latency_seconds_sum");
+    assert!(sum > 1.0, "{sum}");
+}

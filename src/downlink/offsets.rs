@@ -19,10 +19,15 @@ struct Part {
 }
 
 impl Offsets {
-    pub fn consumed(&mut self, topic: &str, partition: i32, offset: i64) {
+    /// `Some(position)` for a partition's first record: before anything finished, the
+    /// committable position is where consuming started (nothing to store yet).
+    pub fn consumed(&mut self, topic: &str, partition: i32, offset: i64) -> Option<i64> {
         let part = self.parts.entry((topic.to_owned(), partition)).or_default();
+        let first = part.committable.is_none().then_some(offset);
+        part.committable.get_or_insert(offset);
         part.outstanding.insert(offset);
         part.next = part.next.max(offset + 1);
+        first
     }
 
     /// The command at `offset` finished; `Some(position)` when the committable position moved
