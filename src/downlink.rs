@@ -129,6 +129,7 @@ pub async fn run(
         in_flight_bytes: 0,
         link: ConsumerState::default(),
         paused: false,
+        paused_partitions: Default::default(),
         shared: Arc::new(Shared {
             metrics,
             dead_letters,
@@ -320,6 +321,8 @@ struct Stage {
     link: ConsumerState,
     /// Fetching is paused: `max_in_flight` commands (or their bytes) are in flight.
     paused: bool,
+    /// Every partition paused since the last resume.
+    paused_partitions: std::collections::BTreeSet<(String, i32)>,
 }
 
 /// The consumer's last error, logged when it changes and when records flow again.
@@ -371,8 +374,10 @@ impl Stage {
                 None
             };
             let stuck = full_since.is_some_and(|t| t.elapsed() >= PAUSE_AFTER);
-            if (stuck && !self.paused) || (self.paused && roomy) {
-                self.pause(stuck);
+            if stuck && !self.paused {
+                self.pause(true);
+            } else if self.paused && roomy {
+                self.pause(false);
             }
             let read = !full || self.paused;
             tokio::select! {
@@ -391,8 +396,7 @@ impl Stage {
                         drop(message);
                         if self.paused {
                             // Fetched before the pause, or from a partition assigned since:
-                            // pause them all again, so that the flag stays true to librdkafka.
-                            self.paused = false;
+                            // pause them all again.
                             self.pause(true);
                         }
                         if let Err(e) = self.take(input).await {
@@ -409,24 +413,44 @@ impl Stage {
         result
     }
 
-    /// Pauses or resumes fetching of every assigned partition. librdkafka then fetches again from
-    /// the last record consumed, so nothing is skipped.
-    /// librdkafka then fetches again from the last record consumed, so nothing is skipped.
-    fn pause(&mut self, full: bool) {
-        if full == self.paused {
-            return;
-        }
+    /// Pauses or resumes fetching. librdkafka then fetches again from the last record consumed,
+    /// so nothing is skipped. A pause outlives a rebalance in librdkafka (a partition revoked and
+    /// assigned again comes back paused), so a resume covers every partition ever paused as well
+    /// as the current assignment, and the flag is cleared only once that succeeded.
+    fn pause(&mut self, pause: bool) {
         let Ok(assignment) = self.consumer.assignment() else {
             return;
         };
-        let done = if full {
-            self.consumer.pause(&assignment)
-        } else {
-            self.consumer.resume(&assignment)
-        };
-        match done {
-            Ok(()) => self.paused = full,
-            Err(e) => tracing::debug!(error = %e, "downlink pause or resume failed"),
+        if pause {
+            match self.consumer.pause(&assignment) {
+                Ok(()) => {
+                    self.paused = true;
+                    for e in assignment.elements() {
+                        self.paused_partitions
+                            .insert((e.topic().to_owned(), e.partition()));
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "downlink pause failed"),
+            }
+            return;
+        }
+        let mut all = TopicPartitionList::new();
+        let current = assignment
+            .elements()
+            .into_iter()
+            .map(|e| (e.topic().to_owned(), e.partition()));
+        let every: std::collections::BTreeSet<(String, i32)> = current
+            .chain(self.paused_partitions.iter().cloned())
+            .collect();
+        for (topic, partition) in &every {
+            all.add_partition(topic, *partition);
+        }
+        match self.consumer.resume(&all) {
+            Ok(()) => {
+                self.paused = false;
+                self.paused_partitions.clear();
+            }
+            Err(e) => tracing::debug!(error = %e, "downlink resume failed"),
         }
     }
 

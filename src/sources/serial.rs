@@ -248,12 +248,18 @@ struct FrameReader {
     chars_per_second: f64,
 }
 
-/// How long a write may take: three times its time on the wire, plus a second. A device that
-/// holds flow control (or stops reading) longer fails the write instead of stopping the port's
-/// reading and every later write for good.
+/// How long a write may take: three times the time on the wire of the bytes and of a full tty
+/// output buffer ahead of them, plus a second. A device that holds flow control (or stops
+/// reading) longer fails the write instead of stopping the port's reading and every later write
+/// for good.
 fn write_timeout(len: usize, chars_per_second: f64) -> Duration {
-    Duration::from_secs(1) + Duration::from_secs_f64(3.0 * len as f64 / chars_per_second.max(1.0))
+    let queued = (len + TTY_OUTPUT_BUFFER) as f64;
+    Duration::from_secs(1) + Duration::from_secs_f64(3.0 * queued / chars_per_second.max(1.0))
 }
+
+/// Linux's tty output buffer: a write returns once its bytes are in it, and the port is writable
+/// again only when it has nearly drained.
+const TTY_OUTPUT_BUFFER: usize = 4096;
 
 impl FrameReader {
     fn new(config: &SerialSourceConfig, ctx: &SerialContext) -> FrameReader {
@@ -330,6 +336,10 @@ impl FrameReader {
                     }
                 }
                 Some(req) = ctx.writes.recv() => {
+                    if req.done.is_closed() {
+                        // Its sender gave up (timed out, dead-lettered): not written late.
+                        continue;
+                    }
                     let limit = write_timeout(req.bytes.len(), self.chars_per_second);
                     let Ok(written) = tokio::time::timeout(limit, tx.write_all(&req.bytes)).await
                     else {
