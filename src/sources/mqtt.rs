@@ -211,6 +211,16 @@ impl MqttOutlet {
 
     /// Follows one event of the event loop.
     fn observe(&self, event: &Event) {
+        // The uplink's own per-message events (incoming publishes, its acks) take no lock.
+        let relevant = matches!(
+            event,
+            Event::Incoming(
+                Packet::ConnAck(_) | Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_)
+            ) | Event::Outgoing(Outgoing::Publish(_) | Outgoing::AwaitAck(_))
+        );
+        if !relevant {
+            return;
+        }
         let mut guard = self.lock();
         let Some(out) = guard.as_mut() else { return };
         match event {
@@ -987,18 +997,31 @@ mod tests {
         task
     }
 
-    fn settle() -> impl std::future::Future<Output = ()> {
-        tokio::time::sleep(Duration::from_millis(20))
+    /// Waits (at most 5 s) until `task` finished. The tests' runtime has one thread, so tasks
+    /// notified before it have run by then too: one still unfinished was not notified.
+    async fn finished<T>(task: &tokio::task::JoinHandle<T>) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !task.is_finished() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        task.is_finished()
+    }
+
+    /// An outlet started on a client whose event loop the test plays itself; the event loop is
+    /// returned to keep the request channel open.
+    fn started_outlet(max_packet: usize) -> (MqttOutlet, EventLoop) {
+        let options = MqttOptions::new("t", "127.0.0.1", 1);
+        let (client, eventloop) = AsyncClient::new(options, 100);
+        let outlet = MqttOutlet::default();
+        outlet.start(client, max_packet);
+        outlet.set_connected(true);
+        (outlet, eventloop)
     }
 
     #[tokio::test]
     async fn downlink_publishes_complete_on_their_own_acknowledgement() {
         use rumqttc::{PubAck, PubComp, PubRec};
-        let options = MqttOptions::new("t", "127.0.0.1", 1);
-        let (client, _eventloop) = AsyncClient::new(options, 100);
-        let outlet = MqttOutlet::default();
-        outlet.start(client, 1 << 20);
-        outlet.set_connected(true);
+        let (outlet, _eventloop) = started_outlet(1 << 20);
         let first = publish_in_order(&outlet, 1).await;
         let second = publish_in_order(&outlet, 1).await;
         let third = publish_in_order(&outlet, 2).await;
@@ -1010,21 +1033,18 @@ mod tests {
         // The fourth's id is still in use: it waits for that id's acknowledgement.
         outlet.observe(&Event::Outgoing(Outgoing::AwaitAck(1)));
         outlet.observe(&Event::Outgoing(Outgoing::Publish(0)));
-        settle().await;
-        assert!(at_most_once.is_finished(), "QoS 0 is done once written");
+        assert!(finished(&at_most_once).await, "QoS 0 is done once written");
         outlet.observe(&Event::Incoming(Packet::PubAck(PubAck::new(2))));
-        settle().await;
-        assert!(second.is_finished() && !first.is_finished());
+        assert!(finished(&second).await && !first.is_finished());
         // A reconnect resends 1 and 3 with their ids: not new publishes.
         outlet.observe(&Event::Outgoing(Outgoing::Publish(1)));
         outlet.observe(&Event::Outgoing(Outgoing::Publish(3)));
         outlet.observe(&Event::Incoming(Packet::PubRec(PubRec::new(3))));
-        settle().await;
-        assert!(!third.is_finished(), "QoS 2 waits for PUBCOMP");
         outlet.observe(&Event::Incoming(Packet::PubAck(PubAck::new(1))));
         outlet.observe(&Event::Outgoing(Outgoing::Publish(1)));
-        settle().await;
-        assert!(first.is_finished() && !fourth.is_finished());
+        assert!(finished(&first).await);
+        assert!(!third.is_finished(), "QoS 2 waits for PUBCOMP");
+        assert!(!fourth.is_finished());
         outlet.observe(&Event::Incoming(Packet::PubComp(PubComp::new(3))));
         outlet.observe(&Event::Incoming(Packet::PubAck(PubAck::new(1))));
         for task in [first, second, third, fourth, at_most_once] {
@@ -1035,11 +1055,7 @@ mod tests {
     #[tokio::test]
     async fn downlink_publishes_lost_with_the_broker_session_fail_and_stay_unmatched() {
         use rumqttc::{ConnAck, PubAck};
-        let options = MqttOptions::new("t", "127.0.0.1", 1);
-        let (client, _eventloop) = AsyncClient::new(options, 100);
-        let outlet = MqttOutlet::default();
-        outlet.start(client, 1 << 20);
-        outlet.set_connected(true);
+        let (outlet, _eventloop) = started_outlet(1 << 20);
         let sent = publish_in_order(&outlet, 1).await;
         outlet.observe(&Event::Outgoing(Outgoing::Publish(1)));
         let queued = publish_in_order(&outlet, 1).await;
@@ -1061,11 +1077,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_downlink_message_over_the_packet_limit_is_refused_for_good() {
-        let options = MqttOptions::new("t", "127.0.0.1", 1);
-        let (client, _eventloop) = AsyncClient::new(options, 100);
-        let outlet = MqttOutlet::default();
-        outlet.start(client, 1000);
-        outlet.set_connected(true);
+        let (outlet, _eventloop) = started_outlet(1000);
         let refused = outlet.publish("t".into(), 1, vec![0; 1000]).await;
         assert!(
             refused.as_ref().is_err_and(PublishError::is_permanent),
