@@ -11,6 +11,7 @@ mod crash;
 mod debug;
 pub mod encoder;
 mod engine;
+pub mod math;
 mod normalize;
 mod read;
 

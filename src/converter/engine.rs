@@ -177,6 +177,7 @@ impl Engine {
             line: None,
             message: format!("javascript engine: {e}"),
         };
+        super::math::install();
         let runtime = Runtime::new().map_err(engine_err)?;
         runtime.set_memory_limit(limits.memory_bytes);
         runtime.set_max_stack_size(SCRIPT_STACK_BYTES);

@@ -155,6 +155,10 @@ fn main() {
     builder
         .extra_warnings(false)
         .flag_if_supported("-Wno-implicit-const-int-float-conversion")
+        // edgegate patch: no fused multiply-add where the source has none, so that `Math.hypot`
+        // and the other double arithmetic give the same bits on aarch64 and armv7 as on x86_64
+        // (GCC fuses by default wherever the target has FMA).
+        .flag("-ffp-contract=off")
         //.flag("-Wno-array-bounds")
         //.flag("-Wno-format-truncation")
         ;

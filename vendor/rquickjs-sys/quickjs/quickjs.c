@@ -15023,6 +15023,20 @@ static int js_is_array(JSContext *ctx, JSValueConst val)
     }
 }
 
+/* edgegate patch: the transcendental functions behind Math.* and `**`, through a table the
+   embedder may replace (JS_SetMathFunctions) with one implementation that gives the same doubles
+   on every platform, instead of the C library's, whose last bits differ between libcs and
+   architectures. */
+static JSMathFunctions js_math_lib = {
+    acos, acosh, asin, asinh, atan, atan2, atanh, cbrt, cos, cosh, exp, expm1,
+    log, log10, log1p, log2, pow, sin, sinh, tan, tanh,
+};
+
+void JS_SetMathFunctions(const JSMathFunctions *functions)
+{
+    js_math_lib = *functions;
+}
+
 static double js_math_pow(double a, double b)
 {
     double d;
@@ -15032,7 +15046,7 @@ static double js_math_pow(double a, double b)
         d = NAN;
     } else {
         JS_X87_FPCW_SAVE_AND_ADJUST(fpcw);
-        d = pow(a, b);
+        d = js_math_lib.pow(a, b); /* edgegate patch: the embedder's pow */
         JS_X87_FPCW_RESTORE(fpcw);
     }
     return d;
@@ -48764,27 +48778,52 @@ static double js_math_round(double a)
     return u.d;
 }
 
+/* edgegate patch: V8's algorithm (every value scaled by the largest, squares Kahan-summed) instead
+   of chained C library hypot() calls, so that results are Node.js's to the bit on every platform */
 static JSValue js_math_hypot(JSContext *ctx, JSValueConst this_val,
                              int argc, JSValueConst *argv)
 {
-    double r, a;
+    double on_stack[8], *abs_values = on_stack;
+    double a, max = 0, sum = 0, compensation = 0, n, summand, preliminary, r;
+    bool one_is_nan = false;
     int i;
 
-    r = 0;
-    if (argc > 0) {
-        if (JS_ToFloat64(ctx, &r, argv[0]))
+    if (argc > (int)countof(on_stack)) {
+        abs_values = js_malloc(ctx, sizeof(double) * argc);
+        if (!abs_values)
             return JS_EXCEPTION;
-        if (argc == 1) {
-            r = fabs(r);
-        } else {
-            /* use the built-in function to minimize precision loss */
-            for (i = 1; i < argc; i++) {
-                if (JS_ToFloat64(ctx, &a, argv[i]))
-                    return JS_EXCEPTION;
-                r = hypot(r, a);
-            }
-        }
     }
+    for (i = 0; i < argc; i++) {
+        if (JS_ToFloat64(ctx, &a, argv[i])) {
+            if (abs_values != on_stack)
+                js_free(ctx, abs_values);
+            return JS_EXCEPTION;
+        }
+        a = fabs(a);
+        abs_values[i] = a;
+        if (isnan(a))
+            one_is_nan = true;
+        else if (a > max)
+            max = a;
+    }
+    if (max == INFINITY) {
+        r = INFINITY;
+    } else if (one_is_nan) {
+        r = NAN;
+    } else if (max == 0) {
+        r = 0;
+    } else {
+        for (i = 0; i < argc; i++) {
+            n = abs_values[i] / max;
+            summand = n * n - compensation;
+            preliminary = sum + summand;
+            compensation = (preliminary - sum) - summand;
+            sum = preliminary;
+        }
+        r = sqrt(sum) * max;
+    }
+    if (abs_values != on_stack)
+        js_free(ctx, abs_values);
     return js_float64(r);
 }
 
@@ -49107,27 +49146,27 @@ static double js_math_fabs(double d) { return fabs(d); }
 static double js_math_floor(double d) { return floor(d); }
 static double js_math_ceil(double d) { return ceil(d); }
 static double js_math_sqrt(double d) { return sqrt(d); }
-static double js_math_acos(double d) { return acos(d); }
-static double js_math_asin(double d) { return asin(d); }
-static double js_math_atan(double d) { return atan(d); }
-static double js_math_atan2(double a, double b) { return atan2(a, b); }
-static double js_math_cos(double d) { return cos(d); }
-static double js_math_exp(double d) { return exp(d); }
-static double js_math_log(double d) { return log(d); }
-static double js_math_sin(double d) { return sin(d); }
-static double js_math_tan(double d) { return tan(d); }
+static double js_math_acos(double d) { return js_math_lib.acos(d); }
+static double js_math_asin(double d) { return js_math_lib.asin(d); }
+static double js_math_atan(double d) { return js_math_lib.atan(d); }
+static double js_math_atan2(double a, double b) { return js_math_lib.atan2(a, b); }
+static double js_math_cos(double d) { return js_math_lib.cos(d); }
+static double js_math_exp(double d) { return js_math_lib.exp(d); }
+static double js_math_log(double d) { return js_math_lib.log(d); }
+static double js_math_sin(double d) { return js_math_lib.sin(d); }
+static double js_math_tan(double d) { return js_math_lib.tan(d); }
 static double js_math_trunc(double d) { return trunc(d); }
-static double js_math_cosh(double d) { return cosh(d); }
-static double js_math_sinh(double d) { return sinh(d); }
-static double js_math_tanh(double d) { return tanh(d); }
-static double js_math_acosh(double d) { return acosh(d); }
-static double js_math_asinh(double d) { return asinh(d); }
-static double js_math_atanh(double d) { return atanh(d); }
-static double js_math_expm1(double d) { return expm1(d); }
-static double js_math_log1p(double d) { return log1p(d); }
-static double js_math_log2(double d) { return log2(d); }
-static double js_math_log10(double d) { return log10(d); }
-static double js_math_cbrt(double d) { return cbrt(d); }
+static double js_math_cosh(double d) { return js_math_lib.cosh(d); }
+static double js_math_sinh(double d) { return js_math_lib.sinh(d); }
+static double js_math_tanh(double d) { return js_math_lib.tanh(d); }
+static double js_math_acosh(double d) { return js_math_lib.acosh(d); }
+static double js_math_asinh(double d) { return js_math_lib.asinh(d); }
+static double js_math_atanh(double d) { return js_math_lib.atanh(d); }
+static double js_math_expm1(double d) { return js_math_lib.expm1(d); }
+static double js_math_log1p(double d) { return js_math_lib.log1p(d); }
+static double js_math_log2(double d) { return js_math_lib.log2(d); }
+static double js_math_log10(double d) { return js_math_lib.log10(d); }
+static double js_math_cbrt(double d) { return js_math_lib.cbrt(d); }
 
 static const JSCFunctionListEntry js_math_funcs[] = {
     JS_CFUNC_MAGIC_DEF("min", 2, js_math_min_max, 0 ),

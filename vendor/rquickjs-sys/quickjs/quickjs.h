@@ -505,6 +505,33 @@ typedef void JSRuntimeFinalizer(JSRuntime *rt, void *arg);
 
 typedef struct JSGCObjectHeader JSGCObjectHeader;
 
+/* edgegate patch: replaces the C library functions behind Math.* and `**` for every runtime;
+   call before creating any. Fields are in alphabetical order. */
+typedef struct JSMathFunctions {
+    double (*acos)(double);
+    double (*acosh)(double);
+    double (*asin)(double);
+    double (*asinh)(double);
+    double (*atan)(double);
+    double (*atan2)(double, double);
+    double (*atanh)(double);
+    double (*cbrt)(double);
+    double (*cos)(double);
+    double (*cosh)(double);
+    double (*exp)(double);
+    double (*expm1)(double);
+    double (*log)(double);
+    double (*log10)(double);
+    double (*log1p)(double);
+    double (*log2)(double);
+    double (*pow)(double, double);
+    double (*sin)(double);
+    double (*sinh)(double);
+    double (*tan)(double);
+    double (*tanh)(double);
+} JSMathFunctions;
+JS_EXTERN void JS_SetMathFunctions(const JSMathFunctions *functions);
+
 JS_EXTERN JSRuntime *JS_NewRuntime(void);
 /* info lifetime must exceed that of rt */
 JS_EXTERN void JS_SetRuntimeInfo(JSRuntime *rt, const char *info);
