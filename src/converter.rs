@@ -13,7 +13,9 @@ pub mod encoder;
 mod engine;
 pub mod math;
 mod normalize;
+pub mod number;
 mod read;
+pub mod text;
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -475,9 +477,14 @@ pub fn script_metadata<'a>(
 }
 
 fn encode(entity: Entity) -> EncodedEntity {
+    // A key is plain text: a name with lone surrogates gets U+FFFD for them.
+    let well_formed = match text::well_formed(&entity.name) {
+        std::borrow::Cow::Owned(name) => Some(name),
+        std::borrow::Cow::Borrowed(_) => None,
+    };
     EncodedEntity {
         value: entity.json,
-        key: entity.name,
+        key: well_formed.unwrap_or(entity.name),
     }
 }
 

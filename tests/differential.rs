@@ -130,3 +130,116 @@ fn function_names(source: &str) -> Vec<String> {
 fn path(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
 }
+
+/// One generated decoder and Node's results for it.
+#[derive(serde::Deserialize)]
+struct Case {
+    id: u64,
+    body: String,
+    payload: String,
+}
+
+#[derive(serde::Deserialize)]
+struct NodeResult {
+    id: u64,
+    raw: String,
+    kafka: Option<String>,
+}
+
+/// `programs.js`'s CAPTURED_MS.
+const CAPTURED_MS: u64 = 1_764_756_000_000;
+
+#[test]
+fn random_decoders_give_nodes_results_byte_for_byte() {
+    use base64::Engine as _;
+    use edgegate::config::ConverterConfig;
+    use edgegate::converter::{number, ConvertError, Converter};
+
+    let count = env_count("EDGEGATE_DIFF_PROGRAMS", 2_000);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cases_file, expected_file) = (dir.path().join("cases"), dir.path().join("expected"));
+    let generator = script("programs.js");
+    let (seed, count_arg) = (seed().to_string(), count.to_string());
+    node(&[
+        path(&generator),
+        "gen",
+        &seed,
+        &count_arg,
+        path(&cases_file),
+    ]);
+    node(&[
+        path(&generator),
+        "run",
+        path(&cases_file),
+        path(&expected_file),
+    ]);
+    let cases: Vec<Case> = read_lines(&cases_file);
+    let expected: Vec<NodeResult> = read_lines(&expected_file);
+    assert_eq!(cases.len(), expected.len());
+
+    let script_file = dir.path().join("decoder.js");
+    let mut differences = Vec::new();
+    for (case, want) in cases.iter().zip(&expected) {
+        assert_eq!(case.id, want.id);
+        std::fs::write(&script_file, &case.body).expect("script");
+        let payload = base64::engine::general_purpose::STANDARD
+            .decode(&case.payload)
+            .expect("payload");
+        let mut converter = Converter::new(
+            "diff",
+            &ConverterConfig::for_script(script_file.clone()),
+            None,
+        )
+        .unwrap_or_else(|e| panic!("case {}: {e}\n{}", case.id, case.body));
+        let raw = match converter.run_raw(&payload, &[]) {
+            Ok(value) => number::to_string_js(&value),
+            Err(ConvertError::InvalidResult(_)) => "undefined".to_string(),
+            Err(_) => "threw".to_string(),
+        };
+        let kafka = converter
+            .convert(&payload, &[], CAPTURED_MS)
+            .ok()
+            .map(|entities| {
+                entities
+                    .iter()
+                    .map(|e| String::from_utf8_lossy(&e.json).into_owned())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        if raw != want.raw || (want.raw != "threw" && kafka != want.kafka) {
+            differences.push(format!(
+                "case {} (seed {seed}):\n{}\n  payload {}\n  node     {} | {:?}\n  edgegate {} | {:?}",
+                case.id, case.body, case.payload, want.raw, want.kafka, raw, kafka
+            ));
+        }
+    }
+    eprintln!(
+        "decoders: {} programs, seed {seed}, {} differ",
+        cases.len(),
+        differences.len()
+    );
+    let report = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("differential-{seed}.txt"));
+    let _ = std::fs::write(&report, differences.join("\n\n"));
+    assert!(
+        differences.is_empty(),
+        "{} of {} decoders differ from Node.js (all in {}); the first:\n{}",
+        differences.len(),
+        cases.len(),
+        report.display(),
+        differences
+            .iter()
+            .take(5)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n\n")
+    );
+}
+
+fn read_lines<T: serde::de::DeserializeOwned>(file: &Path) -> Vec<T> {
+    std::fs::read_to_string(file)
+        .expect("JSON lines")
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}

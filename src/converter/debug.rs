@@ -78,7 +78,7 @@ impl DebugLog {
         if !wanted || self.broken {
             return;
         }
-        let line = event_json(event).to_string();
+        let line = super::number::to_string_js(&event_json(event));
         if let Err(e) = self.write_line(&line) {
             // Debugging must never hurt the pipeline: say so once and stop recording.
             tracing::warn!(path = %self.path.display(), error = %e, "converter debug log disabled");

@@ -16,11 +16,12 @@ use std::sync::Arc;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::DecodePaddingMode;
 use base64::Engine as _;
-use serde_json::{json, Number, Value};
+use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use super::debug::{DebugEvent, DebugLog, Direction};
 use super::normalize::type_name;
+use super::number::js_number_of;
 use super::{
     debug_log, engine, panic_message, script_metadata, static_metadata, ConvertError,
     ConverterError, ConvertersGone, Sandbox,
@@ -271,7 +272,8 @@ fn message(item: Value, at: &str) -> Result<Message, String> {
         }
     };
     let data = match fields.remove("data") {
-        Some(Value::String(data)) => data,
+        // Device bytes are UTF-8: a lone surrogate becomes U+FFFD.
+        Some(Value::String(data)) => super::text::well_formed(&data).into_owned(),
         None => return Err(format!("{at}.data: missing (the message, as a string)")),
         Some(other) => {
             return Err(format!(
@@ -286,7 +288,7 @@ fn message(item: Value, at: &str) -> Result<Message, String> {
         Some(Value::Object(entries)) => entries
             .into_iter()
             .map(|(key, value)| match scalar_text(&value) {
-                Some(text) => Ok((key, text)),
+                Some(text) => Ok((super::text::well_formed(&key).into_owned(), text)),
                 None => Err(format!(
                     "{at}.metadata.{key}: expected a string, number or boolean, got {}",
                     type_name(&value)
@@ -329,57 +331,11 @@ fn decode_base64(text: &str) -> Result<Vec<u8>, base64::DecodeError> {
 /// string, number or boolean.
 fn scalar_text(value: &Value) -> Option<String> {
     match value {
-        Value::String(s) => Some(s.clone()),
+        Value::String(s) => Some(super::text::well_formed(s).into_owned()),
         Value::Bool(b) => Some(b.to_string()),
-        Value::Number(n) => Some(js_number(n)),
+        Value::Number(n) => Some(js_number_of(n)),
         Value::Null | Value::Array(_) | Value::Object(_) => None,
     }
-}
-
-/// A number as JavaScript prints it (ECMAScript `Number::toString`): `7`, `1.5`, `1e+21`,
-/// `1e-7`, `123456789012345680000`. The result reached us as JSON, whose text may differ
-/// (`1e21`, `1.2345678901234568e20`).
-fn js_number(n: &Number) -> String {
-    if let Some(i) = n.as_i64() {
-        return i.to_string();
-    }
-    if let Some(u) = n.as_u64() {
-        return u.to_string();
-    }
-    let Some(f) = n.as_f64() else {
-        return n.to_string();
-    };
-    if f == 0.0 {
-        return "0".into(); // -0 too
-    }
-    // Rust's `{:e}` gives the shortest digits that read back as `f`, as JavaScript uses.
-    let sci = format!("{:e}", f.abs());
-    let Some((mantissa, exponent)) = sci.split_once('e') else {
-        return n.to_string();
-    };
-    let Ok(exponent) = exponent.parse::<i32>() else {
-        return n.to_string();
-    };
-    let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
-    let k = digits.len() as i32;
-    // The value is 0.digits × 10^point.
-    let point = exponent + 1;
-    let sign = if f < 0.0 { "-" } else { "" };
-    let body = if k <= point && point <= 21 {
-        format!("{digits}{}", "0".repeat((point - k) as usize))
-    } else if 0 < point && point <= 21 {
-        let (int, frac) = digits.split_at(point as usize);
-        format!("{int}.{frac}")
-    } else if -6 < point && point <= 0 {
-        format!("0.{}{digits}", "0".repeat((-point) as usize))
-    } else {
-        let (first, rest) = digits.split_at(1);
-        let dot = if rest.is_empty() { "" } else { "." };
-        let e = point - 1;
-        let e_sign = if e < 0 { '-' } else { '+' };
-        format!("{first}{dot}{rest}e{e_sign}{}", e.abs())
-    };
-    format!("{sign}{body}")
 }
 
 /// One command for the encoder thread.

@@ -178,6 +178,7 @@ impl Engine {
             message: format!("javascript engine: {e}"),
         };
         super::math::install();
+        super::number::install();
         let runtime = Runtime::new().map_err(engine_err)?;
         runtime.set_memory_limit(limits.memory_bytes);
         runtime.set_max_stack_size(SCRIPT_STACK_BYTES);
@@ -391,7 +392,7 @@ fn to_json<'js>(
     let Some(text) = ctx.json_stringify(out)? else {
         return Ok(None);
     };
-    serde_json::from_str(&text.to_string()?)
+    serde_json::from_str(&super::text::carry_escapes(&text.to_string()?))
         .map(Some)
         .map_err(|e| rquickjs::Error::new_from_js_message("JSON", "value", e.to_string()))
 }

@@ -3,6 +3,8 @@
 
 use serde_json::{Map, Value};
 
+use super::number::{js_number_of, to_vec_js};
+
 /// One device or asset from a decoder result, in normalized form.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entity {
@@ -16,7 +18,8 @@ pub struct Entity {
 impl Entity {
     /// The entity as a JSON value, for the debug log and the command line.
     pub fn value(&self) -> Value {
-        serde_json::from_slice(&self.json).unwrap_or(Value::Null)
+        let text = String::from_utf8_lossy(&self.json);
+        serde_json::from_str(&super::text::carry_escapes(&text)).unwrap_or(Value::Null)
     }
 }
 
@@ -85,7 +88,7 @@ fn entity(mut obj: Map<String, Value>, captured_ms: u64) -> Result<Entity, Strin
     Ok(Entity {
         name,
         // Serializing a serde_json::Value cannot fail: its keys are strings.
-        json: serde_json::to_vec(&Value::Object(out)).unwrap_or_default(),
+        json: to_vec_js(&Value::Object(out)),
     })
 }
 
@@ -95,7 +98,7 @@ fn name_field(obj: &mut Map<String, Value>, key: &str) -> Result<Option<String>,
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s.is_empty() => Err(format!("{key} must not be empty")),
         Some(Value::String(s)) => Ok(Some(s)),
-        Some(Value::Number(n)) => Ok(Some(n.to_string())),
+        Some(Value::Number(n)) => Ok(Some(js_number_of(&n))),
         Some(other) => Err(format!("{key} must be a string, got {}", type_name(&other))),
     }
 }

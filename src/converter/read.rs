@@ -17,6 +17,7 @@ use rquickjs::qjs;
 use serde_json::Value as J;
 
 use super::normalize::{timestamp, Entity};
+use super::{number, text};
 
 /// Deepest result structure read directly; deeper (or cyclic) results go through JSON.stringify.
 const MAX_DEPTH: u32 = 64;
@@ -201,8 +202,7 @@ impl Reader {
         self.lend(text, len, f)
     }
 
-    /// Lends and then frees a C string from QuickJS; `None` for lone surrogates, which are not
-    /// UTF-8.
+    /// Lends and then frees a C string from QuickJS (lone surrogates carried, see [`text`]).
     unsafe fn lend<R>(
         &mut self,
         text: *const std::ffi::c_char,
@@ -215,10 +215,7 @@ impl Reader {
         // size_t is u32 on armv7 and u64 on 64-bit boards; it always fits usize.
         let len = len as usize;
         let bytes = std::slice::from_raw_parts(text.cast::<u8>(), len);
-        let result = match (self.spend(len), std::str::from_utf8(bytes)) {
-            (Some(()), Ok(text)) => Some(f(self, text)),
-            _ => None,
-        };
+        let result = self.spend(len).map(|()| f(self, &text::from_wtf8(bytes)));
         qjs::JS_FreeCString(self.ctx, text);
         result
     }
@@ -319,11 +316,11 @@ impl Reader {
     }
 
     unsafe fn write_string(&mut self, v: qjs::JSValue, out: &mut Vec<u8>) -> Option<()> {
-        self.with_string(v, |_, text| serde_json::to_writer(&mut *out, text).ok())?
+        self.with_string(v, |_, text| number::write_js_string(out, text))?
     }
 
     unsafe fn write_atom(&mut self, atom: qjs::JSAtom, out: &mut Vec<u8>) -> Option<()> {
-        self.with_atom(atom, |_, key| serde_json::to_writer(&mut *out, key).ok())?
+        self.with_atom(atom, |_, key| number::write_js_string(out, key))?
     }
 
     /// `null`: no entities; an object: one; an array of objects: one each.
@@ -398,7 +395,7 @@ impl Reader {
             }
             qjs::JS_TAG_INT => Some(Some(qjs::JS_VALUE_GET_INT(v).to_string())),
             qjs::JS_TAG_FLOAT64 => match number(qjs::JS_VALUE_GET_FLOAT64(v)) {
-                J::Number(n) => Some(Some(n.to_string())),
+                J::Number(n) => Some(Some(number::js_number_of(&n))),
                 _ => None,
             },
             _ => None,
@@ -537,9 +534,9 @@ impl EntityFields {
         );
         let field = |json: &mut Vec<u8>, key: &str, value: &str| -> Option<()> {
             json.push(if json.is_empty() { b'{' } else { b',' });
-            serde_json::to_writer(&mut *json, key).ok()?;
+            number::write_js_string(json, key)?;
             json.push(b':');
-            serde_json::to_writer(&mut *json, value).ok()
+            number::write_js_string(json, value)
         };
         let name = match (self.device_name, self.asset_name) {
             (Some(name), None) => {
@@ -624,8 +621,10 @@ impl Drop for Props {
 fn write_number(out: &mut Vec<u8>, f: f64) -> Option<()> {
     match integral(f) {
         Some(i) => serde_json::to_writer(out, &i).ok(),
-        // serde_json prints non-finite numbers as null, as JSON.stringify does.
-        None => serde_json::to_writer(out, &f).ok(),
+        None => {
+            number::write_js_number(out, f);
+            Some(())
+        }
     }
 }
 

@@ -14560,6 +14560,16 @@ static JSValue js_bigint_to_string(JSContext *ctx, JSValueConst val)
 
 /*---- floating point number to string conversions ----*/
 
+/* edgegate patch: Number::toString(x) in radix 10 from the embedder (JS_SetNumberToString):
+   QuickJS's free-format dtoa does not always find the shortest digits
+   (6.129982163463556e+54 came out with 17 digits), where V8 and the standard do. */
+static int (*js_number_to_string_hook)(double d, char *buf);
+
+void JS_SetNumberToString(int (*number_to_string)(double d, char *buf))
+{
+    js_number_to_string_hook = number_to_string;
+}
+
 static JSValue js_dtoa2(JSContext *ctx,
                         double d, int radix, int n_digits, int flags)
 {
@@ -14567,6 +14577,12 @@ static JSValue js_dtoa2(JSContext *ctx,
     int len, len_max;
     JSValue res;
     JSDTOATempMem dtoa_mem;
+    if (radix == 10 && flags == JS_DTOA_FORMAT_FREE && isfinite(d) &&
+        js_number_to_string_hook) {
+        len = js_number_to_string_hook(d, static_buf);
+        if (len > 0 && len < (int)sizeof(static_buf))
+            return js_new_string8_len(ctx, static_buf, len);
+    }
     len_max = js_dtoa_max_len(d, radix, n_digits, flags);
 
     /* longer buffer may be used if radix != 10 */
@@ -46664,6 +46680,132 @@ static int js_get_radix(JSContext *ctx, JSValueConst val)
     return radix;
 }
 
+/* edgegate patch: Number.prototype.toString(radix) of a non-integer or of an integer of 2^53 and
+   more, digit for digit as V8 (Node.js) prints it: fraction digits only up to the double's
+   precision, rounded half to even, and integer digits below that precision written as zeros.
+   QuickJS prints the exact binary value instead, which differs in the last digits. */
+static int js_double_exponent_v8(double d)
+{
+    /* V8's Double::Exponent(): d = significand * 2^exponent with a 53-bit significand */
+    uint64_t bits;
+    int biased;
+    memcpy(&bits, &d, sizeof(bits));
+    biased = (int)((bits >> 52) & 0x7ff);
+    if (biased == 0)
+        return -1074;
+    return biased - 1075;
+}
+
+static JSValue js_double_to_radix_v8(JSContext *ctx, double value, int radix)
+{
+    static const char chars[] = "0123456789abcdefghijklmnopqrstuvwxyz";
+    enum { BUFFER_SIZE = 2200, MIDDLE = BUFFER_SIZE / 2 };
+    char buffer[BUFFER_SIZE];
+    int integer_cursor = MIDDLE, fraction_cursor = MIDDLE;
+    bool negative = value < 0;
+    double integer, fraction, delta;
+
+    if (negative)
+        value = -value;
+    integer = floor(value);
+    fraction = value - integer;
+    /* digits only up to the input's precision */
+    delta = 0.5 * (nextafter(value, INFINITY) - value);
+    if (!(delta > nextafter(0.0, 1.0)))
+        delta = nextafter(0.0, 1.0);
+    if (fraction >= delta) {
+        buffer[fraction_cursor++] = '.';
+        do {
+            int digit;
+            fraction *= radix;
+            delta *= radix;
+            digit = (int)fraction;
+            buffer[fraction_cursor++] = chars[digit];
+            fraction -= digit;
+            if (fraction > 0.5 || (fraction == 0.5 && (digit & 1))) {
+                if (fraction + delta > 1) {
+                    /* round up, carrying through the digits already written */
+                    for (;;) {
+                        int c, d;
+                        fraction_cursor--;
+                        if (fraction_cursor == MIDDLE) {
+                            integer += 1;
+                            break;
+                        }
+                        c = buffer[fraction_cursor];
+                        d = c > '9' ? (c - 'a' + 10) : (c - '0');
+                        if (d + 1 < radix) {
+                            buffer[fraction_cursor++] = chars[d + 1];
+                            break;
+                        }
+                    }
+                    break;
+                }
+            }
+        } while (fraction >= delta);
+    }
+    /* integer digits below the double's precision are zeros */
+    while (js_double_exponent_v8(integer / radix) > 0) {
+        integer /= radix;
+        buffer[--integer_cursor] = '0';
+    }
+    do {
+        double remainder = fmod(integer, radix);
+        buffer[--integer_cursor] = chars[(int)remainder];
+        integer = (integer - remainder) / radix;
+    } while (integer > 0);
+    if (negative)
+        buffer[--integer_cursor] = '-';
+    return js_new_string8_len(ctx, buffer + integer_cursor,
+                              fraction_cursor - integer_cursor);
+}
+
+/* edgegate patch: parseInt in a radix other than 2, 4, 8, 10, 16 or 32 as V8 computes it: digits
+   in 32-bit chunks, each folded in as result * multiplier + chunk in doubles. The standard lets
+   these radices approximate; QuickJS rounds exactly, so long digit strings gave other doubles. */
+static JSValue js_parseInt_generic_radix_v8(const char *p, int radix)
+{
+    const uint32_t max_multiplier = 0xFFFFFFFFU / 36;
+    int lim_0 = '0' + (radix < 10 ? radix : 10);
+    int lim_a = 'a' + (radix - 10);
+    int lim_A = 'A' + (radix - 10);
+    bool negative = false, any = false, done = false;
+    double result = 0;
+
+    if (*p == '+' || *p == '-') {
+        negative = *p == '-';
+        p++;
+    }
+    do {
+        uint32_t part = 0, multiplier = 1;
+        for (;;) {
+            int c = (unsigned char)*p, d;
+            uint32_t m;
+            if (c >= '0' && c < lim_0)
+                d = c - '0';
+            else if (c >= 'a' && c < lim_a)
+                d = c - 'a' + 10;
+            else if (c >= 'A' && c < lim_A)
+                d = c - 'A' + 10;
+            else {
+                done = true;
+                break;
+            }
+            m = multiplier * (uint32_t)radix;
+            if (m > max_multiplier)
+                break;
+            part = part * radix + d;
+            multiplier = m;
+            any = true;
+            p++;
+        }
+        result = result * multiplier + part;
+    } while (!done);
+    if (!any)
+        return JS_NAN;
+    return js_float64(negative ? -result : result);
+}
+
 static JSValue js_number_toString(JSContext *ctx, JSValueConst this_val,
                                   int argc, JSValueConst *argv, int magic)
 {
@@ -46689,6 +46831,8 @@ static JSValue js_number_toString(JSContext *ctx, JSValueConst this_val,
     }
     if (JS_ToFloat64Free(ctx, &d, val))
         return JS_EXCEPTION;
+    if (base != 10 && isfinite(d))
+        return js_double_to_radix_v8(ctx, d, base); /* edgegate patch */
     flags = JS_DTOA_FORMAT_FREE;
     if (base != 10)
         flags |= JS_DTOA_EXP_DISABLED;
@@ -46805,7 +46949,11 @@ static JSValue js_parseInt(JSContext *ctx, JSValueConst this_val,
         p = str;
         p += skip_spaces(p);
         flags = ATOD_INT_ONLY | ATOD_ACCEPT_PREFIX_AFTER_SIGN;
-        ret = js_atof(ctx, p, NULL, radix, flags);
+        if (radix != 0 && radix != 2 && radix != 4 && radix != 8 && radix != 10 &&
+            radix != 16 && radix != 32)
+            ret = js_parseInt_generic_radix_v8(p, radix); /* edgegate patch */
+        else
+            ret = js_atof(ctx, p, NULL, radix, flags);
     }
     JS_FreeCString(ctx, str);
     return ret;

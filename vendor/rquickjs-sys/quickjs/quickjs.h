@@ -531,6 +531,9 @@ typedef struct JSMathFunctions {
     double (*tanh)(double);
 } JSMathFunctions;
 JS_EXTERN void JS_SetMathFunctions(const JSMathFunctions *functions);
+/* edgegate patch: `number_to_string` writes Number::toString(d) (radix 10, d finite) into `buf`
+   (at least 128 bytes) and returns its length; used for every number-to-string conversion. */
+JS_EXTERN void JS_SetNumberToString(int (*number_to_string)(double d, char *buf));
 
 JS_EXTERN JSRuntime *JS_NewRuntime(void);
 /* info lifetime must exceed that of rt */

@@ -1,0 +1,373 @@
+//! Numbers as JavaScript prints them (ECMAScript `Number::toString`), for every JSON text and
+//! string the converters make from a script's numbers: `7`, `1.5`, `-0` as `0`, `1e+21`,
+//! `1e-7`, `0.000001`, `123456789012345680000`, `9007199254740993` as `9007199254740992`.
+//! ThingsBoard serializes decoder results with `JSON.stringify`; serde_json's own float format
+//! (`1e21`, `1e-6`, `9007199254740992.0`) differs, so edgegate's JSON goes through
+//! [`JsFormatter`].
+
+use std::io;
+
+use serde::Serialize;
+use serde_json::ser::{Formatter, PrettyFormatter};
+use serde_json::{Number, Value};
+
+use super::text;
+
+/// Appends `f` as `String(f)` gives it; non-finite numbers as `null`, as JSON.stringify does.
+pub fn write_js_number(out: &mut Vec<u8>, f: f64) {
+    if !f.is_finite() {
+        out.extend_from_slice(b"null");
+        return;
+    }
+    let mut buf = [0u8; MAX_NUMBER_TEXT];
+    let len = format_js_number(f, &mut buf);
+    out.extend_from_slice(&buf[..len]);
+}
+
+/// `String(f)` for a finite `f`.
+pub fn js_number_text(f: f64) -> String {
+    let mut buf = [0u8; MAX_NUMBER_TEXT];
+    let len = format_js_number(f, &mut buf);
+    String::from_utf8_lossy(&buf[..len]).into_owned()
+}
+
+/// The longest `String(f)`: `-0.0000012345678901234567` has 25 bytes.
+pub const MAX_NUMBER_TEXT: usize = 32;
+
+/// Writes ECMAScript's Number::toString(f) (radix 10) for a finite `f`; returns its length.
+pub fn format_js_number(f: f64, out: &mut [u8; MAX_NUMBER_TEXT]) -> usize {
+    if f == 0.0 {
+        out[0] = b'0'; // -0 too
+        return 1;
+    }
+    // ryu gives the shortest digits that read back as `f`, the closest of them, ties to even:
+    // what the standard asks for and V8 does.
+    let mut ryu = ryu::Buffer::new();
+    let text = ryu.format_finite(f.abs()).as_bytes();
+    let (mantissa, exponent) = match text.iter().position(|&b| b == b'e') {
+        Some(e) => (&text[..e], parse_exponent(&text[e + 1..])),
+        None => (text, 0),
+    };
+    let mut digits = [0u8; 20];
+    let mut k = 0usize;
+    let mut point = exponent; // the value is 0.digits × 10^point
+    let mut seen_dot = false;
+    for &b in mantissa {
+        match b {
+            b'.' => seen_dot = true,
+            b'0' if k == 0 => {
+                if seen_dot {
+                    point -= 1; // a leading zero after the point
+                }
+            }
+            _ => {
+                if k < digits.len() {
+                    digits[k] = b;
+                    k += 1;
+                }
+                if !seen_dot {
+                    point += 1;
+                }
+            }
+        }
+    }
+    while k > 1 && digits[k - 1] == b'0' {
+        k -= 1;
+    }
+    let digits = &digits[..k];
+    let k = k as i32;
+    let mut w = Writer { out, len: 0 };
+    if f < 0.0 {
+        w.push(b'-');
+    }
+    if k <= point && point <= 21 {
+        w.extend(digits);
+        (0..point - k).for_each(|_| w.push(b'0'));
+    } else if 0 < point && point <= 21 {
+        w.extend(&digits[..point as usize]);
+        w.push(b'.');
+        w.extend(&digits[point as usize..]);
+    } else if -6 < point && point <= 0 {
+        w.extend(b"0.");
+        (0..-point).for_each(|_| w.push(b'0'));
+        w.extend(digits);
+    } else {
+        w.push(digits[0]);
+        if k > 1 {
+            w.push(b'.');
+            w.extend(&digits[1..]);
+        }
+        let e = point - 1;
+        w.push(b'e');
+        w.push(if e < 0 { b'-' } else { b'+' });
+        let mut exp = itoa_buf(e.unsigned_abs());
+        w.extend(exp.text());
+    }
+    w.len
+}
+
+fn parse_exponent(text: &[u8]) -> i32 {
+    let (negative, digits) = match text.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, text),
+    };
+    let value = digits
+        .iter()
+        .fold(0i32, |v, d| v * 10 + i32::from(d.wrapping_sub(b'0')));
+    if negative {
+        -value
+    } else {
+        value
+    }
+}
+
+struct Writer<'a> {
+    out: &'a mut [u8; MAX_NUMBER_TEXT],
+    len: usize,
+}
+
+impl Writer<'_> {
+    fn push(&mut self, b: u8) {
+        if let Some(slot) = self.out.get_mut(self.len) {
+            *slot = b;
+            self.len += 1;
+        }
+    }
+
+    fn extend(&mut self, bytes: &[u8]) {
+        bytes.iter().for_each(|&b| self.push(b));
+    }
+}
+
+/// The decimal digits of an exponent (at most 3).
+struct ExponentDigits {
+    buf: [u8; 4],
+    start: usize,
+}
+
+impl ExponentDigits {
+    fn text(&mut self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+}
+
+fn itoa_buf(mut n: u32) -> ExponentDigits {
+    let mut buf = [0u8; 4];
+    let mut start = buf.len();
+    loop {
+        start -= 1;
+        buf[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 || start == 0 {
+            break;
+        }
+    }
+    ExponentDigits { buf, start }
+}
+
+extern "C" {
+    fn JS_SetNumberToString(
+        number_to_string: unsafe extern "C" fn(f64, *mut std::ffi::c_char) -> i32,
+    );
+}
+
+/// Makes every QuickJS runtime print numbers with [`format_js_number`]. Idempotent; the
+/// converter calls it before it creates a runtime.
+pub fn install() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    // SAFETY: a plain function pointer, set before any runtime of ours exists.
+    INSTALLED.call_once(|| unsafe { JS_SetNumberToString(quickjs_number_to_string) });
+}
+
+/// QuickJS's number-to-string hook (`JS_SetNumberToString`, vendor/README.md): every
+/// `String(x)`, `x.toString()` and `JSON.stringify` of a number in a script.
+///
+/// # Safety
+/// `buf` points to at least 128 writable bytes (QuickJS passes its 128-byte buffer).
+pub unsafe extern "C" fn quickjs_number_to_string(d: f64, buf: *mut std::ffi::c_char) -> i32 {
+    let mut text = [0u8; MAX_NUMBER_TEXT];
+    let len = format_js_number(d, &mut text);
+    std::ptr::copy_nonoverlapping(text.as_ptr(), buf.cast::<u8>(), len);
+    len as i32
+}
+
+/// A JSON number as `String(n)` gives it.
+pub fn js_number_of(n: &Number) -> String {
+    if let Some(i) = n.as_i64() {
+        return i.to_string();
+    }
+    if let Some(u) = n.as_u64() {
+        return u.to_string();
+    }
+    n.as_f64()
+        .filter(|f| f.is_finite())
+        .map_or_else(|| "null".into(), js_number_text)
+}
+
+/// serde_json's compact output with JavaScript's numbers.
+pub struct JsFormatter;
+
+impl Formatter for JsFormatter {
+    fn write_f64<W: ?Sized + io::Write>(&mut self, writer: &mut W, value: f64) -> io::Result<()> {
+        let mut text = Vec::with_capacity(24);
+        write_js_number(&mut text, value);
+        writer.write_all(&text)
+    }
+
+    fn write_f32<W: ?Sized + io::Write>(&mut self, writer: &mut W, value: f32) -> io::Result<()> {
+        self.write_f64(writer, f64::from(value))
+    }
+
+    fn write_string_fragment<W: ?Sized + io::Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> io::Result<()> {
+        text::write_fragment(writer, fragment)
+    }
+}
+
+/// Appends `text` as a JSON string as `JSON.stringify` writes it (lone surrogates carried by
+/// [`text`] as `\udXXX`).
+pub fn write_js_string(out: &mut Vec<u8>, text: &str) -> Option<()> {
+    let mut serializer = serde_json::Serializer::with_formatter(out, JsFormatter);
+    text.serialize(&mut serializer).ok()
+}
+
+/// Compact JSON text of `value`, numbers as JSON.stringify prints them.
+pub fn to_vec_js<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128);
+    let mut serializer = serde_json::Serializer::with_formatter(&mut out, JsFormatter);
+    // Writing to a Vec cannot fail, and serde_json values have string keys.
+    if value.serialize(&mut serializer).is_err() {
+        out.clear();
+    }
+    out
+}
+
+/// Indented JSON text of `value` (for people: `edgegate convert`), numbers as JavaScript
+/// prints them.
+pub fn to_string_pretty_js<T: Serialize + ?Sized>(value: &T) -> String {
+    let mut out = Vec::with_capacity(256);
+    let mut serializer =
+        serde_json::Serializer::with_formatter(&mut out, JsPretty(PrettyFormatter::new()));
+    if value.serialize(&mut serializer).is_err() {
+        out.clear();
+    }
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// serde_json's pretty output with JavaScript's numbers.
+struct JsPretty<'a>(PrettyFormatter<'a>);
+
+impl Formatter for JsPretty<'_> {
+    fn write_f64<W: ?Sized + io::Write>(&mut self, writer: &mut W, value: f64) -> io::Result<()> {
+        JsFormatter.write_f64(writer, value)
+    }
+
+    fn write_string_fragment<W: ?Sized + io::Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> io::Result<()> {
+        text::write_fragment(writer, fragment)
+    }
+
+    fn begin_array<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.0.begin_array(w)
+    }
+
+    fn end_array<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.0.end_array(w)
+    }
+
+    fn begin_array_value<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
+        self.0.begin_array_value(w, first)
+    }
+
+    fn end_array_value<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.0.end_array_value(w)
+    }
+
+    fn begin_object<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.0.begin_object(w)
+    }
+
+    fn end_object<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.0.end_object(w)
+    }
+
+    fn begin_object_key<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
+        self.0.begin_object_key(w, first)
+    }
+
+    fn begin_object_value<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.0.begin_object_value(w)
+    }
+
+    fn end_object_value<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.0.end_object_value(w)
+    }
+}
+
+/// [`to_vec_js`] as a string.
+pub fn to_string_js(value: &Value) -> String {
+    String::from_utf8(to_vec_js(value)).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_print_as_javascript_prints_them() {
+        // Each pair from Node.js: String(x).
+        let cases: [(f64, &str); 18] = [
+            (0.0, "0"),
+            (-0.0, "0"),
+            (7.0, "7"),
+            (-1.5, "-1.5"),
+            (0.1 + 0.2, "0.30000000000000004"),
+            (1e21, "1e+21"),
+            (1e20, "100000000000000000000"),
+            (123456789012345680000.0, "123456789012345680000"),
+            (1e-6, "0.000001"),
+            (1e-7, "1e-7"),
+            (1.5e-7, "1.5e-7"),
+            (9007199254740993.0, "9007199254740992"),
+            (2f64.powi(60), "1152921504606847000"),
+            (5e-324, "5e-324"),
+            (1.7976931348623157e308, "1.7976931348623157e+308"),
+            (97.67299916075379, "97.67299916075379"),
+            (-1e-300, "-1e-300"),
+            (4.35, "4.35"),
+        ];
+        for (f, want) in cases {
+            assert_eq!(js_number_text(f), want, "{f:e}");
+        }
+        let mut out = Vec::new();
+        write_js_number(&mut out, f64::NAN);
+        assert_eq!(out, b"null");
+    }
+
+    #[test]
+    fn json_of_values_uses_javascript_numbers() {
+        let v = serde_json::json!({"a": 1e21, "b": [1e-7, 0.5, 2.0f64.powi(53)], "c": -3});
+        assert_eq!(
+            to_string_js(&v),
+            r#"{"a":1e+21,"b":[1e-7,0.5,9007199254740992],"c":-3}"#
+        );
+        assert_eq!(
+            to_string_pretty_js(&serde_json::json!({"a": [1e21]})),
+            "{\n  \"a\": [\n    1e+21\n  ]\n}"
+        );
+    }
+}
