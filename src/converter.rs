@@ -454,6 +454,17 @@ fn undefined_result() -> ConvertError {
     )
 }
 
+/// Makes decoders see dates as ThingsBoard's JavaScript executor does, in UTC, not in the board's
+/// `/etc/localtime`: `getTimezoneOffset()` is 0, `new Date(2026, 0, 1)` is midnight UTC and
+/// `toString()` ends in "(Coordinated Universal Time)". A `TZ` already in the environment
+/// (`Environment=TZ=Europe/Berlin` in the unit) stays in force. Call it before any other thread
+/// reads the environment (the C library's time functions read `TZ` without Rust's lock).
+pub fn dates_in_utc_unless_tz_is_set() {
+    if std::env::var_os("TZ").is_none() {
+        std::env::set_var("TZ", "UTC");
+    }
+}
+
 /// `integrationName` (the source name unless the converter sets it), the converter's own table,
 /// what the source knows (`topic`, `port`), and `gatewayId`.
 pub fn script_metadata<'a>(

@@ -126,19 +126,10 @@ enum LogFormat {
     Json,
 }
 
-/// Decoders see dates as ThingsBoard's JavaScript executor does, in UTC, not in the board's
-/// `/etc/localtime`: `getTimezoneOffset()` is 0 and `new Date(2026, 0, 1)` is midnight UTC.
-/// A `TZ` in the environment (`Environment=TZ=Europe/Berlin` in the unit) still applies.
-fn converters_in_utc_unless_tz_is_set() {
-    if std::env::var_os("TZ").is_none() {
-        // Before any thread exists: nothing else reads the environment yet.
-        std::env::set_var("TZ", "UTC");
-    }
-}
-
 fn main() -> ExitCode {
     limit_malloc_arenas();
-    converters_in_utc_unless_tz_is_set();
+    // Before any thread exists: nothing else reads the environment yet.
+    edgegate::converter::dates_in_utc_unless_tz_is_set();
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => match load(&config) {

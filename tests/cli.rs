@@ -611,3 +611,45 @@ fn a_downlink_that_would_consume_the_uplink_is_refused_naming_the_key() {
         &["downlink.routes[0].topic", "unclosed"],
     );
 }
+
+/// Converters see dates in UTC, as ThingsBoard's servers do, unless the service's TZ says
+/// otherwise (README, "ThingsBoard uplink converters").
+#[test]
+fn converters_run_in_utc_unless_tz_is_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("dates.js");
+    std::fs::write(
+        &script,
+        "return {deviceName: 'd', attributes: {offset: new Date(2026, 0, 1).getTimezoneOffset(),\n\
+           midnight: new Date(2026, 0, 1).getTime(), text: new Date(0).toString()}};",
+    )
+    .unwrap();
+    let payload = dir.path().join("payload");
+    std::fs::write(&payload, "x").unwrap();
+    let run = |tz: Option<&str>| {
+        let mut command = edgegate();
+        command
+            .args(["convert", "--raw", "--script"])
+            .arg(&script)
+            .arg("--payload")
+            .arg(&payload);
+        match tz {
+            Some(tz) => command.env("TZ", tz),
+            None => command.env_remove("TZ"),
+        };
+        let out = command.output().unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        json["output"]["attributes"].clone()
+    };
+    let utc = run(None);
+    assert_eq!(utc["offset"], 0);
+    assert_eq!(utc["midnight"], 1_767_225_600_000_u64);
+    // QuickJS names the zone only when TZ names it: main() set TZ=UTC.
+    assert_eq!(
+        utc["text"],
+        "Thu Jan 01 1970 00:00:00 GMT+0000 (Coordinated Universal Time)"
+    );
+    let berlin = run(Some("Europe/Berlin"));
+    assert_eq!(berlin["offset"], -60);
+    assert_eq!(berlin["midnight"], 1_767_222_000_000_u64);
+}

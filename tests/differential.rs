@@ -18,6 +18,11 @@ fn env_count(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// The gateway's own setting (main), which Node inherits from this process: UTC unless TZ is set.
+fn same_zone_as_the_gateway() {
+    edgegate::converter::dates_in_utc_unless_tz_is_set();
+}
+
 fn seed() -> u64 {
     env_count("EDGEGATE_DIFF_SEED", 1)
 }
@@ -66,6 +71,7 @@ fn quickjs_math(kernel: &str, inputs: Vec<f64>) -> Vec<f64> {
 
 #[test]
 fn math_functions_match_node_bit_for_bit() {
+    same_zone_as_the_gateway();
     let count = env_count("EDGEGATE_DIFF_MATH", 4_000);
     let dir = tempfile::tempdir().expect("tempdir");
     let (inputs, expected) = (dir.path().join("inputs"), dir.path().join("expected"));
@@ -155,6 +161,7 @@ fn random_decoders_give_nodes_results_byte_for_byte() {
     use edgegate::config::ConverterConfig;
     use edgegate::converter::{number, ConvertError, Converter};
 
+    same_zone_as_the_gateway();
     let count = env_count("EDGEGATE_DIFF_PROGRAMS", 2_000);
     let dir = tempfile::tempdir().expect("tempdir");
     let (cases_file, expected_file) = (dir.path().join("cases"), dir.path().join("expected"));

@@ -156,7 +156,9 @@ Gen.prototype.str = function (depth, json) {
     case 11: return 'decodeToString(payload).slice(0, ' + g.int(8) + ')';
     case 12: return '(' + a + ').toLocaleString === undefined ? "" : String(' + a + ')';
     case 13: return 'JSON.stringify({v: ' + a + ', w: [' + g.num(0, json) + ']})';
-    case 14: return 'String.fromCharCode(' + a + ' & 0xffff)';
+    case 14: return g.int(2) ? 'String.fromCharCode(' + a + ' & 0xffff)'
+      : 'new Date(' + (g.int(8000000) - 2000000) * 1000000 + ').' + g.pick(['toString', 'toTimeString',
+        'toDateString', 'toUTCString', 'toLocaleString', 'toLocaleDateString', 'toLocaleTimeString', 'toJSON']) + '()';
     default: return '[' + a + ', ' + g.num(0, json) + '].join(";")';
   }
 };

@@ -57790,6 +57790,25 @@ static JSValue set_date_field(JSContext *ctx, JSValueConst this_val,
     return JS_SetThisTimeValue(ctx, this_val, d);
 }
 
+/* edgegate patch: " (Coordinated Universal Time)" after toString()'s offset when TZ names UTC,
+   as V8 (with ICU) writes it; nothing for other zones, whose names QuickJS has no data for. */
+static const char *js_date_zone_suffix(void)
+{
+    const char *tz = getenv("TZ");
+    if (!tz)
+        return "";
+    if (*tz == ':')
+        tz++;
+    if (!strcmp(tz, "UTC") || !strcmp(tz, "Etc/UTC") ||
+        !strcmp(tz, "Etc/Universal") || !strcmp(tz, "Universal") ||
+        !strcmp(tz, "Zulu") || !strcmp(tz, "Etc/Zulu"))
+        return " (Coordinated Universal Time)";
+    if (!strcmp(tz, "GMT") || !strcmp(tz, "Etc/GMT") || !strcmp(tz, "GMT0") ||
+        !strcmp(tz, "Greenwich") || !strcmp(tz, "Etc/Greenwich"))
+        return " (Greenwich Mean Time)";
+    return "";
+}
+
 /* fmt:
    0: toUTCString: "Tue, 02 Jan 2018 23:04:46 GMT"
    1: toString: "Wed Jan 03 2018 00:05:22 GMT+0100 (CET)"
@@ -57861,8 +57880,9 @@ static JSValue get_date_string(JSContext *ctx, JSValueConst this_val,
                             "-%02d-%02dT", mon + 1, d);
             break;
         case 3:
+            /* edgegate patch: en-US as V8 writes it without a LANG (12/3/2025) */
             pos += snprintf(buf + pos, sizeof(buf) - pos,
-                            "%02d/%02d/%0*d", mon + 1, d, 4 + (y < 0), y);
+                            "%d/%d/%d", mon + 1, d, y);
             if (part == 3) {
                 buf[pos++] = ',';
                 buf[pos++] = ' ';
@@ -57888,15 +57908,18 @@ static JSValue get_date_string(JSContext *ctx, JSValueConst this_val,
             /* tz is >= 0, can use % */
             pos += snprintf(buf + pos, sizeof(buf) - pos,
                             "%02d%02d", tz / 60, tz % 60);
-            /* XXX: tack the time zone code? */
+            /* edgegate patch: V8 adds the zone's name; known here for UTC and GMT only,
+               the zones ThingsBoard's servers and edgegate's converters run in */
+            pos += snprintf(buf + pos, sizeof(buf) - pos, "%s", js_date_zone_suffix());
             break;
         case 2:
             pos += snprintf(buf + pos, sizeof(buf) - pos,
                             "%02d:%02d:%02d.%03dZ", h, m, s, ms);
             break;
         case 3:
+            /* edgegate patch: en-US as V8 writes it (9:05:07 AM) */
             pos += snprintf(buf + pos, sizeof(buf) - pos,
-                            "%02d:%02d:%02d %cM", (h + 11) % 12 + 1, m, s,
+                            "%d:%02d:%02d %cM", (h + 11) % 12 + 1, m, s,
                             (h < 12) ? 'A' : 'P');
             break;
         }
