@@ -343,6 +343,7 @@ impl Converter {
     }
 
     /// Runs the script and returns its own result, unnormalized (`edgegate convert --raw`).
+    /// Strings are in [`text`]'s carrying form: print the value with [`number::to_string_js`].
     pub fn run_raw(
         &mut self,
         payload: &[u8],

@@ -40,42 +40,8 @@ pub fn format_js_number(f: f64, out: &mut [u8; MAX_NUMBER_TEXT]) -> usize {
         out[0] = b'0'; // -0 too
         return 1;
     }
-    // ryu gives the shortest digits that read back as `f`, the closest of them, ties to even:
-    // what the standard asks for and V8 does.
-    let mut ryu = ryu::Buffer::new();
-    let text = ryu.format_finite(f.abs()).as_bytes();
-    let (mantissa, exponent) = match text.iter().position(|&b| b == b'e') {
-        Some(e) => (&text[..e], parse_exponent(&text[e + 1..])),
-        None => (text, 0),
-    };
-    let mut digits = [0u8; 20];
-    let mut k = 0usize;
-    let mut point = exponent; // the value is 0.digits × 10^point
-    let mut seen_dot = false;
-    for &b in mantissa {
-        match b {
-            b'.' => seen_dot = true,
-            b'0' if k == 0 => {
-                if seen_dot {
-                    point -= 1; // a leading zero after the point
-                }
-            }
-            _ => {
-                if k < digits.len() {
-                    digits[k] = b;
-                    k += 1;
-                }
-                if !seen_dot {
-                    point += 1;
-                }
-            }
-        }
-    }
-    while k > 1 && digits[k - 1] == b'0' {
-        k -= 1;
-    }
-    let digits = &digits[..k];
-    let k = k as i32;
+    let shortest = Shortest::of(f);
+    let (digits, k, point) = (shortest.digits(), shortest.len as i32, shortest.point);
     let mut w = Writer { out, len: 0 };
     if f < 0.0 {
         w.push(b'-');
@@ -92,18 +58,79 @@ pub fn format_js_number(f: f64, out: &mut [u8; MAX_NUMBER_TEXT]) -> usize {
         (0..-point).for_each(|_| w.push(b'0'));
         w.extend(digits);
     } else {
-        w.push(digits[0]);
-        if k > 1 {
-            w.push(b'.');
-            w.extend(&digits[1..]);
-        }
-        let e = point - 1;
-        w.push(b'e');
-        w.push(if e < 0 { b'-' } else { b'+' });
-        let mut exp = itoa_buf(e.unsigned_abs());
-        w.extend(exp.text());
+        w.exponential(digits, point - 1);
     }
     w.len
+}
+
+/// Writes `f.toExponential()` (no digit count: as many as the shortest round trip needs) for a
+/// finite `f`; returns its length.
+pub fn format_js_exponential(f: f64, out: &mut [u8; MAX_NUMBER_TEXT]) -> usize {
+    let mut w = Writer { out, len: 0 };
+    if f == 0.0 {
+        w.extend(b"0e+0"); // -0 too
+        return w.len;
+    }
+    let shortest = Shortest::of(f);
+    if f < 0.0 {
+        w.push(b'-');
+    }
+    w.exponential(shortest.digits(), shortest.point - 1);
+    w.len
+}
+
+/// The shortest decimal digits that read back as a double, and where the point goes: the value
+/// is 0.digits × 10^point.
+struct Shortest {
+    digits: [u8; 20],
+    len: usize,
+    point: i32,
+}
+
+impl Shortest {
+    fn of(f: f64) -> Shortest {
+        // ryu gives the shortest digits that read back as `f`, the closest of them, ties to
+        // even: what the standard asks for and V8 does.
+        let mut ryu = ryu::Buffer::new();
+        let text = ryu.format_finite(f.abs()).as_bytes();
+        let (mantissa, exponent) = match text.iter().position(|&b| b == b'e') {
+            Some(e) => (&text[..e], parse_exponent(&text[e + 1..])),
+            None => (text, 0),
+        };
+        let mut shortest = Shortest {
+            digits: [0; 20],
+            len: 0,
+            point: exponent,
+        };
+        let mut seen_dot = false;
+        for &b in mantissa {
+            match b {
+                b'.' => seen_dot = true,
+                b'0' if shortest.len == 0 => {
+                    if seen_dot {
+                        shortest.point -= 1; // a leading zero after the point
+                    }
+                }
+                _ => {
+                    if shortest.len < shortest.digits.len() {
+                        shortest.digits[shortest.len] = b;
+                        shortest.len += 1;
+                    }
+                    if !seen_dot {
+                        shortest.point += 1;
+                    }
+                }
+            }
+        }
+        while shortest.len > 1 && shortest.digits[shortest.len - 1] == b'0' {
+            shortest.len -= 1;
+        }
+        shortest
+    }
+
+    fn digits(&self) -> &[u8] {
+        &self.digits[..self.len]
+    }
 }
 
 fn parse_exponent(text: &[u8]) -> i32 {
@@ -137,6 +164,19 @@ impl Writer<'_> {
     fn extend(&mut self, bytes: &[u8]) {
         bytes.iter().for_each(|&b| self.push(b));
     }
+
+    /// `d[.ddd]e±x`
+    fn exponential(&mut self, digits: &[u8], e: i32) {
+        self.push(digits[0]);
+        if digits.len() > 1 {
+            self.push(b'.');
+            self.extend(&digits[1..]);
+        }
+        self.push(b'e');
+        self.push(if e < 0 { b'-' } else { b'+' });
+        let mut exp = itoa_buf(e.unsigned_abs());
+        self.extend(exp.text());
+    }
 }
 
 /// The decimal digits of an exponent (at most 3).
@@ -167,7 +207,7 @@ fn itoa_buf(mut n: u32) -> ExponentDigits {
 
 extern "C" {
     fn JS_SetNumberToString(
-        number_to_string: unsafe extern "C" fn(f64, *mut std::ffi::c_char) -> i32,
+        number_to_string: unsafe extern "C" fn(f64, i32, *mut std::ffi::c_char, i32) -> i32,
     );
 }
 
@@ -180,15 +220,128 @@ pub fn install() {
 }
 
 /// QuickJS's number-to-string hook (`JS_SetNumberToString`, vendor/README.md): every
-/// `String(x)`, `x.toString()` and `JSON.stringify` of a number in a script.
+/// `String(x)`, `x.toString()` and `JSON.stringify` of a number in a script (style 0),
+/// `x.toExponential()` without a digit count (1) and `x.toLocaleString()` (2).
 ///
 /// # Safety
-/// `buf` points to at least 128 writable bytes (QuickJS passes its 128-byte buffer).
-pub unsafe extern "C" fn quickjs_number_to_string(d: f64, buf: *mut std::ffi::c_char) -> i32 {
+/// `buf` points to `buf_len` writable bytes.
+pub unsafe extern "C" fn quickjs_number_to_string(
+    d: f64,
+    style: i32,
+    buf: *mut std::ffi::c_char,
+    buf_len: i32,
+) -> i32 {
     let mut text = [0u8; MAX_NUMBER_TEXT];
-    let len = format_js_number(d, &mut text);
-    std::ptr::copy_nonoverlapping(text.as_ptr(), buf.cast::<u8>(), len);
-    len as i32
+    let locale;
+    let bytes: &[u8] = match style {
+        1 => {
+            let len = format_js_exponential(d, &mut text);
+            &text[..len]
+        }
+        2 => {
+            locale = format_js_locale(d);
+            locale.as_bytes()
+        }
+        _ => {
+            let len = format_js_number(d, &mut text);
+            &text[..len]
+        }
+    };
+    match i32::try_from(bytes.len()) {
+        Ok(len) if len <= buf_len => {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf.cast::<u8>(), bytes.len());
+            len
+        }
+        _ => -1,
+    }
+}
+
+/// `x.toLocaleString()` as V8 writes it with ICU's en-US default (no LANG, as ThingsBoard's
+/// executor runs): the shortest decimal of `x` rounded half away from zero to at most three
+/// fraction digits, the integer part grouped by thousands, `-0` kept. For a finite `x`.
+pub fn format_js_locale(x: f64) -> String {
+    let mut out = String::with_capacity(24);
+    if x.is_sign_negative() {
+        out.push('-');
+    }
+    if x == 0.0 {
+        out.push('0');
+        return out;
+    }
+    let shortest = Shortest::of(x);
+    // The decimal as integer digits and fraction digits, then rounded at the third fraction digit.
+    let point = shortest.point;
+    let digit = |i: i32| -> u8 {
+        // The i-th digit of 0.digits × 10^point counted from the point (0 = first integer digit
+        // of `point` integer digits).
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| shortest.digits().get(i).copied())
+            .unwrap_or(b'0')
+    };
+    let int_len = point.max(0);
+    // Digits kept: the integer part and three fraction digits, as a big decimal number.
+    let mut kept: Vec<u8> = (0..int_len + 3).map(|i| digit(i + point.min(0))).collect();
+    if point < 0 {
+        // 0.000ddd: the leading zeros after the point come first.
+        kept = (0..3)
+            .map(|i| if i < -point { b'0' } else { digit(i + point) })
+            .collect();
+    }
+    let next = if point < 0 {
+        if 3 < -point {
+            b'0'
+        } else {
+            digit(3 + point)
+        }
+    } else {
+        digit(int_len + 3)
+    };
+    if next >= b'5' {
+        // Half away from zero on the decimal value: carry up through the kept digits.
+        let mut i = kept.len();
+        loop {
+            if i == 0 {
+                kept.insert(0, b'1');
+                break;
+            }
+            i -= 1;
+            if kept[i] == b'9' {
+                kept[i] = b'0';
+            } else {
+                kept[i] += 1;
+                break;
+            }
+        }
+    }
+    let (int_digits, frac_digits) = kept.split_at(kept.len() - 3);
+    let int_digits: &[u8] = if int_digits.is_empty() {
+        b"0"
+    } else {
+        int_digits
+    };
+    let int_start = int_digits
+        .iter()
+        .position(|&d| d != b'0')
+        .unwrap_or(int_digits.len() - 1);
+    let int_digits = &int_digits[int_start..];
+    for (i, d) in int_digits.iter().enumerate() {
+        if i > 0 && (int_digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(char::from(*d));
+    }
+    let frac_end = frac_digits
+        .iter()
+        .rposition(|&d| d != b'0')
+        .map_or(0, |i| i + 1);
+    if frac_end > 0 {
+        out.push('.');
+        frac_digits[..frac_end]
+            .iter()
+            .for_each(|d| out.push(char::from(*d)));
+    }
+    out
 }
 
 /// A JSON number as `String(n)` gives it.
@@ -356,6 +509,36 @@ mod tests {
         let mut out = Vec::new();
         write_js_number(&mut out, f64::NAN);
         assert_eq!(out, b"null");
+    }
+
+    #[test]
+    fn locale_strings_are_v8s_en_us_default() {
+        // Each pair from Node.js 20: x.toLocaleString().
+        let cases: [(f64, &str); 16] = [
+            (1.0005, "1.001"),
+            (1.0625, "1.063"),
+            (2.0005, "2.001"),
+            (1.2345678901234568e25, "12,345,678,901,234,568,000,000,000"),
+            (0.1234567, "0.123"),
+            (1234.5, "1,234.5"),
+            (-1234.5678, "-1,234.568"),
+            (1e21, "1,000,000,000,000,000,000,000"),
+            (-0.0, "-0"),
+            (0.0004, "0"),
+            (0.0005, "0.001"),
+            (999.9995, "1,000"),
+            (123456789.987654, "123,456,789.988"),
+            (5e-324, "0"),
+            (-0.0004, "-0"),
+            (100.0, "100"),
+        ];
+        for (x, want) in cases {
+            assert_eq!(format_js_locale(x), want, "{x:e}");
+        }
+        assert_eq!(format_js_locale(f64::MAX).len(), 411);
+        let mut buf = [0u8; MAX_NUMBER_TEXT];
+        let len = format_js_exponential(6.129982163463556e54, &mut buf);
+        assert_eq!(&buf[..len], b"6.129982163463556e+54");
     }
 
     #[test]

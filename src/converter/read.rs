@@ -128,7 +128,12 @@ impl Reader {
         if !self.write(v, 0, &mut text)? {
             return Some(None);
         }
-        serde_json::from_slice(&text).ok().map(Some)
+        // The text has JSON.stringify's escapes for lone surrogates; carry them again (and a
+        // real U+FDD0 doubled), as every string in edgegate's values is.
+        let text = String::from_utf8(text).ok()?;
+        serde_json::from_str(&text::carry_escapes(&text))
+            .ok()
+            .map(Some)
     }
 
     /// [`Reader::json`] without the round trip through text for numbers, which every reading's

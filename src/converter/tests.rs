@@ -165,6 +165,19 @@ fn math_functions_give_nodejs_doubles() {
             "parseInt('zzzzzzzzzzzzzzzzzz', 36)",
             "1.0314424798490537e+28",
         ],
+        [
+            "parseInt('0fjmyh84iijk3ujr5tco3oefn03pmclcgiqs1', 36)",
+            "4.594010682159687e+55",
+        ],
+        [
+            "(6.129982163463556e+54).toExponential()",
+            "6.129982163463556e+54",
+        ],
+        ["(1234.5).toLocaleString()", "1,234.5"],
+        ["(1.0005).toLocaleString()", "1.001"],
+        ["(-0).toLocaleString()", "-0"],
+        ["(12345).toLocaleString()", "12,345"],
+        ["(-Infinity).toLocaleString()", "-∞"],
     ];
     let list: Vec<String> = cases.iter().map(|[e, _]| format!("String({e})")).collect();
     let (_s, mut c) = converter(&format!(
@@ -175,6 +188,54 @@ fn math_functions_give_nodejs_doubles() {
     for (i, [expr, want]) in cases.iter().enumerate() {
         assert_eq!(out["attributes"]["v"][i], *want, "{expr}");
     }
+}
+
+/// A real U+FDD0 (the character `text` carries lone surrogates with) and private-use characters
+/// reach Kafka unchanged on both of the converter's paths, and in raw results; Node.js writes them
+/// as they are. The first entity goes through JSON.stringify (a number as its name), the second
+/// is read directly.
+#[test]
+fn noncharacters_and_private_use_characters_pass_unchanged() {
+    let (_s, mut c) = converter(
+        "return [{deviceName: 1.5, attributes: {s: 'x\\uFDD0\\uE000y', d: '\\uFDD0\\uFDD0'}},\n\
+                 {deviceName: 'a\\uFDD0\\uE000', attributes: {s: 'x\\uFDD0\\uE000y', d: '\\uFDD0\\uFDD0'}}];",
+    );
+    let entities = c.convert(b"{}", &[], 7).unwrap();
+    let text = |e: &Entity| String::from_utf8(e.json.clone()).unwrap();
+    assert_eq!(
+        text(&entities[0]),
+        "{\"deviceName\":\"1.5\",\"deviceType\":\"default\",\"attributes\":{\"s\":\"x\u{FDD0}\u{E000}y\",\"d\":\"\u{FDD0}\u{FDD0}\"},\"telemetry\":[]}"
+    );
+    assert_eq!(
+        text(&entities[1]),
+        "{\"deviceName\":\"a\u{FDD0}\u{E000}\",\"deviceType\":\"default\",\"attributes\":{\"s\":\"x\u{FDD0}\u{E000}y\",\"d\":\"\u{FDD0}\u{FDD0}\"},\"telemetry\":[]}"
+    );
+    assert_eq!(super::encode(entities[1].clone()).key, "a\u{FDD0}\u{E000}");
+    let raw = raw(&mut c, b"{}").unwrap();
+    // Values carry strings in `text`'s form; their JSON is Node's.
+    assert_eq!(
+        crate::converter::number::to_string_js(&raw[1]["attributes"]["d"]),
+        "\"\u{FDD0}\u{FDD0}\""
+    );
+    assert_eq!(
+        crate::converter::number::to_string_js(&raw[0]["attributes"]),
+        "{\"s\":\"x\u{FDD0}\u{E000}y\",\"d\":\"\u{FDD0}\u{FDD0}\"}"
+    );
+}
+
+/// A lone surrogate reaches Kafka as JSON.stringify writes it, on both paths; the key gets U+FFFD.
+#[test]
+fn lone_surrogates_reach_kafka_as_json_stringify_writes_them() {
+    let (_s, mut c) = converter(
+        "var s = '\\uD83D\\uDE00'.slice(0, 1) + 'x' + String.fromCharCode(0xdfe9);\n\
+         return [{deviceName: 2, attributes: {s: s}}, {deviceName: 'k' + s, attributes: {s: s}}];",
+    );
+    let entities = c.convert(b"{}", &[], 7).unwrap();
+    for e in &entities {
+        let text = String::from_utf8(e.json.clone()).unwrap();
+        assert!(text.contains(r#""s":"\ud83dx\udfe9""#), "{text}");
+    }
+    assert_eq!(super::encode(entities[1].clone()).key, "k\u{FFFD}x\u{FFFD}");
 }
 
 /// JSON.parse's numbers take a shortcut in the vendored QuickJS (vendor/README.md); every one must

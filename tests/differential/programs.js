@@ -104,11 +104,15 @@ Gen.prototype.num = function (depth, json) {
     case 14: return 'Math.pow(' + a + ', ' + g.num(depth - 1, json) + ')';
     case 15: return 'Math.pow(' + g.pick(['10', '2', '1.1', '0.5', 'Math.E']) + ', ' + a + ')';
     case 16: return 'Math.atan2(' + a + ', ' + g.num(depth - 1, json) + ')';
-    case 17: return 'Math.hypot(' + a + ', ' + g.num(depth - 1, json) + (g.int(2) ? ', ' + g.num(depth - 1, json) : '') + ')';
+    case 17: {
+      var args = [a];
+      for (var h = g.int(8); h >= 0; h--) args.push(g.num(depth - 1, json));
+      return 'Math.hypot(' + args.join(', ') + ')';
+    }
     case 18: return 'Math.' + g.pick(['min', 'max']) + '(' + a + ', ' + g.num(depth - 1, json) + ')';
     case 19: return '((' + a + ') ' + g.pick(['&', '|', '^', '>>', '>>>', '<<']) + ' ' + g.int(33) + ')';
     case 20: return 'Number(' + g.str(depth - 1, json) + ')';
-    case 21: return 'parseFloat(' + g.str(depth - 1, json) + ')';
+    case 21: return g.int(2) ? 'parseFloat(' + g.str(depth - 1, json) + ')' : g.parseIntText();
     case 22: return g.date(depth - 1, json);
     default: return '((' + a + ') - 32) * 5 / 9';
   }
@@ -154,13 +158,24 @@ Gen.prototype.str = function (depth, json) {
     case 10: return JSON.stringify(g.pick([' 12.5abc', '1e400', '-0', '.5', '5.', '0x10', 'Infinity',
       '1_000', '  -3.25e-2 ', '0b101', '', '12,5', '+7', '1e-400', '00012', '3.14.15']));
     case 11: return 'decodeToString(payload).slice(0, ' + g.int(8) + ')';
-    case 12: return '(' + a + ').toLocaleString === undefined ? "" : String(' + a + ')';
+    case 12: return g.int(2) ? '(' + a + ').toLocaleString()' : '(' + a + ').toExponential()';
     case 13: return 'JSON.stringify({v: ' + a + ', w: [' + g.num(0, json) + ']})';
     case 14: return g.int(2) ? 'String.fromCharCode(' + a + ' & 0xffff)'
       : 'new Date(' + (g.int(8000000) - 2000000) * 1000000 + ').' + g.pick(['toString', 'toTimeString',
         'toDateString', 'toUTCString', 'toLocaleString', 'toLocaleDateString', 'toLocaleTimeString', 'toJSON']) + '()';
     default: return '[' + a + ', ' + g.num(0, json) + '].join(";")';
   }
+};
+
+// parseInt of a digit string in any radix, with leading zeros at times: V8 rounds the radices
+// other than 2, 4, 8, 10, 16 and 32 its own way.
+Gen.prototype.parseIntText = function () {
+  var radix = 2 + this.int(35);
+  var alphabet = '0123456789abcdefghijklmnopqrstuvwxyz'.slice(0, radix);
+  var text = this.int(3) === 0 ? '000'.slice(0, 1 + this.int(3)) : '';
+  for (var n = 1 + this.int(40); n > 0; n--) text += alphabet[this.int(radix)];
+  if (this.int(4) === 0) text = '-' + text;
+  return 'parseInt(' + JSON.stringify(text) + ', ' + radix + ')';
 };
 
 Gen.prototype.payload = function () {
@@ -175,7 +190,7 @@ Gen.prototype.payload = function () {
     case 1: {
       var text = '';
       var m = 8 + g.int(12);
-      for (var j = 0; j < m; j++) text += g.pick(['a', 'Z', '7', ' ', 'é', '€', '😀', 'ß', '\u0001', '中']);
+      for (var j = 0; j < m; j++) text += g.pick(['a', 'Z', '7', ' ', 'é', '€', '😀', 'ß', '\u0001', '中', '\ufdd0', '\ue000', '\ue7ff']);
       return { bytes: Buffer.from(text, 'utf8'), json: false };
     }
     default: {
@@ -199,6 +214,9 @@ function generate(seed, count) {
     for (var k = 0; k < attrs; k++) lines.push('a.s' + k + ' = ' + g.str(1 + g.int(3), p.json) + ';');
     var shape = g.int(10);
     if (shape === 0) lines.push('return v.f0;');
+    // Results the converter reads through JSON.stringify rather than directly (its general path).
+    else if (shape === 2) lines.push('return {deviceName: "g" + b.length, attributes: a, telemetry: {toJSON: function () { return v; }}};');
+    else if (shape === 3) lines.push('return {deviceName: b.length * 1.5, attributes: {s: decodeToString(payload)}, telemetry: v};');
     else if (shape === 1) lines.push('return [{deviceName: "d" + b.length, telemetry: v}, {deviceName: "e", attributes: a}];');
     else lines.push('return {deviceName: "dev" + b.length, deviceType: "t", attributes: a, telemetry: v};');
     cases.push({ id: id, body: lines.filter(Boolean).join('\n'), payload: p.bytes.toString('base64') });
@@ -223,7 +241,9 @@ function payloadArray(bytes) {
 // the generator makes.
 function kafkaValue(result) {
   var one = function (e) {
-    var out = { deviceName: e.deviceName, deviceType: e.deviceType === undefined ? 'default' : e.deviceType };
+    // A number as a name is its text (ThingsBoard reads names as text).
+    var name = typeof e.deviceName === 'number' ? String(e.deviceName) : e.deviceName;
+    var out = { deviceName: name, deviceType: e.deviceType === undefined ? 'default' : e.deviceType };
     out.attributes = e.attributes === undefined ? {} : e.attributes;
     out.telemetry = e.telemetry === undefined ? [] : [{ ts: CAPTURED_MS, values: e.telemetry }];
     return JSON.stringify(out);

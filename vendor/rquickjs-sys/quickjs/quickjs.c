@@ -14562,10 +14562,12 @@ static JSValue js_bigint_to_string(JSContext *ctx, JSValueConst val)
 
 /* edgegate patch: Number::toString(x) in radix 10 from the embedder (JS_SetNumberToString):
    QuickJS's free-format dtoa does not always find the shortest digits
-   (6.129982163463556e+54 came out with 17 digits), where V8 and the standard do. */
-static int (*js_number_to_string_hook)(double d, char *buf);
+   (6.129982163463556e+54 came out with 17 digits), where V8 and the standard do. The same for
+   toExponential() without a digit count (style 1) and Number.prototype.toLocaleString (style 2,
+   V8's en-US default: grouped, at most 3 fraction digits). */
+static int (*js_number_to_string_hook)(double d, int style, char *buf, int buf_len);
 
-void JS_SetNumberToString(int (*number_to_string)(double d, char *buf))
+void JS_SetNumberToString(int (*number_to_string)(double d, int style, char *buf, int buf_len))
 {
     js_number_to_string_hook = number_to_string;
 }
@@ -14577,9 +14579,11 @@ static JSValue js_dtoa2(JSContext *ctx,
     int len, len_max;
     JSValue res;
     JSDTOATempMem dtoa_mem;
-    if (radix == 10 && flags == JS_DTOA_FORMAT_FREE && isfinite(d) &&
-        js_number_to_string_hook) {
-        len = js_number_to_string_hook(d, static_buf);
+    /* toExponential() without digits: the shortest digits too */
+    if (radix == 10 && (flags & ~JS_DTOA_EXP_ENABLED) == JS_DTOA_FORMAT_FREE &&
+        isfinite(d) && js_number_to_string_hook) {
+        len = js_number_to_string_hook(d, (flags & JS_DTOA_EXP_ENABLED) ? 1 : 0, static_buf,
+                                       sizeof(static_buf));
         if (len > 0 && len < (int)sizeof(static_buf))
             return js_new_string8_len(ctx, static_buf, len);
     }
@@ -46776,6 +46780,11 @@ static JSValue js_parseInt_generic_radix_v8(const char *p, int radix)
         negative = *p == '-';
         p++;
     }
+    /* V8 skips leading zeros before it cuts the digits into chunks */
+    while (*p == '0') {
+        p++;
+        any = true;
+    }
     do {
         uint32_t part = 0, multiplier = 1;
         for (;;) {
@@ -46823,7 +46832,7 @@ static JSValue js_number_toString(JSContext *ctx, JSValueConst this_val,
         if (base < 0)
             goto fail;
     }
-    if (JS_VALUE_GET_TAG(val) == JS_TAG_INT) {
+    if (JS_VALUE_GET_TAG(val) == JS_TAG_INT && !(magic && js_number_to_string_hook)) {
         char buf1[70];
         int len;
         len = i64toa_radix(buf1, JS_VALUE_GET_INT(val), base);
@@ -46833,6 +46842,19 @@ static JSValue js_number_toString(JSContext *ctx, JSValueConst this_val,
         return JS_EXCEPTION;
     if (base != 10 && isfinite(d))
         return js_double_to_radix_v8(ctx, d, base); /* edgegate patch */
+    if (magic && js_number_to_string_hook) {
+        /* edgegate patch: toLocaleString as V8 writes it in en-US (locales and options are
+           not supported and ignored) */
+        char locale_buf[512];
+        int len;
+        if (isnan(d))
+            return js_new_string8(ctx, "NaN");
+        if (isinf(d))
+            return JS_NewString(ctx, d < 0 ? "-\xe2\x88\x9e" : "\xe2\x88\x9e");
+        len = js_number_to_string_hook(d, 2, locale_buf, sizeof(locale_buf));
+        if (len > 0)
+            return js_new_string8_len(ctx, locale_buf, len);
+    }
     flags = JS_DTOA_FORMAT_FREE;
     if (base != 10)
         flags |= JS_DTOA_EXP_DISABLED;

@@ -531,9 +531,12 @@ typedef struct JSMathFunctions {
     double (*tanh)(double);
 } JSMathFunctions;
 JS_EXTERN void JS_SetMathFunctions(const JSMathFunctions *functions);
-/* edgegate patch: `number_to_string` writes Number::toString(d) (radix 10, d finite) into `buf`
-   (at least 128 bytes) and returns its length; used for every number-to-string conversion. */
-JS_EXTERN void JS_SetNumberToString(int (*number_to_string)(double d, char *buf));
+/* edgegate patch: `number_to_string` writes, for a finite d, Number::toString(d) in radix 10
+   (style 0), toExponential() without digits (style 1) or toLocaleString() (style 2) into `buf`
+   and returns its length, or -1 when it needs more than `buf_len` bytes (QuickJS then formats
+   it itself). */
+JS_EXTERN void JS_SetNumberToString(int (*number_to_string)(double d, int style, char *buf,
+                                                            int buf_len));
 
 JS_EXTERN JSRuntime *JS_NewRuntime(void);
 /* info lifetime must exceed that of rt */
