@@ -763,6 +763,17 @@ impl Config {
         if self.kafka.max_in_flight == 0 {
             return err("kafka.max_in_flight", "must be at least 1");
         }
+        if let Some(level) = &self.log.level {
+            if level
+                .parse::<tracing_subscriber::filter::Targets>()
+                .is_err()
+            {
+                return err(
+                    "log.level",
+                    "expected a level or target=level list, e.g. \"info\" or \"edgegate=debug,librdkafka=warn\"",
+                );
+            }
+        }
         let record = self.kafka.max_record_bytes.as_u64();
         if !(2 * RECORD_OVERHEAD..=1_000_000_000).contains(&record) {
             return err(

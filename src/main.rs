@@ -11,7 +11,9 @@ use edgegate::converter::{script_metadata, Converter, Entity};
 use edgegate::gateway;
 use edgegate::record::now_ms;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 #[derive(Parser)]
 #[command(
@@ -183,20 +185,25 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
     })
 }
 
+/// Log filter directives as `target=level,...` (`Targets`: tracing-subscriber's env-filter and
+/// its regex engine would add about half a megabyte to the boards' binary for span filters no one
+/// sets on a gateway).
 fn init_logging(level: Option<&str>, format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level.unwrap_or("info")))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let parse = |directives: &str| directives.parse::<Targets>().ok();
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|env| parse(&env))
+        .or_else(|| parse(level.unwrap_or("info")))
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(false);
     // Under systemd, stderr goes to the journal, which stamps every line itself.
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
     match (format, journald) {
-        (LogFormat::Text, false) => builder.init(),
-        (LogFormat::Text, true) => builder.without_time().init(),
-        (LogFormat::Json, _) => builder.json().init(),
+        (LogFormat::Text, false) => builder.finish().with(filter).init(),
+        (LogFormat::Text, true) => builder.without_time().finish().with(filter).init(),
+        (LogFormat::Json, _) => builder.json().finish().with(filter).init(),
     }
 }
 

@@ -92,6 +92,16 @@ fn unknown_key_is_named_with_its_line() {
 }
 
 #[test]
+fn an_unparsable_log_level_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        &format!("{GOOD}\n[log]\nlevel = \"edgegate=verbose\"\n"),
+    );
+    assert_rejected(&config, &["log.level", "target=level"]);
+}
+
+#[test]
 fn wrong_type_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let config = write(
