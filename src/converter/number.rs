@@ -40,6 +40,19 @@ pub fn format_js_number(f: f64, out: &mut [u8; MAX_NUMBER_TEXT]) -> usize {
         out[0] = b'0'; // -0 too
         return 1;
     }
+    // Most readings: a fraction between 1e-5 and 1e16, which ryu writes in plain decimal exactly
+    // as the standard does (it differs only for integers, "1.0", and outside that range).
+    if f.fract() != 0.0 && (1e-5..1e16).contains(&f.abs()) {
+        let mut ryu = ryu::Buffer::new();
+        let text = ryu.format_finite(f).as_bytes();
+        out[..text.len()].copy_from_slice(text);
+        return text.len();
+    }
+    format_general(f, out)
+}
+
+/// [`format_js_number`] for any finite, non-zero `f`, by the standard's rules.
+fn format_general(f: f64, out: &mut [u8; MAX_NUMBER_TEXT]) -> usize {
     let shortest = Shortest::of(f);
     let (digits, k, point) = (shortest.digits(), shortest.len as i32, shortest.point);
     let mut w = Writer { out, len: 0 };
@@ -509,6 +522,28 @@ mod tests {
         let mut out = Vec::new();
         write_js_number(&mut out, f64::NAN);
         assert_eq!(out, b"null");
+    }
+
+    #[test]
+    fn the_decimal_shortcut_writes_what_the_standards_rules_write() {
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..200_000 {
+            let magnitude = 10f64.powi((next() % 24) as i32 - 6);
+            let f = (next() % 1_000_000_007) as f64 / 1_000_000_007.0 * magnitude;
+            let f = if next() % 2 == 0 { f } else { -f };
+            if f == 0.0 {
+                continue;
+            }
+            let (mut fast, mut general) = ([0u8; MAX_NUMBER_TEXT], [0u8; MAX_NUMBER_TEXT]);
+            let (a, b) = (format_js_number(f, &mut fast), format_general(f, &mut general));
+            assert_eq!(fast[..a], general[..b], "{f:e}");
+        }
     }
 
     #[test]

@@ -19,10 +19,16 @@ const CARRIED_BASE: u32 = 0xE000;
 /// points) as a carrying Rust string.
 pub fn from_wtf8(bytes: &[u8]) -> Cow<'_, str> {
     match std::str::from_utf8(bytes) {
-        Ok(text) if !text.contains(MARK) => Cow::Borrowed(text),
+        Ok(text) if !holds_mark(text) => Cow::Borrowed(text),
         Ok(text) => Cow::Owned(double_marks(text)),
         Err(_) => Cow::Owned(decode_wtf8(bytes)),
     }
+}
+
+/// Whether `text` holds U+FDD0; a byte search first, as this runs on every string a script
+/// returns and `str::contains(char)` costs a substring search for a non-ASCII character.
+fn holds_mark(text: &str) -> bool {
+    text.as_bytes().contains(&0xef) && text.contains(MARK)
 }
 
 fn double_marks(text: &str) -> String {
@@ -68,8 +74,15 @@ fn carry(out: &mut String, surrogate: u32) {
 /// JSON text from QuickJS's `JSON.stringify`, with its escapes of lone surrogates turned into
 /// carried ones (and real U+FDD0 doubled), so that serde_json can read it.
 pub fn carry_escapes(json: &str) -> Cow<'_, str> {
-    let escapes = json.contains("\\ud") || json.contains("\\uD") || json.contains("\\uf");
-    if !escapes && !json.contains(MARK) {
+    // Escapes start with a backslash and U+FDD0 with the byte 0xEF: most texts have neither.
+    let bytes = json.as_bytes();
+    if !bytes.contains(&b'\\') && !bytes.contains(&0xef) {
+        return Cow::Borrowed(json);
+    }
+    let escapes = ["\\ud", "\\uD", "\\uf", "\\uF"]
+        .iter()
+        .any(|escape| json.contains(escape));
+    if !escapes && !holds_mark(json) {
         return Cow::Borrowed(json);
     }
     let mut out = String::with_capacity(json.len() + 8);
@@ -139,7 +152,7 @@ fn surrogate_escape(escape: &str) -> Option<u32> {
 /// Writes the unescaped part of a JSON string as `JSON.stringify` would: carried lone
 /// surrogates become `\udXXX`.
 pub fn write_fragment<W: ?Sized + io::Write>(writer: &mut W, fragment: &str) -> io::Result<()> {
-    if !fragment.contains(MARK) {
+    if !holds_mark(fragment) {
         return writer.write_all(fragment.as_bytes());
     }
     let mut chars = fragment.chars();
@@ -172,7 +185,7 @@ fn carried_surrogate(c: char) -> Option<u32> {
 /// The text a carrying string stands for, lone surrogates as U+FFFD (what an encoder to UTF-8
 /// makes of them): for Kafka keys, topics and other plain text.
 pub fn well_formed(text: &str) -> Cow<'_, str> {
-    if !text.contains(MARK) {
+    if !holds_mark(text) {
         return Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len());
