@@ -2,15 +2,19 @@
 //! batch becomes a program (the fuzz target's generator), evaluated in edgegate's QuickJS and in
 //! Node.js (`replay.js`); the result strings must be equal byte for byte.
 //!
-//!   replay [--generated N] [--seed S] [--save-diffs DIR] [DIR|FILE]...
+//!   replay [--generated N] [--seed S] [--save-diffs DIR] [--upstream BIN] [DIR|FILE]...
 //!   replay --show INPUT     the program of one input and both engines' results
 //!   replay --js FILE        any JavaScript file's value in both engines
 //!   replay --quickjs-only DUMP [--generated N] [DIR|FILE]...
 //!                           QuickJS's results only, one line per program into DUMP: two builds
 //!                           (with and without the shortcuts) must write the same file
+//!   replay --serve          answers {"src"} lines with {"out"} lines from QuickJS, as replay.js
+//!                           does from Node.js: what --upstream runs
 //!
-//! A difference that is a documented engine limit is counted under its class; any other is
-//! printed in full and makes the exit status 1.
+//! A difference that is a documented engine limit is counted under its class. With `--upstream
+//! BIN`, the replay tool built against the unpatched rquickjs-sys release, a difference that
+//! QuickJS shows with and without the shortcuts is QuickJS's own, counted and listed in one line
+//! each. Any other difference is printed in full and makes the exit status 1.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -19,6 +23,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use edgegate_fuzz::{program, run_quickjs, Program};
 
+/// An engine in a child process, one JSON line per program each way.
 struct Node {
     child: Child,
     stdin: ChildStdin,
@@ -28,12 +33,15 @@ struct Node {
 impl Node {
     fn start() -> Node {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("replay.js");
-        let mut child = Command::new("node")
-            .arg(script)
+        Node::spawn(Command::new("node").arg(script))
+    }
+
+    fn spawn(command: &mut Command) -> Node {
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .expect("node on PATH");
+            .expect("the engine's program");
         let stdin = child.stdin.take().unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
         Node {
@@ -167,6 +175,11 @@ fn main() {
         return;
     }
     let dump = take("--quickjs-only").map(PathBuf::from);
+    let mut upstream = take("--upstream").map(|bin| Node::spawn(Command::new(bin).arg("--serve")));
+    if args.iter().any(|a| a == "--serve") {
+        serve();
+        return;
+    }
     let mut all = inputs(&args);
     all.extend(generated(count, seed));
 
@@ -185,6 +198,7 @@ fn main() {
     let mut same = 0usize;
     let mut limits: BTreeMap<&str, usize> = BTreeMap::new();
     let mut findings = 0usize;
+    let mut upstream_same = 0usize;
     for (name, bytes) in &all {
         let p = program(bytes);
         let q = run_quickjs(&p.source);
@@ -196,6 +210,16 @@ fn main() {
         if let Some(class) = classify(&p, &q, &n) {
             *limits.entry(class).or_default() += 1;
             continue;
+        }
+        if let Some(up) = upstream.as_mut() {
+            if up.run(&p.source) == q {
+                upstream_same += 1;
+                println!(
+                    "upstream QuickJS, same without the shortcuts: {name}: {}",
+                    first_difference(&q, &n)
+                );
+                continue;
+            }
         }
         findings += 1;
         println!(
@@ -215,8 +239,45 @@ fn main() {
     for (class, n) in &limits {
         println!("engine limit, {class}: {n}");
     }
+    if upstream.is_some() {
+        println!("upstream QuickJS-ng differences (the unpatched release gives the same result): {upstream_same}");
+    }
     println!("unexplained differences: {findings}");
     if findings > 0 {
         std::process::exit(1);
+    }
+}
+
+/// QuickJS behind a pipe, for another build of this tool (`--upstream`).
+fn serve() {
+    let stdin = std::io::stdin();
+    let mut stdout = std::io::stdout();
+    for line in stdin.lock().lines() {
+        let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+        let out = run_quickjs(v["src"].as_str().unwrap());
+        writeln!(stdout, "{}", serde_json::json!({ "out": out })).unwrap();
+        stdout.flush().unwrap();
+    }
+}
+
+/// The first step where the results part, for a one-line account.
+fn first_difference(quickjs: &str, node: &str) -> String {
+    let q: Result<Vec<serde_json::Value>, _> = serde_json::from_str(quickjs);
+    let n: Result<Vec<serde_json::Value>, _> = serde_json::from_str(node);
+    let cut = |s: String| s.chars().take(160).collect::<String>();
+    match (q, n) {
+        (Ok(q), Ok(n)) => match q.iter().zip(n.iter()).position(|(a, b)| a != b) {
+            Some(d) => format!(
+                "step {d}: quickjs {} | node {}",
+                cut(q[d].to_string()),
+                cut(n[d].to_string())
+            ),
+            None => format!("{} against {} steps", q.len(), n.len()),
+        },
+        _ => format!(
+            "quickjs {} | node {}",
+            cut(quickjs.to_string()),
+            cut(node.to_string())
+        ),
     }
 }
