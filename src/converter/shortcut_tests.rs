@@ -138,3 +138,18 @@ JSON.stringify(r);
 "#;
     assert_eq!(eval(source), r#"["RangeError","RangeError"]"#);
 }
+
+/// An element's valueOf grows the array until its storage moves: the array holds an object, so
+/// apply must copy it first. Reading it in place instead (is_from_char_code_of_primitives taking
+/// objects) is a use after free, which the fuzzer under AddressSanitizer finds within seconds
+/// (fuzz/regressions/valueof-unshift-moves-the-array).
+#[test]
+fn from_char_code_apply_copies_an_array_a_valueof_moves() {
+    let source = r#"
+var t = [72, {valueOf: function () { for (var i = 0; i < 64; i++) t.unshift(0x41, 0x100, -1); return 105; }}, 33, 0x263a, 0xe9];
+var s = String.fromCharCode.apply({}, t);
+var c = []; for (var i = 0; i < s.length; i++) c.push(s.charCodeAt(i));
+JSON.stringify([c, t.length, t[0], t[t.length - 1]]);
+"#;
+    assert_eq!(eval(source), r#"[[72,105,33,9786,233],197,65,233]"#);
+}
