@@ -771,3 +771,5 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod shortcut_tests;
