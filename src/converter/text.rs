@@ -18,6 +18,11 @@ const CARRIED_BASE: u32 = 0xE000;
 /// QuickJS's text of a string (WTF-8: UTF-8 in which lone surrogates are encoded like other code
 /// points) as a carrying Rust string.
 pub fn from_wtf8(bytes: &[u8]) -> Cow<'_, str> {
+    // Most strings a decoder returns are ASCII: one quick pass, no UTF-8 validation.
+    if bytes.is_ascii() {
+        // SAFETY: ASCII is UTF-8 (and holds no U+FDD0).
+        return Cow::Borrowed(unsafe { std::str::from_utf8_unchecked(bytes) });
+    }
     match std::str::from_utf8(bytes) {
         Ok(text) if !holds_mark(text) => Cow::Borrowed(text),
         Ok(text) => Cow::Owned(double_marks(text)),
