@@ -129,6 +129,10 @@ function binary(name) {
   }
 }
 
+if (typeof module !== 'undefined') {
+  module.exports = { rng: rng }; // programs.js draws from the same generator
+}
+
 if (typeof process !== 'undefined' && typeof require !== 'undefined' && require.main === module) {
   var fs = require('fs');
   var args = process.argv.slice(2);

@@ -31,16 +31,7 @@ var PRELUDE = [
   '};',
 ].join('\n');
 
-function rng(seed) {
-  var s = seed >>> 0;
-  return function () {
-    s = (s + 0x9e3779b9) >>> 0;
-    var z = s;
-    z = Math.imul(z ^ (z >>> 16), 0x85ebca6b) >>> 0;
-    z = Math.imul(z ^ (z >>> 13), 0xc2b2ae35) >>> 0;
-    return (z ^ (z >>> 16)) >>> 0;
-  };
-}
+var rng = require('./math.js').rng;
 
 function Gen(next) {
   this.next = next;
