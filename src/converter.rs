@@ -770,6 +770,6 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 }
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod shortcut_tests;
+#[cfg(test)]
+mod tests;

@@ -541,7 +541,10 @@ mod tests {
                 continue;
             }
             let (mut fast, mut general) = ([0u8; MAX_NUMBER_TEXT], [0u8; MAX_NUMBER_TEXT]);
-            let (a, b) = (format_js_number(f, &mut fast), format_general(f, &mut general));
+            let (a, b) = (
+                format_js_number(f, &mut fast),
+                format_general(f, &mut general),
+            );
             assert_eq!(fast[..a], general[..b], "{f:e}");
         }
     }
