@@ -8,7 +8,7 @@
 use std::io;
 
 use serde::Serialize;
-use serde_json::ser::{Formatter, PrettyFormatter};
+use serde_json::ser::{CompactFormatter, Formatter, PrettyFormatter};
 use serde_json::{Number, Value};
 
 use super::text;
@@ -370,14 +370,27 @@ pub fn js_number_of(n: &Number) -> String {
         .map_or_else(|| "null".into(), js_number_text)
 }
 
-/// serde_json's compact output with JavaScript's numbers.
-pub struct JsFormatter;
+/// serde_json's output, compact or pretty (`F`), with JavaScript's numbers and strings
+/// (lone surrogates carried by [`text`] written as `\\udXXX`).
+pub struct JsFormatter<F = CompactFormatter>(F);
 
-impl Formatter for JsFormatter {
+/// Layout methods handed to the inner formatter unchanged.
+macro_rules! layout {
+    ($($name:ident($($arg:ident: $ty:ty),*)),* $(,)?) => {$(
+        fn $name<W: ?Sized + io::Write>(&mut self, w: &mut W $(, $arg: $ty)*) -> io::Result<()> {
+            self.0.$name(w $(, $arg)*)
+        }
+    )*};
+}
+
+impl<F: Formatter> Formatter for JsFormatter<F> {
     fn write_f64<W: ?Sized + io::Write>(&mut self, writer: &mut W, value: f64) -> io::Result<()> {
-        let mut text = Vec::with_capacity(24);
-        write_js_number(&mut text, value);
-        writer.write_all(&text)
+        if !value.is_finite() {
+            return writer.write_all(b"null");
+        }
+        let mut text = [0u8; MAX_NUMBER_TEXT];
+        let len = format_js_number(value, &mut text);
+        writer.write_all(&text[..len])
     }
 
     fn write_f32<W: ?Sized + io::Write>(&mut self, writer: &mut W, value: f32) -> io::Result<()> {
@@ -391,19 +404,26 @@ impl Formatter for JsFormatter {
     ) -> io::Result<()> {
         text::write_fragment(writer, fragment)
     }
+
+    layout! {
+        begin_array(), end_array(), begin_array_value(first: bool), end_array_value(),
+        begin_object(), end_object(), begin_object_key(first: bool), end_object_key(),
+        begin_object_value(), end_object_value(),
+    }
 }
 
 /// Appends `text` as a JSON string as `JSON.stringify` writes it (lone surrogates carried by
 /// [`text`] as `\udXXX`).
 pub fn write_js_string(out: &mut Vec<u8>, text: &str) -> Option<()> {
-    let mut serializer = serde_json::Serializer::with_formatter(out, JsFormatter);
+    let mut serializer = serde_json::Serializer::with_formatter(out, JsFormatter(CompactFormatter));
     text.serialize(&mut serializer).ok()
 }
 
 /// Compact JSON text of `value`, numbers as JSON.stringify prints them.
 pub fn to_vec_js<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     let mut out = Vec::with_capacity(128);
-    let mut serializer = serde_json::Serializer::with_formatter(&mut out, JsFormatter);
+    let mut serializer =
+        serde_json::Serializer::with_formatter(&mut out, JsFormatter(CompactFormatter));
     // Writing to a Vec cannot fail, and serde_json values have string keys.
     if value.serialize(&mut serializer).is_err() {
         out.clear();
@@ -416,72 +436,11 @@ pub fn to_vec_js<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
 pub fn to_string_pretty_js<T: Serialize + ?Sized>(value: &T) -> String {
     let mut out = Vec::with_capacity(256);
     let mut serializer =
-        serde_json::Serializer::with_formatter(&mut out, JsPretty(PrettyFormatter::new()));
+        serde_json::Serializer::with_formatter(&mut out, JsFormatter(PrettyFormatter::new()));
     if value.serialize(&mut serializer).is_err() {
         out.clear();
     }
     String::from_utf8(out).unwrap_or_default()
-}
-
-/// serde_json's pretty output with JavaScript's numbers.
-struct JsPretty<'a>(PrettyFormatter<'a>);
-
-impl Formatter for JsPretty<'_> {
-    fn write_f64<W: ?Sized + io::Write>(&mut self, writer: &mut W, value: f64) -> io::Result<()> {
-        JsFormatter.write_f64(writer, value)
-    }
-
-    fn write_string_fragment<W: ?Sized + io::Write>(
-        &mut self,
-        writer: &mut W,
-        fragment: &str,
-    ) -> io::Result<()> {
-        text::write_fragment(writer, fragment)
-    }
-
-    fn begin_array<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
-        self.0.begin_array(w)
-    }
-
-    fn end_array<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
-        self.0.end_array(w)
-    }
-
-    fn begin_array_value<W: ?Sized + io::Write>(
-        &mut self,
-        w: &mut W,
-        first: bool,
-    ) -> io::Result<()> {
-        self.0.begin_array_value(w, first)
-    }
-
-    fn end_array_value<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
-        self.0.end_array_value(w)
-    }
-
-    fn begin_object<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
-        self.0.begin_object(w)
-    }
-
-    fn end_object<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
-        self.0.end_object(w)
-    }
-
-    fn begin_object_key<W: ?Sized + io::Write>(
-        &mut self,
-        w: &mut W,
-        first: bool,
-    ) -> io::Result<()> {
-        self.0.begin_object_key(w, first)
-    }
-
-    fn begin_object_value<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
-        self.0.begin_object_value(w)
-    }
-
-    fn end_object_value<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
-        self.0.end_object_value(w)
-    }
 }
 
 /// [`to_vec_js`] as a string.
