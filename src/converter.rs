@@ -489,14 +489,10 @@ pub fn script_metadata<'a>(
 }
 
 fn encode(entity: Entity) -> EncodedEntity {
-    // A key is plain text: a name with lone surrogates gets U+FFFD for them.
-    let well_formed = match text::well_formed(&entity.name) {
-        std::borrow::Cow::Owned(name) => Some(name),
-        std::borrow::Cow::Borrowed(_) => None,
-    };
     EncodedEntity {
         value: entity.json,
-        key: well_formed.unwrap_or(entity.name),
+        // A key is plain text: a name with lone surrogates gets U+FFFD for them.
+        key: text::into_well_formed(entity.name),
     }
 }
 

@@ -273,7 +273,7 @@ fn message(item: Value, at: &str) -> Result<Message, String> {
     };
     let data = match fields.remove("data") {
         // Device bytes are UTF-8: a lone surrogate becomes U+FFFD.
-        Some(Value::String(data)) => super::text::well_formed(&data).into_owned(),
+        Some(Value::String(data)) => super::text::into_well_formed(data),
         None => return Err(format!("{at}.data: missing (the message, as a string)")),
         Some(other) => {
             return Err(format!(
@@ -288,7 +288,7 @@ fn message(item: Value, at: &str) -> Result<Message, String> {
         Some(Value::Object(entries)) => entries
             .into_iter()
             .map(|(key, value)| match scalar_text(&value) {
-                Some(text) => Ok((super::text::well_formed(&key).into_owned(), text)),
+                Some(text) => Ok((super::text::into_well_formed(key), text)),
                 None => Err(format!(
                     "{at}.metadata.{key}: expected a string, number or boolean, got {}",
                     type_name(&value)

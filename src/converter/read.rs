@@ -399,10 +399,10 @@ impl Reader {
                 (!text.is_empty()).then_some(Some(text))
             }
             qjs::JS_TAG_INT => Some(Some(qjs::JS_VALUE_GET_INT(v).to_string())),
-            qjs::JS_TAG_FLOAT64 => match number(qjs::JS_VALUE_GET_FLOAT64(v)) {
-                J::Number(n) => Some(Some(number::js_number_of(&n))),
-                _ => None,
-            },
+            qjs::JS_TAG_FLOAT64 => {
+                let f = qjs::JS_VALUE_GET_FLOAT64(v);
+                f.is_finite().then(|| Some(number::js_number_text(f)))
+            }
             _ => None,
         }
     }

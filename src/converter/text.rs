@@ -187,6 +187,14 @@ fn carried_surrogate(c: char) -> Option<u32> {
     (offset < 0x800).then_some(0xd800 + offset)
 }
 
+/// [`well_formed`] for an owned string: moved back unchanged when it carries nothing.
+pub fn into_well_formed(text: String) -> String {
+    match well_formed(&text) {
+        Cow::Owned(fixed) => fixed,
+        Cow::Borrowed(_) => text,
+    }
+}
+
 /// The text a carrying string stands for, lone surrogates as U+FFFD (what an encoder to UTF-8
 /// makes of them): for Kafka keys, topics and other plain text.
 pub fn well_formed(text: &str) -> Cow<'_, str> {
