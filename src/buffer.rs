@@ -251,6 +251,7 @@ struct Shared {
     /// A crash before they are written only makes their records duplicates, never lost.
     released: Mutex<Vec<Released>>,
     failure: Failure,
+    disk: space::DiskSpace,
 }
 
 /// A released chunk still in sled: its first sequence number and its size (for its pieces).
@@ -304,6 +305,7 @@ impl Buffer {
             full: std::sync::atomic::AtomicBool::new(false),
             released: Mutex::new(Vec::new()),
             failure: Failure::default(),
+            disk: space::DiskSpace::new(&dir, config),
         });
         let buffer = Buffer { shared };
         buffer.update_gauges();
@@ -481,6 +483,7 @@ fn load_state(tree: &sled::Tree) -> Result<State, BufferError> {
 mod commit;
 mod housekeeping;
 mod read;
+mod space;
 pub mod tools;
 
 pub use commit::{run, BufferWriter, Intake, PendingAppend, TrySubmit, Unacked};

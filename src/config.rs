@@ -319,6 +319,10 @@ pub struct BufferConfig {
     /// it is taken (MQTT stops reading, serial reads pause).
     #[serde(default = "default_intake_max_bytes")]
     pub intake_max_bytes: ByteSize,
+    /// Free space the buffer leaves on data_dir's filesystem: below it the buffer stops growing and
+    /// `when_full` applies, so a full disk is met as a full buffer and not as a failed write.
+    #[serde(default = "default_min_free_disk")]
+    pub min_free_disk: ByteSize,
 }
 
 impl Default for BufferConfig {
@@ -331,6 +335,7 @@ impl Default for BufferConfig {
             commit_linger: default_commit_linger(),
             serial_commit_linger: default_serial_commit_linger(),
             intake_max_bytes: default_intake_max_bytes(),
+            min_free_disk: default_min_free_disk(),
         }
     }
 }
@@ -349,6 +354,9 @@ fn default_serial_commit_linger() -> Duration {
 }
 fn default_intake_max_bytes() -> ByteSize {
     ByteSize::mib(16)
+}
+fn default_min_free_disk() -> ByteSize {
+    ByteSize::mib(64)
 }
 fn default_cache_bytes() -> ByteSize {
     ByteSize::mib(8)

@@ -179,6 +179,7 @@ pub struct Metrics {
     dropped: Family<ReasonLabels, Counter>,
     pub buffer_records: Gauge,
     pub buffer_bytes: Gauge,
+    pub buffer_disk_free_bytes: Gauge,
     pub buffer_oldest_age_seconds: Gauge<f64, AtomicU64>,
     pub kafka_link_up: Gauge,
     pub source_connected: Family<SourceLabels, Gauge>,
@@ -207,6 +208,7 @@ impl Metrics {
             dropped: Family::default(),
             buffer_records: Gauge::default(),
             buffer_bytes: Gauge::default(),
+            buffer_disk_free_bytes: Gauge::default(),
             buffer_oldest_age_seconds: Gauge::default(),
             kafka_link_up: Gauge::default(),
             source_connected: Family::default(),
@@ -246,6 +248,11 @@ impl Metrics {
             "buffer_bytes",
             "Stored bytes in the disk buffer",
             m.buffer_bytes.clone(),
+        );
+        r.register(
+            "buffer_disk_free_bytes",
+            "Free bytes on data_dir's filesystem, for unprivileged users (checked on commits)",
+            m.buffer_disk_free_bytes.clone(),
         );
         r.register(
             "buffer_oldest_age_seconds",

@@ -333,7 +333,9 @@ async fn a_full_disk_ends_the_gateway_without_losing_what_it_acknowledged() {
     };
     let broker = Mosquitto::start();
     let admin = free_port();
-    let extra = format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n");
+    // The free-space reserve is off: this is the last resort behind it.
+    let extra =
+        format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n[buffer]\nmin_free_disk = \"0\"\n");
     let config = write_config(dir.path(), broker.port, "127.0.0.1:9", "t", &extra);
     let mut gateway = Gateway::start(&config);
     gateway.wait_for("mqtt subscribed", Duration::from_secs(30));
@@ -392,6 +394,162 @@ async fn a_full_disk_ends_the_gateway_without_losing_what_it_acknowledged() {
     let buffered = buffered_counters(&config);
     let missing: Vec<u64> = (1..=messages).filter(|n| !buffered.contains(n)).collect();
     assert!(missing.is_empty(), "lost: {missing:?}");
+}
+
+const NEARLY_FULL: &str = "disk is nearly full";
+
+/// The disk under data_dir runs low with the uplink away: the buffer stops growing as if
+/// `max_bytes` were reached (`block`: the broker keeps what is not acknowledged), says so once,
+/// and goes on by itself when space returns, without a restart and without losing a message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nearly_full_disk_holds_the_buffer_and_it_goes_on_by_itself_when_space_returns() {
+    let Some(mut run) = LowDisk::start("block").await else {
+        return;
+    };
+    let stored_when_low = metric(run.admin, "edgegate_buffer_records");
+    run.publish_more().await;
+    run.gateway
+        .wait_for("buffer full; holding back sources", Duration::from_secs(60));
+    let held = metric(run.admin, "edgegate_buffer_records");
+    assert_eq!(held, stored_when_low, "stored while the disk was low");
+
+    std::fs::remove_file(&run.filler).unwrap();
+    let all = run.messages as f64;
+    let stored = |v: f64| v >= all;
+    wait_metric(
+        run.admin,
+        "edgegate_buffer_records",
+        stored,
+        Duration::from_secs(60),
+    );
+    run.gateway
+        .wait_for("disk has room again", Duration::from_secs(30));
+    assert!(run.gateway.is_running(), "{}", run.gateway.log());
+    assert_eq!(run.gateway.count(NEARLY_FULL), 1, "{}", run.gateway.log());
+    assert_eq!(run.gateway.terminate(), Some(0), "{}", run.gateway.log());
+    let buffered = buffered_counters(&run.config);
+    let missing: Vec<u64> = (1..=run.messages)
+        .filter(|n| !buffered.contains(n))
+        .collect();
+    assert!(missing.is_empty(), "lost: {missing:?}");
+}
+
+/// The same with `drop_oldest`: the oldest unsent records make room and are counted, and the
+/// newest are kept. Close to a full disk (below half the reserve) it holds back like `block`,
+/// since sled may grow its file before it reuses evicted space; that passes with the space.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nearly_full_disk_with_drop_oldest_keeps_the_newest_and_counts_the_dropped() {
+    let Some(mut run) = LowDisk::start("drop_oldest").await else {
+        return;
+    };
+    run.publish_more().await;
+    let dropped = "edgegate_records_dropped_total{reason=\"buffer_full\"}";
+    wait_metric(run.admin, dropped, |v| v > 0.0, Duration::from_secs(60));
+    std::fs::remove_file(&run.filler).unwrap();
+    // Every message is stored or dropped (the broker holds the rest until it is).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let accounted = || metric(run.admin, "edgegate_buffer_records") + metric(run.admin, dropped);
+    while accounted() < run.messages as f64 {
+        assert!(Instant::now() < deadline, "{}", run.gateway.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(run.gateway.terminate(), Some(0), "{}", run.gateway.log());
+    assert_eq!(run.gateway.count(NEARLY_FULL), 1, "{}", run.gateway.log());
+    let dropped = dropped_at_stop(&run.gateway);
+    assert!(dropped > 0, "{}", run.gateway.log());
+    let buffered = buffered_counters(&run.config);
+    assert!(buffered.contains(&run.messages), "the newest is kept");
+    assert_eq!(
+        buffered.len() as u64 + dropped,
+        run.messages,
+        "stored and dropped add up"
+    );
+}
+
+fn dropped_at_stop(gw: &Gateway) -> u64 {
+    let log = gw.log();
+    let line = log.lines().find(|l| l.contains("stopped;"));
+    line.and_then(|l| {
+        l.split("dropped=")
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
+    .unwrap_or_else(|| panic!("no dropped count at stop:\n{log}"))
+}
+
+/// A gateway whose data_dir is a small tmpfs that a filler leaves 2 MiB above the gateway's
+/// 8 MiB reserve, with the uplink away. 400 messages of 8 KiB (about 6 MiB on disk) take it below
+/// the reserve; `publish_more` sends 100 more.
+struct LowDisk {
+    _dir: tempfile::TempDir,
+    _disk: Tmpfs,
+    _broker: Mosquitto,
+    filler: std::path::PathBuf,
+    config: std::path::PathBuf,
+    admin: u16,
+    gateway: Gateway,
+    publisher: Publisher,
+    messages: u64,
+}
+
+impl LowDisk {
+    async fn start(when_full: &str) -> Option<LowDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(disk) = Tmpfs::mount(&dir.path().join("data"), "32m") else {
+            assert!(
+                std::env::var_os("EDGEGATE_TEST_NO_MOUNT").is_some(),
+                "mounting a tmpfs for the data_dir needs root; set EDGEGATE_TEST_NO_MOUNT=1 to skip"
+            );
+            return None;
+        };
+        let broker = Mosquitto::start();
+        let broker_port = broker.port;
+        let admin = free_port();
+        let extra = format!(
+            "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+             [buffer]\nmin_free_disk = \"8MiB\"\nwhen_full = \"{when_full}\"\n"
+        );
+        let config = write_config(dir.path(), broker_port, "127.0.0.1:9", "t", &extra);
+        let gateway = Gateway::start(&config);
+        gateway.wait_for("mqtt subscribed", Duration::from_secs(30));
+        let filler = dir.path().join("data/filler");
+        let room = 10 << 20;
+        std::fs::write(&filler, vec![0u8; (disk.free_bytes() - room) as usize]).unwrap();
+        let mut run = LowDisk {
+            _dir: dir,
+            _disk: disk,
+            _broker: broker,
+            filler,
+            config,
+            admin,
+            gateway,
+            publisher: Publisher::connect(broker_port, "low-disk-device").await,
+            messages: 0,
+        };
+        run.publish(400).await;
+        run.gateway.wait_for(NEARLY_FULL, Duration::from_secs(60));
+        Some(run)
+    }
+
+    async fn publish(&mut self, n: u64) {
+        for _ in 0..n {
+            self.messages += 1;
+            let p = payload("sensors/a", self.messages, 8 * 1024);
+            self.publisher.publish("sensors/a", p).await;
+        }
+        // All of them are with the broker, whatever the gateway does with them.
+        let all = self.messages;
+        self.publisher
+            .wait_acked(all, Duration::from_secs(60))
+            .await;
+    }
+
+    async fn publish_more(&mut self) {
+        self.publish(100).await;
+    }
 }
 
 /// The counters of the test payloads in the buffer, read with `edgegate buffer export`.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use super::space::DiskRoom;
 use super::*;
 use crate::config::{BufferConfig, WhenFull};
 use crate::metrics::{DropReason, Metrics};
@@ -440,17 +441,24 @@ fn fail_all(appends: Vec<Append>, metrics: &Metrics, err: impl Fn() -> BufferErr
 /// `None` when shutdown came first.
 async fn reserve(buffer: &Buffer, enc: &Encoded, shutdown: &CancellationToken) -> Option<Plan> {
     let shared = &buffer.shared;
-    let max = shared.config.max_bytes.as_u64();
+    let max_bytes = shared.config.max_bytes.as_u64();
     let need = enc.bytes() as u64;
     loop {
         let freed = shared.space_freed.notified();
         {
             let mut s = buffer.state();
+            let disk = shared.disk.room(s.bytes, &shared.metrics);
+            let max = match disk {
+                DiskRoom::Plenty => max_bytes,
+                DiskRoom::HoldAt(cap) => cap.min(max_bytes),
+                DiskRoom::Critical => 0,
+            };
             let mut evicted = Vec::new();
             let was_full = s.bytes + need > max;
             // "Room again" only below 90%, so a buffer hovering at the limit does not flap the log.
             let has_room = s.bytes + need <= max - max / 10;
-            if was_full && shared.config.when_full == WhenFull::DropOldest {
+            let may_evict = disk != DiskRoom::Critical;
+            if was_full && may_evict && shared.config.when_full == WhenFull::DropOldest {
                 evicted = s.evict_unread(|s, _| s.bytes + need > max);
             }
             let fits = s.bytes + need <= max;

@@ -57,6 +57,8 @@ impl Buffer {
         let m = &self.shared.metrics;
         m.buffer_records.set(stats.records as i64);
         m.buffer_bytes.set(stats.bytes as i64);
+        // Also noticed between commits: the last one before a pause may have crossed the reserve.
+        self.shared.disk.room(stats.bytes, m);
         let age = stats
             .oldest_ms
             .map(|t| now_ms().saturating_sub(t) as f64 / 1000.0)
