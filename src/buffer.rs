@@ -252,6 +252,7 @@ struct Shared {
     released: Mutex<Vec<Released>>,
     failure: Failure,
     disk: space::DiskSpace,
+    clock: clock::ClockSteps,
 }
 
 /// A released chunk still in sled: its first sequence number and its size (for its pieces).
@@ -306,6 +307,7 @@ impl Buffer {
             released: Mutex::new(Vec::new()),
             failure: Failure::default(),
             disk: space::DiskSpace::new(&dir, config),
+            clock: clock::ClockSteps::default(),
         });
         let buffer = Buffer { shared };
         buffer.update_gauges();
@@ -480,6 +482,7 @@ fn load_state(tree: &sled::Tree) -> Result<State, BufferError> {
         tail: None,
     })
 }
+mod clock;
 mod commit;
 mod housekeeping;
 mod read;

@@ -59,20 +59,26 @@ impl Buffer {
         m.buffer_bytes.set(stats.bytes as i64);
         // Also noticed between commits: the last one before a pause may have crossed the reserve.
         self.shared.disk.room(stats.bytes, m);
+        let clock = &self.shared.clock;
         let age = stats
             .oldest_ms
-            .map(|t| now_ms().saturating_sub(t) as f64 / 1000.0)
+            .map(|t| now_ms().saturating_sub(clock.on_current_clock(t)) as f64 / 1000.0)
             .unwrap_or(0.0);
         m.buffer_oldest_age_seconds.set(age);
     }
 
     /// Drops unread chunks whose every record is older than `max_age`.
     pub(super) fn expire(&self) -> Result<(), BufferError> {
+        let now = now_ms();
+        let clock = &self.shared.clock;
+        clock.observe(now);
         let Some(max_age) = self.shared.config.max_age else {
             return Ok(());
         };
-        let cutoff = now_ms().saturating_sub(max_age.as_millis() as u64);
-        let gone = self.state().evict_unread(|_, c| c.last_ms < cutoff);
+        let cutoff = now.saturating_sub(max_age.as_millis() as u64);
+        let gone = self
+            .state()
+            .evict_unread(|_, c| clock.on_current_clock(c.last_ms) < cutoff);
         self.remove_evicted(&gone, DropReason::MaxAge)
     }
 
