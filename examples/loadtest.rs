@@ -12,11 +12,16 @@
 //! `downlink N DEVICES` (Kafka → encoder → MQTT devices: a backlog of N commands, then 1,000/s for
 //! latency, and the RSS the downlink adds).
 //!
+//! `bench [MESSAGES] [BACKLOG] [RSS_SECS]` is the matrix of `scripts/bench` (see `loadtest/bench.rs`).
+//!
 //! `loadtest bridge MQTT_PORT BOOTSTRAP TOPIC` is the naive bridge itself (run as a child process
 //! so its CPU and memory are measured the same way as edgegate's).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
+
+#[path = "loadtest/bench.rs"]
+mod bench;
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -1252,6 +1257,15 @@ fn main() {
             let n = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(200_000);
             let devices = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(100);
             runtime.block_on(downlink(n, devices));
+        }
+        Some("bench") => {
+            let n = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(200_000);
+            let backlog = args
+                .get(2)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1_000_000);
+            let rss_secs = args.get(3).and_then(|v| v.parse().ok()).unwrap_or(600);
+            runtime.block_on(bench::bench(n, backlog, rss_secs));
         }
         Some("bridge") => {
             let port = args.get(1).and_then(|p| p.parse().ok()).expect("MQTT_PORT");
