@@ -60,13 +60,15 @@ impl Measured {
     }
 
     fn print(&self, ceiling: f64) {
-        let opt = |v: f64| {
+        let fixed = |v: f64, digits: usize| {
             if v.is_nan() {
                 "–".into()
             } else {
-                format!("{v:.1}")
+                format!("{v:.digits$}")
             }
         };
+        let opt = |v: f64| fixed(v, 1);
+        let opt2 = |v: f64| fixed(v, 2);
         println!(
             "| {} | {} / {} | {:.0} | {:.0}% | {} | {} | {} | {} | {} |",
             self.name,
@@ -78,8 +80,7 @@ impl Measured {
             opt(self.p99_ms),
             opt2(self.cpu_per_100k),
             opt(self.peak_rss_mb),
-            self.write_amp
-                .map_or("0 (no disk)".into(), |w| format!("{w:.2}")),
+            self.write_amp.map_or("–".into(), |w| format!("{w:.2}")),
         );
     }
 }
