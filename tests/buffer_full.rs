@@ -63,9 +63,14 @@ async fn block_holds_back_the_source_and_loses_nothing() {
         TOTAL as usize,
         Duration::from_secs(90),
     );
-    assert_complete_in_order(&msgs, &["sensors/a".to_owned()], TOTAL, true);
+    let tally = assert_complete_in_order(&msgs, &["sensors/a".to_owned()], TOTAL, true);
     assert_eq!(gw.terminate(), Some(0));
     assert_eq!(dropped_at_stop(&gw), 0);
+    report(
+        "buffer full (max_bytes) with when_full = block, uplink cut",
+        tally,
+        None,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

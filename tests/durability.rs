@@ -414,6 +414,7 @@ async fn a_nearly_full_disk_holds_the_buffer_and_it_goes_on_by_itself_when_space
     assert_eq!(held, stored_when_low, "stored while the disk was low");
 
     std::fs::remove_file(&run.filler).unwrap();
+    let space_returned = Instant::now();
     let all = run.messages as f64;
     let stored = |v: f64| v >= all;
     wait_metric(
@@ -422,6 +423,7 @@ async fn a_nearly_full_disk_holds_the_buffer_and_it_goes_on_by_itself_when_space
         stored,
         Duration::from_secs(60),
     );
+    let recovery = space_returned.elapsed();
     run.gateway
         .wait_for("disk has room again", Duration::from_secs(30));
     assert!(run.gateway.is_running(), "{}", run.gateway.log());
@@ -432,6 +434,12 @@ async fn a_nearly_full_disk_holds_the_buffer_and_it_goes_on_by_itself_when_space
         .filter(|n| !buffered.contains(n))
         .collect();
     assert!(missing.is_empty(), "lost: {missing:?}");
+    let tally = Tally {
+        messages: run.messages,
+        ..Tally::default()
+    };
+    let scenario = "data_dir's disk nearly full, block, uplink cut (counted in the buffer; recovery: space back to all stored)";
+    report(scenario, tally, Some(recovery));
 }
 
 /// The same with `drop_oldest`: the oldest unsent records make room and are counted, and the

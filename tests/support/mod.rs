@@ -748,20 +748,32 @@ pub fn parse_payload(p: &[u8]) -> (String, u64) {
     (topic, n)
 }
 
+/// What a scenario delivered: distinct messages and duplicates by cause.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Tally {
+    pub messages: u64,
+    /// The same gateway sequence number twice: a record sent again after its confirmation was
+    /// lost (a gateway crash before the release was written, a producer retry).
+    pub resent: u64,
+    /// A new sequence number for a message already delivered: the MQTT broker redelivered a
+    /// message whose PUBACK the gateway had not sent (or the broker had not received).
+    pub redelivered: u64,
+}
+
 /// Asserts that for every topic the counters seen are 0..n in order, ignoring exact duplicates
-/// (same gateway sequence number) when `allow_duplicates`.
+/// (same gateway sequence number) when `allow_duplicates`; returns what was counted.
 pub fn assert_complete_in_order(
     msgs: &[KafkaMessage],
     topics: &[String],
     per_topic: u64,
     allow_duplicates: bool,
-) {
+) -> Tally {
     let mut seen_seq = std::collections::HashSet::new();
     let mut next: HashMap<String, u64> = topics.iter().map(|t| (t.clone(), 0)).collect();
-    let mut dups = 0;
+    let mut tally = Tally::default();
     for m in msgs {
         if !seen_seq.insert(m.seq()) {
-            dups += 1;
+            tally.resent += 1;
             continue;
         }
         let (topic, n) = parse_payload(&m.payload);
@@ -770,18 +782,34 @@ pub fn assert_complete_in_order(
             .unwrap_or_else(|| panic!("unexpected topic {topic}"));
         if allow_duplicates && n < *expected {
             // The same message redelivered by the broker after a crash: new seq, old counter.
-            dups += 1;
+            tally.redelivered += 1;
             continue;
         }
         assert_eq!(n, *expected, "topic {topic}: out of order or missing");
         *expected += 1;
+        tally.messages += 1;
     }
     for (t, n) in &next {
         assert_eq!(*n, per_topic, "topic {t}: got {n} of {per_topic}");
     }
     if !allow_duplicates {
-        assert_eq!(dups, 0, "duplicates when nothing failed");
+        assert_eq!(
+            tally.resent + tally.redelivered,
+            0,
+            "duplicates when nothing failed"
+        );
     }
+    tally
+}
+
+/// One row of RELIABILITY.md, printed for `scripts/reliability` (run with `--nocapture`). Only
+/// called after the scenario's assertions passed, so "lost" is 0 by then.
+pub fn report(scenario: &str, tally: Tally, recovery: Option<Duration>) {
+    let recovery = recovery.map_or("–".to_owned(), |d| format!("{:.1} s", d.as_secs_f64()));
+    println!(
+        "RELIABILITY|{scenario}|{}|0|{} resent, {} redelivered|{recovery}",
+        tally.messages, tally.resent, tally.redelivered
+    );
 }
 
 /// A pseudo-terminal pair: the gateway opens the slave (a real tty) by path, the test plays the
