@@ -51,8 +51,77 @@ pub struct Delivery {
 pub enum ClientEvent {
     /// The producer is unusable; replace it and resend everything unconfirmed.
     Fatal(String),
-    /// No broker can be reached, or the broker refused our credentials.
+    /// No broker can be reached.
     LinkDown(String),
+    /// The broker refused us for a reason only a configuration change fixes; `detail` is
+    /// librdkafka's text of the first refusal.
+    Refused { refusal: Refusal, detail: String },
+}
+
+/// Why a broker refuses the gateway, as far as the operator has to act on it. librdkafka keeps
+/// retrying, so records wait in the buffer and go out once the broker accepts the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// SASL authentication failed: wrong username or password, or a mechanism the broker does
+    /// not offer.
+    Authentication,
+    /// Authenticated, but the user may not write the topic (Kafka ACLs).
+    Authorisation,
+    /// The TLS handshake failed: an untrusted broker certificate, a wrong host name, TLS against
+    /// a plaintext listener.
+    Tls,
+}
+
+impl Refusal {
+    /// The label of `edgegate_kafka_link_refused`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Authentication => "authentication",
+            Refusal::Authorisation => "authorisation",
+            Refusal::Tls => "tls",
+        }
+    }
+
+    /// What the operator should look at; `detail` is librdkafka's error text.
+    pub fn advice(self, detail: &str) -> &'static str {
+        match self {
+            Refusal::Authentication => {
+                "kafka authentication failed: check kafka.properties sasl.username and \
+                 sasl.password (or kafka.properties_env), and sasl.mechanisms against what the \
+                 broker offers; records stay buffered until the broker accepts them"
+            }
+            Refusal::Authorisation => {
+                "kafka refused access: the user lacks permissions (ACLs: Write and Describe on \
+                 the topic, IdempotentWrite on the cluster); records stay buffered until it may \
+                 write"
+            }
+            Refusal::Tls if detail.contains("certificate verify failed") => {
+                "kafka TLS handshake failed: the broker's certificate is not trusted (or does \
+                 not name the broker's host): set kafka.properties ssl.ca.location to the CA that \
+                 signed it (or install that CA in the system store); records stay buffered until \
+                 the handshake succeeds"
+            }
+            Refusal::Tls => {
+                "kafka TLS handshake failed: check kafka.properties security.protocol (SSL or \
+                 SASL_SSL only for TLS listeners) and the ssl.* settings; records stay buffered \
+                 until the handshake succeeds"
+            }
+        }
+    }
+}
+
+/// Which librdkafka client errors are refusals rather than an unreachable broker.
+pub fn refusal(code: Option<RDKafkaErrorCode>) -> Option<Refusal> {
+    match code? {
+        RDKafkaErrorCode::Authentication
+        | RDKafkaErrorCode::SaslAuthenticationFailed
+        | RDKafkaErrorCode::UnsupportedSASLMechanism
+        | RDKafkaErrorCode::IllegalSASLState => Some(Refusal::Authentication),
+        RDKafkaErrorCode::TopicAuthorizationFailed
+        | RDKafkaErrorCode::ClusterAuthorizationFailed => Some(Refusal::Authorisation),
+        RDKafkaErrorCode::SSL => Some(Refusal::Tls),
+        _ => None,
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,18 +170,17 @@ impl ClientContext for SinkContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        let event = match error.rdkafka_error_code() {
-            Some(RDKafkaErrorCode::Fatal) => ClientEvent::Fatal(reason.to_owned()),
+        let code = error.rdkafka_error_code();
+        let event = match (code, refusal(code)) {
+            (_, Some(refusal)) => ClientEvent::Refused {
+                refusal,
+                detail: reason.to_owned(),
+            },
+            (Some(RDKafkaErrorCode::Fatal), _) => ClientEvent::Fatal(reason.to_owned()),
             // The reason text varies ("0/1 brokers are down"); the state must not.
-            Some(RDKafkaErrorCode::AllBrokersDown) => {
+            (Some(RDKafkaErrorCode::AllBrokersDown), _) => {
                 ClientEvent::LinkDown("no broker reachable".into())
             }
-            Some(
-                RDKafkaErrorCode::Authentication
-                | RDKafkaErrorCode::SaslAuthenticationFailed
-                | RDKafkaErrorCode::TopicAuthorizationFailed
-                | RDKafkaErrorCode::ClusterAuthorizationFailed,
-            ) => ClientEvent::LinkDown(format!("not authorised: {reason}")),
             _ => {
                 tracing::debug!(target: "librdkafka", %error, reason, "client error");
                 return;
@@ -573,5 +641,34 @@ mod tests {
         let (key, msg) = check_guarantees(&config_with("\"no.such.property\" = 1")).unwrap_err();
         assert_eq!(key, "kafka.properties");
         assert!(msg.contains("no.such.property"), "{msg}");
+    }
+
+    #[test]
+    fn refusals_are_told_apart_from_an_unreachable_broker() {
+        use RDKafkaErrorCode as C;
+        assert_eq!(
+            refusal(Some(C::Authentication)),
+            Some(Refusal::Authentication)
+        );
+        assert_eq!(
+            refusal(Some(C::SaslAuthenticationFailed)),
+            Some(Refusal::Authentication)
+        );
+        assert_eq!(
+            refusal(Some(C::UnsupportedSASLMechanism)),
+            Some(Refusal::Authentication)
+        );
+        assert_eq!(refusal(Some(C::SSL)), Some(Refusal::Tls));
+        assert_eq!(
+            refusal(Some(C::TopicAuthorizationFailed)),
+            Some(Refusal::Authorisation)
+        );
+        assert_eq!(refusal(Some(C::AllBrokersDown)), None);
+        assert_eq!(refusal(Some(C::BrokerTransportFailure)), None);
+        let untrusted = "SSL handshake failed: error:0A000086:SSL routines::certificate verify failed: broker certificate could not be verified";
+        assert!(Refusal::Tls.advice(untrusted).contains("ssl.ca.location"));
+        assert!(Refusal::Authentication
+            .advice("")
+            .contains("sasl.username and sasl.password"));
     }
 }
