@@ -7,6 +7,7 @@
 
 mod reports;
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -106,6 +107,34 @@ impl Refusal {
                  SASL_SSL only for TLS listeners) and the ssl.* settings; records stay buffered \
                  until the handshake succeeds"
             }
+        }
+    }
+}
+
+/// For clients without a link state of their own (the downlink's): logs each refusal once, with
+/// what to check, until [`RefusalLatch::clear`] (the client works again).
+#[derive(Debug, Default)]
+pub struct RefusalLatch(AtomicU8);
+
+impl RefusalLatch {
+    /// Logs `refusal` of `client` unless it is the one logged last.
+    pub fn report(&self, client: &str, refusal: Refusal, detail: &str) {
+        let code = refusal as u8 + 1;
+        if self.0.swap(code, Ordering::Relaxed) != code {
+            tracing::error!(
+                client,
+                reason = refusal.label(),
+                detail,
+                "{}",
+                refusal.advice(detail)
+            );
+        }
+    }
+
+    /// The client works: a later refusal is news again.
+    pub fn clear(&self) {
+        if self.0.load(Ordering::Relaxed) != 0 {
+            self.0.store(0, Ordering::Relaxed);
         }
     }
 }
