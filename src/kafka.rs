@@ -342,7 +342,53 @@ pub fn check_guarantees(config: &Config) -> Result<(), (String, String)> {
             events: etx,
         })
         .map(drop)
-        .map_err(|e| ("kafka.properties".to_owned(), e.to_string()))
+        .map_err(|e| {
+            let message = e.to_string();
+            let key = named_property(config, &message);
+            // OpenSSL's text for a missing file is "system lib": say what is wrong.
+            let missing = config.kafka_properties().into_iter().find(|(k, v)| {
+                k.ends_with(".location")
+                    && key.ends_with(&format!(".{k}"))
+                    && !std::path::Path::new(v).exists()
+            });
+            match missing {
+                Some((_, path)) => (key, format!("{path} does not exist ({message})")),
+                None => (key, message),
+            }
+        })
+}
+
+/// The configured property librdkafka's message is about ("ssl.ca.location failed: …", "No
+/// such configuration property: …"), as the operator wrote it; `kafka.properties` when the
+/// message names none.
+fn named_property(config: &Config, message: &str) -> String {
+    let k = &config.kafka;
+    let written = k
+        .properties
+        .keys()
+        .map(|key| ("kafka.properties", key))
+        .chain(
+            k.properties_env
+                .keys()
+                .map(|key| ("kafka.properties_env", key)),
+        );
+    let named = written
+        .filter(|(_, key)| message.contains(key.as_str()))
+        .max_by_key(|(_, key)| key.len());
+    if let Some((table, key)) = named {
+        return format!("{table}.{key}");
+    }
+    // A property the operator did not write ("sasl.username and sasl.password must be set").
+    let mentioned = message
+        .split(|c: char| !(c.is_ascii_lowercase() || c == '.' || c == '_'))
+        .map(|word| word.trim_matches('.'))
+        .find(|word| word.contains('.') && word.starts_with(|c: char| c.is_ascii_lowercase()));
+    match mentioned {
+        Some(key) => format!("kafka.properties.{key}"),
+        // SASL without sasl.mechanisms means GSSAPI (Kerberos), which edgegate is built without.
+        None if message.contains("SASL mechanism") => "kafka.properties.sasl.mechanisms".into(),
+        None => "kafka.properties".into(),
+    }
 }
 
 pub struct Sink {
@@ -668,8 +714,36 @@ mod tests {
     #[test]
     fn unknown_librdkafka_properties_are_reported() {
         let (key, msg) = check_guarantees(&config_with("\"no.such.property\" = 1")).unwrap_err();
-        assert_eq!(key, "kafka.properties");
+        assert_eq!(key, "kafka.properties.no.such.property");
         assert!(msg.contains("no.such.property"), "{msg}");
+    }
+
+    /// librdkafka loads the CA file when the client is created, so `check` finds a wrong path.
+    #[test]
+    fn a_missing_ca_file_is_named_by_its_key() {
+        let config = config_with(
+            "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanisms\" = \"SCRAM-SHA-512\"\n\"sasl.username\" = \"u\"\n\"sasl.password\" = \"p\"\n\"ssl.ca.location\" = \"/nonexistent/ca.pem\"",
+        );
+        let (key, msg) = check_guarantees(&config).unwrap_err();
+        assert_eq!(key, "kafka.properties.ssl.ca.location", "{msg}");
+        assert!(
+            msg.starts_with("/nonexistent/ca.pem does not exist"),
+            "{msg}"
+        );
+        // SASL without a mechanism is librdkafka's GSSAPI, which this build lacks.
+        let (key, msg) =
+            check_guarantees(&config_with("\"security.protocol\" = \"SASL_SSL\"")).unwrap_err();
+        assert_eq!(key, "kafka.properties.sasl.mechanisms", "{msg}");
+        let (key, msg) = check_guarantees(&config_with(
+            "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanisms\" = \"PLAIN\"",
+        ))
+        .unwrap_err();
+        assert_eq!(key, "kafka.properties.sasl.username", "{msg}");
+        // Without TLS librdkafka never reads the file: nothing to report.
+        check_guarantees(&config_with(
+            "\"ssl.ca.location\" = \"/nonexistent/ca.pem\"",
+        ))
+        .unwrap();
     }
 
     #[test]
