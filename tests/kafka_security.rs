@@ -2,7 +2,10 @@
 //!
 //! Tansu 0.6 authenticates with SCRAM-SHA-256 and SCRAM-SHA-512 (no PLAIN: its SASL library is
 //! built without it) and serves no TLS of its own, so TLS is a listener in front of it
-//! (`support::tls`); librdkafka's side of both is the gateway's real configuration.
+//! (`support::tls`); librdkafka's side of both is the gateway's real configuration. Tansu answers a
+//! wrong SCRAM password with the protocol's `e=invalid-proof` in a response without an error
+//! code (and treats the connection as authenticated); librdkafka refuses to go on, reporting
+//! the authentication error a Kafka broker's SaslAuthenticationFailed also gives.
 
 mod support;
 
