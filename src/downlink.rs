@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
@@ -34,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::config::{Config, DownlinkConfig, DOWNLINK_IN_FLIGHT_BYTES};
 use crate::converter::{ConvertError, ConverterError, Downlink, EncodeJob, Encoders};
+use crate::kafka::RefusalLatch;
 use crate::metrics::{DownlinkMetrics, Metrics, ReasonLabels};
 
 pub use input::GATEWAY_HEADER;
@@ -159,6 +161,8 @@ type CommandConsumer = StreamConsumer<ConsumerEvents>;
 struct ConsumerEvents {
     metrics: Arc<Metrics>,
     positions: Positions,
+    /// The broker refused the consumer (credentials, permissions, TLS): said once, not per retry.
+    refused: RefusalLatch,
 }
 
 impl ClientContext for ConsumerEvents {
@@ -171,6 +175,18 @@ impl ClientContext for ConsumerEvents {
             tracing::error!(target: "librdkafka", facility = fac, "{message}");
         } else {
             tracing::debug!(target: "librdkafka", facility = fac, "{message}");
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let code = error.rdkafka_error_code();
+        match crate::kafka::refusal(code) {
+            Some(refusal) => self.refused.report("downlink consumer", refusal, reason),
+            // `recv` returns it too: the stage's state says it once.
+            None if code == Some(RDKafkaErrorCode::AllBrokersDown) => {
+                tracing::debug!(target: "librdkafka", %error, reason, "downlink client error");
+            }
+            None => tracing::error!(target: "librdkafka", "librdkafka: {error}: {reason}"),
         }
     }
 
@@ -243,11 +259,15 @@ fn consumer(
         }
         c.set(key, value);
     }
-    c.create_with_context(ConsumerEvents { metrics, positions })
-        .map_err(|e| DownlinkError::Client {
-            what: "consumer",
-            message: e.to_string(),
-        })
+    c.create_with_context(ConsumerEvents {
+        metrics,
+        positions,
+        refused: RefusalLatch::default(),
+    })
+    .map_err(|e| DownlinkError::Client {
+        what: "consumer",
+        message: e.to_string(),
+    })
 }
 
 /// Producer settings in `kafka.properties` that a consumer refuses outright.
@@ -327,18 +347,32 @@ struct Stage {
 
 /// The consumer's last error, logged when it changes and when records flow again.
 #[derive(Default)]
-struct ConsumerState(Option<String>);
+struct ConsumerState {
+    error: Option<String>,
+    /// The broker refuses the consumer: its client context said so once, with what to check.
+    refused: bool,
+}
 
 impl ConsumerState {
-    fn down(&mut self, error: String) {
-        if self.0.as_deref() != Some(error.as_str()) {
+    fn down(&mut self, error: KafkaError) {
+        if crate::kafka::refusal(error.rdkafka_error_code()).is_some() {
+            self.refused = true;
+            return;
+        }
+        // While refused, the unreachable broker that follows from it on every retry is no news.
+        if self.refused {
+            return;
+        }
+        let error = error.to_string();
+        if self.error.as_deref() != Some(error.as_str()) {
             tracing::warn!(%error, "downlink consumer cannot fetch; retrying");
-            self.0 = Some(error);
+            self.error = Some(error);
         }
     }
 
     fn up(&mut self) {
-        if self.0.take().is_some() {
+        let refused = std::mem::take(&mut self.refused);
+        if self.error.take().is_some() || refused {
             tracing::info!("downlink consumer fetching again");
         }
     }
@@ -392,6 +426,7 @@ impl Stage {
                 received = self.consumer.recv(), if read => match received {
                     Ok(message) => {
                         self.link.up();
+                        self.consumer.context().refused.clear();
                         let input = input::read(&message, &self.shared.gateway_id, &self.settings.msg_type);
                         drop(message);
                         if self.paused {
@@ -405,7 +440,7 @@ impl Stage {
                     }
                     // librdkafka retries by itself; say once what is wrong (a missing topic, no
                     // broker, not authorised) and once when records flow again.
-                    Err(e) => self.link.down(e.to_string()),
+                    Err(e) => self.link.down(e),
                 },
             }
         };
@@ -825,8 +860,26 @@ fn dlq_log(route: &str, error: &str, dead_lettered: bool) {
 
 /// The downlink's dead-letter producer: acks=all, like the uplink.
 struct DeadLetters {
-    producer: FutureProducer,
+    producer: FutureProducer<DeadLetterEvents>,
     topic: String,
+    /// Shared with the producer's [`DeadLetterEvents`].
+    refused: Arc<RefusalLatch>,
+}
+
+/// The dead-letter producer's client errors: a refusal said once, the rest as librdkafka's.
+struct DeadLetterEvents {
+    refused: Arc<RefusalLatch>,
+}
+
+impl ClientContext for DeadLetterEvents {
+    fn error(&self, error: KafkaError, reason: &str) {
+        match crate::kafka::refusal(error.rdkafka_error_code()) {
+            Some(refusal) => self
+                .refused
+                .report("downlink dead-letter producer", refusal, reason),
+            None => tracing::error!(target: "librdkafka", "librdkafka: {error}: {reason}"),
+        }
+    }
 }
 
 /// Headers the dead-letter record gets besides the command's own.
@@ -847,10 +900,15 @@ impl DeadLetters {
         for (key, value) in config.kafka_properties() {
             c.set(key, value);
         }
-        let producer: FutureProducer = c.create().map_err(|e| DownlinkError::Client {
-            what: "dead-letter producer",
-            message: e.to_string(),
-        })?;
+        let refused = Arc::new(RefusalLatch::default());
+        let producer = c
+            .create_with_context(DeadLetterEvents {
+                refused: refused.clone(),
+            })
+            .map_err(|e| DownlinkError::Client {
+                what: "dead-letter producer",
+                message: e.to_string(),
+            })?;
         if config.kafka.create_topic {
             let (config, name) = (config.clone(), topic.to_owned());
             // Best effort: an unreachable Kafka now is retried by every send.
@@ -862,6 +920,7 @@ impl DeadLetters {
         Ok(DeadLetters {
             producer,
             topic: topic.to_owned(),
+            refused,
         })
     }
 
@@ -893,7 +952,7 @@ impl DeadLetters {
         self.producer
             .send(record, Duration::from_secs(5))
             .await
-            .map(|_| ())
+            .map(|_| self.refused.clear())
             .map_err(|(e, _)| e.to_string())
     }
 }

@@ -18,7 +18,7 @@ use crate::backoff::Backoff;
 use crate::buffer::{Buffer, BufferError, ReadChunk};
 use crate::config::Config;
 use crate::converter::{Conversion, ConvertError, Converters, ConvertersGone};
-use crate::kafka::{Batching, ClientEvent, Delivery, Out, Outcome, Sink, SinkError};
+use crate::kafka::{Batching, ClientEvent, Delivery, Out, Outcome, Refusal, Sink, SinkError};
 use crate::metrics::{DropReason, Metrics};
 use crate::record::{now_ms, Record};
 
@@ -42,6 +42,9 @@ enum Link {
     Unknown,
     Up,
     Down(String),
+    /// The broker refused the gateway (credentials, permissions, TLS): retried like a link
+    /// that is down, but only a configuration change is likely to help.
+    Refused(Refusal),
 }
 
 struct LinkState {
@@ -54,13 +57,48 @@ impl LinkState {
         if self.state == next {
             return;
         }
+        // While the broker refuses us, the timeouts and unreachable brokers that follow from it
+        // are no news: the refusal stays the state (and the one line logged) until the link
+        // comes up or the broker refuses for another reason.
+        if matches!(self.state, Link::Refused(_)) && matches!(next, Link::Down(_)) {
+            return;
+        }
         match &next {
             Link::Up => tracing::info!("kafka link up"),
             Link::Down(reason) => tracing::warn!(%reason, "kafka link down"),
-            Link::Unknown => {}
+            Link::Unknown | Link::Refused(_) => {}
         }
         self.metrics.kafka_link_up.set(i64::from(next == Link::Up));
+        if let Link::Refused(old) = self.state {
+            self.metrics.set_kafka_link_refused(old, false);
+        }
+        if let Link::Refused(new) = next {
+            self.metrics.set_kafka_link_refused(new, true);
+        }
         self.state = next;
+    }
+
+    /// The broker refused us; logged at error level once per refusal, naming what to check.
+    fn refused(&mut self, refusal: Refusal, detail: &str) {
+        if self.state == Link::Refused(refusal) {
+            return;
+        }
+        tracing::error!(
+            reason = refusal.label(),
+            detail,
+            "{}",
+            refusal.advice(detail)
+        );
+        self.set(Link::Refused(refusal));
+    }
+
+    fn on_event(&mut self, event: ClientEvent) {
+        match event {
+            ClientEvent::LinkDown(reason) => self.set(Link::Down(reason)),
+            ClientEvent::Refused { refusal, detail } => self.refused(refusal, &detail),
+            // The pump notices a fatal error through the producer itself.
+            ClientEvent::Fatal(_) => {}
+        }
     }
 }
 
@@ -207,7 +245,10 @@ pub async fn run(
     loop {
         let (sink, (mut deliveries, mut events)) = Sink::new(&f.config, f.batching)?;
         let sink = Arc::new(sink);
-        let Some(topic_limit) = f.wait_for_topic(&sink, !described, &shutdown).await else {
+        let Some(topic_limit) = f
+            .wait_for_topic(&sink, &mut events, !described, &shutdown)
+            .await
+        else {
             drop_sink(sink).await;
             return f.finish();
         };
@@ -289,26 +330,45 @@ impl Forwarder {
     }
 
     /// The topics' lowest `max.message.bytes` if the broker told; `None` when shutdown came first.
+    /// The producer's client events are followed meanwhile: a broker refusing the gateway shows
+    /// here first, as the topic check then only times out.
     async fn wait_for_topic(
         &mut self,
         sink: &Arc<Sink>,
+        events: &mut mpsc::UnboundedReceiver<ClientEvent>,
         describe: bool,
         shutdown: &CancellationToken,
     ) -> Option<Option<u64>> {
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         loop {
             let (s, c) = (sink.clone(), self.config.clone());
-            let checked = tokio::select! {
-                r = tokio::task::spawn_blocking(move || s.ensure_topic(&c, Duration::from_secs(5), describe)) => r,
-                _ = shutdown.cancelled() => return None,
+            let mut check = tokio::task::spawn_blocking(move || {
+                s.ensure_topic(&c, Duration::from_secs(5), describe)
+            });
+            let checked = loop {
+                tokio::select! {
+                    r = &mut check => break r,
+                    Some(event) = events.recv() => self.link.on_event(event),
+                    _ = shutdown.cancelled() => return None,
+                }
             };
+            // A refusal reported meanwhile explains the failure better than the failure itself.
+            while let Ok(event) = events.try_recv() {
+                self.link.on_event(event);
+            }
             match checked {
                 Ok(Ok(limit)) => return Some(limit),
                 Ok(Err(e)) => self.link.set(Link::Down(e.to_string())),
                 Err(e) => self.link.set(Link::Down(e.to_string())),
             }
-            if !sleep_or_shutdown(backoff.next_delay(), shutdown).await {
-                return None;
+            let pause = tokio::time::sleep(backoff.next_delay());
+            tokio::pin!(pause);
+            loop {
+                tokio::select! {
+                    _ = &mut pause => break,
+                    Some(event) = events.recv() => self.link.on_event(event),
+                    _ = shutdown.cancelled() => return None,
+                }
             }
         }
     }
@@ -337,7 +397,7 @@ impl Forwarder {
                 Some(d) = deliveries.recv() => self.on_delivery(d),
                 Some(event) = events.recv() => match event {
                     ClientEvent::Fatal(reason) => return Ok(PumpExit::Recreate(reason)),
-                    ClientEvent::LinkDown(reason) => self.link.set(Link::Down(reason)),
+                    event => self.link.on_event(event),
                 },
                 _ = tick.tick() => {
                     if let Some(reason) = sink.fatal_error() {

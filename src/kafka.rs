@@ -7,6 +7,7 @@
 
 mod reports;
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,8 +52,105 @@ pub struct Delivery {
 pub enum ClientEvent {
     /// The producer is unusable; replace it and resend everything unconfirmed.
     Fatal(String),
-    /// No broker can be reached, or the broker refused our credentials.
+    /// No broker can be reached.
     LinkDown(String),
+    /// The broker refused us for a reason only a configuration change fixes; `detail` is
+    /// librdkafka's text of the first refusal.
+    Refused { refusal: Refusal, detail: String },
+}
+
+/// Why a broker refuses the gateway, as far as the operator has to act on it. librdkafka keeps
+/// retrying, so records wait in the buffer and go out once the broker accepts the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// SASL authentication failed: wrong username or password, or a mechanism the broker does
+    /// not offer.
+    Authentication,
+    /// Authenticated, but the user may not write the topic (Kafka ACLs).
+    Authorisation,
+    /// The TLS handshake failed: an untrusted broker certificate, a wrong host name, TLS against
+    /// a plaintext listener.
+    Tls,
+}
+
+impl Refusal {
+    /// The label of `edgegate_kafka_link_refused`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Authentication => "authentication",
+            Refusal::Authorisation => "authorisation",
+            Refusal::Tls => "tls",
+        }
+    }
+
+    /// What the operator should look at; `detail` is librdkafka's error text.
+    pub fn advice(self, detail: &str) -> &'static str {
+        match self {
+            Refusal::Authentication => {
+                "kafka authentication failed: check kafka.properties sasl.username and \
+                 sasl.password (or kafka.properties_env), and sasl.mechanisms against what the \
+                 broker offers; records stay buffered until the broker accepts them"
+            }
+            Refusal::Authorisation => {
+                "kafka refused access: the user lacks permissions (ACLs: Write and Describe on \
+                 the topic, IdempotentWrite on the cluster); records stay buffered until it may \
+                 write"
+            }
+            Refusal::Tls if detail.contains("certificate verify failed") => {
+                "kafka TLS handshake failed: the broker's certificate is not trusted (or does \
+                 not name the broker's host): set kafka.properties ssl.ca.location to the CA that \
+                 signed it (or install that CA in the system store); records stay buffered until \
+                 the handshake succeeds"
+            }
+            Refusal::Tls => {
+                "kafka TLS handshake failed: check kafka.properties security.protocol (SSL or \
+                 SASL_SSL only for TLS listeners) and the ssl.* settings; records stay buffered \
+                 until the handshake succeeds"
+            }
+        }
+    }
+}
+
+/// For clients without a link state of their own (the downlink's): logs each refusal once, with
+/// what to check, until [`RefusalLatch::clear`] (the client works again).
+#[derive(Debug, Default)]
+pub struct RefusalLatch(AtomicU8);
+
+impl RefusalLatch {
+    /// Logs `refusal` of `client` unless it is the one logged last.
+    pub fn report(&self, client: &str, refusal: Refusal, detail: &str) {
+        let code = refusal as u8 + 1;
+        if self.0.swap(code, Ordering::Relaxed) != code {
+            tracing::error!(
+                client,
+                reason = refusal.label(),
+                detail,
+                "{}",
+                refusal.advice(detail)
+            );
+        }
+    }
+
+    /// The client works: a later refusal is news again.
+    pub fn clear(&self) {
+        if self.0.load(Ordering::Relaxed) != 0 {
+            self.0.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Which librdkafka client errors are refusals rather than an unreachable broker.
+pub fn refusal(code: Option<RDKafkaErrorCode>) -> Option<Refusal> {
+    match code? {
+        RDKafkaErrorCode::Authentication
+        | RDKafkaErrorCode::SaslAuthenticationFailed
+        | RDKafkaErrorCode::UnsupportedSASLMechanism
+        | RDKafkaErrorCode::IllegalSASLState => Some(Refusal::Authentication),
+        RDKafkaErrorCode::TopicAuthorizationFailed
+        | RDKafkaErrorCode::ClusterAuthorizationFailed => Some(Refusal::Authorisation),
+        RDKafkaErrorCode::SSL => Some(Refusal::Tls),
+        _ => None,
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,18 +199,17 @@ impl ClientContext for SinkContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        let event = match error.rdkafka_error_code() {
-            Some(RDKafkaErrorCode::Fatal) => ClientEvent::Fatal(reason.to_owned()),
+        let code = error.rdkafka_error_code();
+        let event = match (code, refusal(code)) {
+            (_, Some(refusal)) => ClientEvent::Refused {
+                refusal,
+                detail: reason.to_owned(),
+            },
+            (Some(RDKafkaErrorCode::Fatal), _) => ClientEvent::Fatal(reason.to_owned()),
             // The reason text varies ("0/1 brokers are down"); the state must not.
-            Some(RDKafkaErrorCode::AllBrokersDown) => {
+            (Some(RDKafkaErrorCode::AllBrokersDown), _) => {
                 ClientEvent::LinkDown("no broker reachable".into())
             }
-            Some(
-                RDKafkaErrorCode::Authentication
-                | RDKafkaErrorCode::SaslAuthenticationFailed
-                | RDKafkaErrorCode::TopicAuthorizationFailed
-                | RDKafkaErrorCode::ClusterAuthorizationFailed,
-            ) => ClientEvent::LinkDown(format!("not authorised: {reason}")),
             _ => {
                 tracing::debug!(target: "librdkafka", %error, reason, "client error");
                 return;
@@ -245,7 +342,53 @@ pub fn check_guarantees(config: &Config) -> Result<(), (String, String)> {
             events: etx,
         })
         .map(drop)
-        .map_err(|e| ("kafka.properties".to_owned(), e.to_string()))
+        .map_err(|e| {
+            let message = e.to_string();
+            let key = named_property(config, &message);
+            // OpenSSL's text for a missing file is "system lib": say what is wrong.
+            let missing = config.kafka_properties().into_iter().find(|(k, v)| {
+                k.ends_with(".location")
+                    && key.ends_with(&format!(".{k}"))
+                    && !std::path::Path::new(v).exists()
+            });
+            match missing {
+                Some((_, path)) => (key, format!("{path} does not exist ({message})")),
+                None => (key, message),
+            }
+        })
+}
+
+/// The configured property librdkafka's message is about ("ssl.ca.location failed: …", "No
+/// such configuration property: …"), as the operator wrote it; `kafka.properties` when the
+/// message names none.
+fn named_property(config: &Config, message: &str) -> String {
+    let k = &config.kafka;
+    let written = k
+        .properties
+        .keys()
+        .map(|key| ("kafka.properties", key))
+        .chain(
+            k.properties_env
+                .keys()
+                .map(|key| ("kafka.properties_env", key)),
+        );
+    let named = written
+        .filter(|(_, key)| message.contains(key.as_str()))
+        .max_by_key(|(_, key)| key.len());
+    if let Some((table, key)) = named {
+        return format!("{table}.{key}");
+    }
+    // A property the operator did not write ("sasl.username and sasl.password must be set").
+    let mentioned = message
+        .split(|c: char| !(c.is_ascii_lowercase() || c == '.' || c == '_'))
+        .map(|word| word.trim_matches('.'))
+        .find(|word| word.contains('.') && word.starts_with(|c: char| c.is_ascii_lowercase()));
+    match mentioned {
+        Some(key) => format!("kafka.properties.{key}"),
+        // SASL without sasl.mechanisms means GSSAPI (Kerberos), which edgegate is built without.
+        None if message.contains("SASL mechanism") => "kafka.properties.sasl.mechanisms".into(),
+        None => "kafka.properties".into(),
+    }
 }
 
 pub struct Sink {
@@ -571,7 +714,64 @@ mod tests {
     #[test]
     fn unknown_librdkafka_properties_are_reported() {
         let (key, msg) = check_guarantees(&config_with("\"no.such.property\" = 1")).unwrap_err();
-        assert_eq!(key, "kafka.properties");
+        assert_eq!(key, "kafka.properties.no.such.property");
         assert!(msg.contains("no.such.property"), "{msg}");
+    }
+
+    /// librdkafka loads the CA file when the client is created, so `check` finds a wrong path.
+    #[test]
+    fn a_missing_ca_file_is_named_by_its_key() {
+        let config = config_with(
+            "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanisms\" = \"SCRAM-SHA-512\"\n\"sasl.username\" = \"u\"\n\"sasl.password\" = \"p\"\n\"ssl.ca.location\" = \"/nonexistent/ca.pem\"",
+        );
+        let (key, msg) = check_guarantees(&config).unwrap_err();
+        assert_eq!(key, "kafka.properties.ssl.ca.location", "{msg}");
+        assert!(
+            msg.starts_with("/nonexistent/ca.pem does not exist"),
+            "{msg}"
+        );
+        // SASL without a mechanism is librdkafka's GSSAPI, which this build lacks.
+        let (key, msg) =
+            check_guarantees(&config_with("\"security.protocol\" = \"SASL_SSL\"")).unwrap_err();
+        assert_eq!(key, "kafka.properties.sasl.mechanisms", "{msg}");
+        let (key, msg) = check_guarantees(&config_with(
+            "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanisms\" = \"PLAIN\"",
+        ))
+        .unwrap_err();
+        assert_eq!(key, "kafka.properties.sasl.username", "{msg}");
+        // Without TLS librdkafka never reads the file: nothing to report.
+        check_guarantees(&config_with(
+            "\"ssl.ca.location\" = \"/nonexistent/ca.pem\"",
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn refusals_are_told_apart_from_an_unreachable_broker() {
+        use RDKafkaErrorCode as C;
+        assert_eq!(
+            refusal(Some(C::Authentication)),
+            Some(Refusal::Authentication)
+        );
+        assert_eq!(
+            refusal(Some(C::SaslAuthenticationFailed)),
+            Some(Refusal::Authentication)
+        );
+        assert_eq!(
+            refusal(Some(C::UnsupportedSASLMechanism)),
+            Some(Refusal::Authentication)
+        );
+        assert_eq!(refusal(Some(C::SSL)), Some(Refusal::Tls));
+        assert_eq!(
+            refusal(Some(C::TopicAuthorizationFailed)),
+            Some(Refusal::Authorisation)
+        );
+        assert_eq!(refusal(Some(C::AllBrokersDown)), None);
+        assert_eq!(refusal(Some(C::BrokerTransportFailure)), None);
+        let untrusted = "SSL handshake failed: error:0A000086:SSL routines::certificate verify failed: broker certificate could not be verified";
+        assert!(Refusal::Tls.advice(untrusted).contains("ssl.ca.location"));
+        assert!(Refusal::Authentication
+            .advice("")
+            .contains("sasl.username and sasl.password"));
     }
 }

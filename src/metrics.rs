@@ -182,6 +182,8 @@ pub struct Metrics {
     pub buffer_disk_free_bytes: Gauge,
     pub buffer_oldest_age_seconds: Gauge<f64, AtomicU64>,
     pub kafka_link_up: Gauge,
+    /// 1 while the broker refuses the gateway, per reason (authentication, authorisation, tls).
+    kafka_link_refused: Family<ReasonLabels, Gauge>,
     pub source_connected: Family<SourceLabels, Gauge>,
     /// Times a source task ended unexpectedly (a panic) and was restarted.
     pub source_restarts: Family<SourceLabels, Counter>,
@@ -211,6 +213,7 @@ impl Metrics {
             buffer_disk_free_bytes: Gauge::default(),
             buffer_oldest_age_seconds: Gauge::default(),
             kafka_link_up: Gauge::default(),
+            kafka_link_refused: Family::default(),
             source_connected: Family::default(),
             source_restarts: Family::default(),
             mqtt_redelivered: Family::default(),
@@ -263,6 +266,11 @@ impl Metrics {
             "kafka_link_up",
             "1 while Kafka confirms deliveries",
             m.kafka_link_up.clone(),
+        );
+        r.register(
+            "kafka_link_refused",
+            "1 while the Kafka broker refuses the gateway, per reason (authentication, authorisation, tls); records stay buffered",
+            m.kafka_link_refused.clone(),
         );
         r.register(
             "source_connected",
@@ -394,6 +402,14 @@ impl Metrics {
                 source: source.into(),
             })
             .clone()
+    }
+
+    pub fn set_kafka_link_refused(&self, refusal: crate::kafka::Refusal, refused: bool) {
+        self.kafka_link_refused
+            .get_or_create(&ReasonLabels {
+                reason: refusal.label().into(),
+            })
+            .set(i64::from(refused));
     }
 
     pub fn set_source_connected(&self, source: &str, up: bool) {

@@ -92,6 +92,21 @@ fn unknown_key_is_named_with_its_line() {
 }
 
 #[test]
+fn a_missing_kafka_ca_file_is_named_by_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-ca.pem");
+    let config = write(
+        dir.path(),
+        &format!(
+            "{GOOD}\n[kafka.properties]\n\"security.protocol\" = \"SSL\"\n\
+             \"ssl.ca.location\" = \"{}\"\n",
+            missing.display()
+        ),
+    );
+    assert_rejected(&config, &["kafka.properties.ssl.ca.location"]);
+}
+
+#[test]
 fn an_unparsable_log_level_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let config = write(

@@ -3,6 +3,8 @@
 //! Everything binds to free loopback ports and is killed on drop.
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
@@ -156,6 +158,35 @@ pub struct Tansu {
     pub port: u16,
     pub advertised_port: u16,
     child: Child,
+    /// The SQLite storage of a broker that authenticates its clients.
+    dir: Option<tempfile::TempDir>,
+}
+
+/// A SASL/SCRAM user of [`Tansu::start_authenticating`].
+pub struct ScramUser<'a> {
+    pub name: &'a str,
+    pub password: &'a str,
+    /// `tansu user create --mechanism`: "scram256" or "scram512".
+    pub mechanism: &'a str,
+}
+
+fn spawn_tansu(port: u16, advertised_port: u16, extra: &[&str], dir: Option<&Path>) -> Child {
+    let mut command = Command::new(program("tansu"));
+    command
+        .args(["broker", "--listener-url"])
+        .arg(format!("tcp://127.0.0.1:{port}"))
+        .arg("--advertised-listener-url")
+        .arg(format!("tcp://127.0.0.1:{advertised_port}"))
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(dir) = dir {
+        // The SQLite storage URL names a file relative to the working directory.
+        command.current_dir(dir);
+    }
+    command.spawn().expect(
+        "tansu not installed (cargo install tansu --version 0.6.0 --features dynostore,libsql)",
+    )
 }
 
 impl Tansu {
@@ -165,23 +196,69 @@ impl Tansu {
     }
 
     pub fn start_advertising(port: u16, advertised_port: u16) -> Tansu {
-        let child = Command::new(program("tansu"))
-            .args(["broker", "--listener-url"])
-            .arg(format!("tcp://127.0.0.1:{port}"))
-            .arg("--advertised-listener-url")
-            .arg(format!("tcp://127.0.0.1:{advertised_port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect(
-                "tansu not installed (cargo install tansu --version 0.6.0 --features dynostore)",
-            );
+        let child = spawn_tansu(port, advertised_port, &[], None);
         wait_for_port(port, Duration::from_secs(20));
         Tansu {
             port,
             advertised_port,
             child,
+            dir: None,
         }
+    }
+
+    /// A broker that requires SASL/SCRAM authentication (`--authentication`) from every client,
+    /// with `users` and `topics` (name, partitions) in place, advertising `advertised_port` (the
+    /// TLS listener in front of it).
+    ///
+    /// Tansu administers users and topics only over the Kafka protocol, and its own command line
+    /// cannot authenticate, so they are created on a broker without `--authentication` first;
+    /// the broker then restarts with it on the same SQLite storage (the in-memory one would
+    /// forget them).
+    pub fn start_authenticating(
+        advertised_port: u16,
+        users: &[ScramUser<'_>],
+        topics: &[(&str, u32)],
+    ) -> Tansu {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = ["--storage-engine", "sqlite://tansu.db"];
+        let port = free_port();
+        let mut setup = Tansu {
+            port,
+            advertised_port: port,
+            child: spawn_tansu(port, port, &storage, Some(dir.path())),
+            dir: None,
+        };
+        wait_for_port(port, Duration::from_secs(20));
+        for user in users {
+            setup.create_user(user);
+        }
+        for (topic, partitions) in topics {
+            setup.create_topic(topic, *partitions);
+        }
+        kill(&mut setup.child);
+        let mut args = storage.to_vec();
+        args.push("--authentication");
+        let child = spawn_tansu(port, advertised_port, &args, Some(dir.path()));
+        wait_for_port(port, Duration::from_secs(20));
+        Tansu {
+            port,
+            advertised_port,
+            child,
+            dir: Some(dir),
+        }
+    }
+
+    /// `tansu user create`; only a broker without `--authentication` takes it.
+    fn create_user(&self, user: &ScramUser<'_>) {
+        let status = Command::new(program("tansu"))
+            .args(["user", "create", user.name, user.password, "--mechanism"])
+            .arg(user.mechanism)
+            .arg("--broker")
+            .arg(format!("tcp://127.0.0.1:{}", self.port))
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "tansu user create {} failed", user.name);
     }
 
     pub fn create_topic(&self, name: &str, partitions: u32) {
@@ -407,17 +484,75 @@ pub fn consume_until(
     bootstrap: &str,
     topic: &str,
     timeout: Duration,
-    mut done: impl FnMut(&[KafkaMessage]) -> bool,
+    done: impl FnMut(&[KafkaMessage]) -> bool,
 ) -> Vec<KafkaMessage> {
-    let consumer: BaseConsumer = ClientConfig::new()
+    consume_until_with(bootstrap, &[], topic, timeout, done)
+}
+
+/// [`consume_distinct`] with librdkafka properties (security settings).
+pub fn consume_distinct_with(
+    bootstrap: &str,
+    properties: &[(String, String)],
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+) -> Vec<KafkaMessage> {
+    let mut seen = std::collections::HashSet::new();
+    let mut counted = 0;
+    consume_until_with(bootstrap, properties, topic, timeout, move |msgs| {
+        for m in &msgs[counted..] {
+            seen.insert(parse_payload(&m.payload));
+        }
+        counted = msgs.len();
+        seen.len() >= expected
+    })
+}
+
+fn test_consumer(bootstrap: &str, properties: &[(String, String)]) -> BaseConsumer {
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "edgegate-tests")
         .set("enable.auto.commit", "false")
         .set("fetch.message.max.bytes", "16777216")
         .set("fetch.wait.max.ms", "10")
-        .set("receive.message.max.bytes", "67108864")
-        .create()
+        .set("receive.message.max.bytes", "67108864");
+    for (key, value) in properties {
+        config.set(key, value);
+    }
+    config.create().unwrap()
+}
+
+/// The records in `topic`: the sum of its partitions' high watermarks.
+pub fn topic_records(bootstrap: &str, properties: &[(String, String)], topic: &str) -> i64 {
+    let consumer = test_consumer(bootstrap, properties);
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
         .unwrap();
+    let partitions = metadata
+        .topics()
+        .first()
+        .map(|t| t.partitions().len())
+        .unwrap_or(0);
+    assert!(partitions > 0, "topic {topic} has no partitions");
+    (0..partitions as i32)
+        .map(|p| {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .unwrap();
+            high - low
+        })
+        .sum()
+}
+
+pub fn consume_until_with(
+    bootstrap: &str,
+    properties: &[(String, String)],
+    topic: &str,
+    timeout: Duration,
+    mut done: impl FnMut(&[KafkaMessage]) -> bool,
+) -> Vec<KafkaMessage> {
+    let consumer = test_consumer(bootstrap, properties);
     let deadline = Instant::now() + timeout;
     let partitions = loop {
         if let Ok(md) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
