@@ -170,6 +170,8 @@ fn prefixed(p: u8, seq: u64) -> [u8; 9] {
     k
 }
 const NEXT_SEQ_KEY: &[u8] = b"mnext_seq";
+/// Forward steps of the system clock seen so far, for `max_age` (see `clock.rs`).
+const CLOCK_STEPS_KEY: &[u8] = b"mclock_steps";
 
 /// A snapshot of what the buffer holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -294,6 +296,7 @@ impl Buffer {
         let log = open_log_for_sync(&dir)?;
         let tree: sled::Tree = (*db).clone();
         let state = load_state(&tree)?;
+        let clock_steps = load_clock_steps(&tree)?;
         let shared = Arc::new(Shared {
             db,
             log,
@@ -307,7 +310,7 @@ impl Buffer {
             released: Mutex::new(Vec::new()),
             failure: Failure::default(),
             disk: space::DiskSpace::new(&dir, config),
-            clock: clock::ClockSteps::default(),
+            clock: clock::ClockSteps::load(&clock_steps),
         });
         let buffer = Buffer { shared };
         buffer.update_gauges();
@@ -338,10 +341,6 @@ impl Buffer {
     /// Bytes sled occupies on disk.
     pub fn disk_bytes(&self) -> u64 {
         self.shared.db.size_on_disk().unwrap_or(0)
-    }
-
-    pub fn max_age(&self) -> Option<Duration> {
-        self.shared.config.max_age
     }
 }
 
@@ -444,6 +443,13 @@ fn open_error(dir: &Path, e: sled::Error) -> BufferError {
         }
         _ => BufferError::Storage(e),
     }
+}
+
+fn load_clock_steps(tree: &sled::Tree) -> Result<Vec<u8>, BufferError> {
+    Ok(tree
+        .get(CLOCK_STEPS_KEY)?
+        .map(|v| v.to_vec())
+        .unwrap_or_default())
 }
 
 fn load_state(tree: &sled::Tree) -> Result<State, BufferError> {

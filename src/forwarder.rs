@@ -431,10 +431,7 @@ impl Forwarder {
         chunk: ReadChunk,
         shutdown: &CancellationToken,
     ) -> Result<(), ForwarderError> {
-        let cutoff = self
-            .buffer
-            .max_age()
-            .map(|age| now_ms().saturating_sub(age.as_millis() as u64));
+        let now = now_ms();
         let mut entry = InFlightChunk {
             first_seq: chunk.info.first_seq,
             count: chunk.info.count,
@@ -460,7 +457,7 @@ impl Forwarder {
             (chunk, Vec::new())
         };
         for (i, record) in chunk.records.iter().enumerate() {
-            if cutoff.is_some_and(|c| record.captured_ms < c) {
+            if self.buffer.is_expired(record.captured_ms, now) {
                 self.metrics.count_dropped(DropReason::MaxAge, 1);
                 continue;
             }

@@ -155,8 +155,8 @@ fn glob_one(root: &str, tail: &str) -> Option<PathBuf> {
 }
 
 /// The clock jumps 3 hours forward with records buffered and `max_age = "20s"`: they are not
-/// dropped at the jump but 20 s after they were captured, by the time that really passed; the
-/// age gauge does not jump either. A step back does not drop anything. Capture times are the
+/// dropped at the jump, nor after a restart, but 20 s after they were captured, by the time that
+/// really passed; the age gauge does not jump either. A step back does not drop anything. Capture times are the
 /// clock's when each record arrived: a step does not rewrite them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clock_steps_neither_expire_records_early_nor_rewrite_capture_times() {
@@ -192,6 +192,13 @@ async fn clock_steps_neither_expire_records_early_nor_rewrite_capture_times() {
     assert_eq!(metric(admin, max_age), 0.0, "dropped at the jump");
     let age = metric(admin, "edgegate_buffer_oldest_age_seconds");
     assert!(age < 60.0, "oldest record {age} s old after the jump");
+    // A restart does not forget the step (the clock stays 3 h ahead; nothing steps again).
+    assert_eq!(gw.terminate(), Some(0), "{}", gw.log());
+    gw.restart();
+    gw.wait_for_count("edgegate ready", 2, Duration::from_secs(30));
+    next_housekeeping(admin);
+    assert_eq!(metric(admin, max_age), 0.0, "dropped after the restart");
+    assert_eq!(metric(admin, "edgegate_buffer_records"), 50.0);
 
     wait_metric(admin, max_age, |v| v >= 50.0, Duration::from_secs(60));
     let expired_after = captured.elapsed();

@@ -27,10 +27,39 @@ struct Inner {
 }
 
 impl ClockSteps {
-    /// Compares how far the wall clock and the monotonic clock moved since the last call.
-    pub(super) fn observe(&self, wall_ms: u64) {
+    /// The steps recorded by an earlier run (see [`ClockSteps::encoded`]).
+    pub(super) fn load(bytes: &[u8]) -> ClockSteps {
+        let steps = bytes
+            .chunks_exact(16)
+            .filter_map(|c| {
+                let before = u64::from_le_bytes(c.get(..8)?.try_into().ok()?);
+                let ahead = u64::from_le_bytes(c.get(8..)?.try_into().ok()?);
+                Some((before, ahead))
+            })
+            .take(STEPS_MAX)
+            .collect();
+        ClockSteps {
+            inner: Mutex::new(Inner { last: None, steps }),
+        }
+    }
+
+    /// The steps as stored in the buffer, so that a restart does not forget them.
+    pub(super) fn encoded(&self) -> Vec<u8> {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::with_capacity(inner.steps.len() * 16);
+        for (before, ahead) in &inner.steps {
+            out.extend_from_slice(&before.to_le_bytes());
+            out.extend_from_slice(&ahead.to_le_bytes());
+        }
+        out
+    }
+
+    /// Compares how far the wall clock and the monotonic clock moved since the last call; true
+    /// when it recorded a forward step.
+    pub(super) fn observe(&self, wall_ms: u64) -> bool {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
+        let mut stepped = false;
         if let Some((then, then_wall)) = inner.last {
             let expected = then_wall + now.duration_since(then).as_millis() as u64;
             let ahead = wall_ms.saturating_sub(expected);
@@ -40,6 +69,7 @@ impl ClockSteps {
                     "system clock stepped forward; buffer.max_age keeps counting records captured before from the old clock"
                 );
                 inner.steps.push((expected, ahead));
+                stepped = true;
                 if inner.steps.len() > STEPS_MAX {
                     // Both steps for what came before the later one: kept longer, never dropped early.
                     let (_, first) = inner.steps.remove(0);
@@ -53,6 +83,7 @@ impl ClockSteps {
             }
         }
         inner.last = Some((now, wall_ms));
+        stepped
     }
 
     /// `captured_ms` as the clock of now would have read it: plus every later forward step.
@@ -84,6 +115,15 @@ mod tests {
         // Backward: nothing changes.
         clock.observe(t0);
         assert_eq!(clock.on_current_clock(t0 - 5), t0 - 5 + three_hours);
+    }
+
+    #[test]
+    fn steps_survive_a_restart() {
+        let clock = ClockSteps::default();
+        clock.observe(1_000_000);
+        assert!(clock.observe(1_000_000 + 3_600_000));
+        let again = ClockSteps::load(&clock.encoded());
+        assert_eq!(again.on_current_clock(999_000), 999_000 + 3_600_000);
     }
 
     #[test]

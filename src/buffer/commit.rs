@@ -457,7 +457,8 @@ async fn reserve(buffer: &Buffer, enc: &Encoded, shutdown: &CancellationToken) -
             let was_full = s.bytes + need > max;
             // "Room again" only below 90%, so a buffer hovering at the limit does not flap the log.
             let has_room = s.bytes + need <= max - max / 10;
-            let may_evict = disk != DiskRoom::Critical;
+            // Evicting for a batch that could not fit even then would only lose records.
+            let may_evict = disk != DiskRoom::Critical && need <= max;
             if was_full && may_evict && shared.config.when_full == WhenFull::DropOldest {
                 evicted = s.evict_unread(|s, _| s.bytes + need > max);
             }
@@ -480,6 +481,8 @@ async fn reserve(buffer: &Buffer, enc: &Encoded, shutdown: &CancellationToken) -
             // Kafka is away, so it must go on.
             _ = tokio::time::sleep(HOUSEKEEPING_EVERY) => {
                 let _ = buffer.expire();
+                // Housekeeping does not run while the commit waits here; the gauges still must.
+                buffer.update_gauges();
             }
             _ = shared.failure.signal.cancelled() => return None,
             _ = shutdown.cancelled() => return None,

@@ -71,7 +71,14 @@ impl Buffer {
     pub(super) fn expire(&self) -> Result<(), BufferError> {
         let now = now_ms();
         let clock = &self.shared.clock;
-        clock.observe(now);
+        if clock.observe(now) {
+            let tree = &self.shared.tree;
+            let steps = clock.encoded();
+            self.shared.write("recording a clock step", || {
+                tree.insert(CLOCK_STEPS_KEY, steps)?;
+                self.shared.make_durable()
+            })?;
+        }
         let Some(max_age) = self.shared.config.max_age else {
             return Ok(());
         };
@@ -80,6 +87,17 @@ impl Buffer {
             .state()
             .evict_unread(|_, c| clock.on_current_clock(c.last_ms) < cutoff);
         self.remove_evicted(&gone, DropReason::MaxAge)
+    }
+
+    /// Whether a record captured at `captured_ms` is older than `buffer.max_age`, counting clock
+    /// steps as [`expire`](Self::expire) does; for the forwarder, which drops such records instead
+    /// of sending them.
+    pub fn is_expired(&self, captured_ms: u64, now_ms: u64) -> bool {
+        let Some(max_age) = self.shared.config.max_age else {
+            return false;
+        };
+        let cutoff = now_ms.saturating_sub(max_age.as_millis() as u64);
+        self.shared.clock.on_current_clock(captured_ms) < cutoff
     }
 
     pub(super) fn remove_evicted(

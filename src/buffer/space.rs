@@ -1,6 +1,7 @@
 //! Free space on data_dir's filesystem. A failed write ends the process (see [`Failure`]), so the
 //! buffer must never reach one through a full disk: below `buffer.min_free_disk` it stops growing
-//! and `when_full` applies as if `max_bytes` had been reached, until the space returns. Below half
+//! and `when_full` applies as if `max_bytes` had been reached (at its current size, but never
+//! below a few commits' working room), until the space returns. Below half
 //! the reserve nothing more is written, whatever the policy: sled does not promise to reuse the
 //! space of evicted records before its file grows (measured: 6 MB written in 130 ms under
 //! `drop_oldest` on a 32 MB tmpfs).
@@ -17,6 +18,11 @@ pub(super) enum DiskRoom {
     Critical,
 }
 
+/// The least the buffer is held to while the disk is low: room for a few group commits, so that
+/// records still pass through to a reachable Kafka (sled reuses the space of delivered ones)
+/// even when the disk ran low while the buffer was empty.
+const WORKING_ROOM: u64 = 4 * COMMIT_MAX_BYTES as u64;
+
 pub(super) struct DiskSpace {
     dir: PathBuf,
     min_free: u64,
@@ -26,9 +32,21 @@ pub(super) struct DiskSpace {
 
 impl DiskSpace {
     pub(super) fn new(dir: &Path, config: &BufferConfig) -> DiskSpace {
+        let mut min_free = config.min_free_disk.as_u64();
+        // A reserve near the filesystem's size would hold the buffer from the start, for good.
+        if let Ok((_, size)) = free_and_size(dir) {
+            if min_free > size / 4 {
+                tracing::warn!(
+                    min_free_disk = min_free,
+                    filesystem_bytes = size,
+                    "buffer.min_free_disk is over a quarter of data_dir's filesystem; a quarter is used"
+                );
+                min_free = size / 4;
+            }
+        }
         DiskSpace {
             dir: dir.to_owned(),
-            min_free: config.min_free_disk.as_u64(),
+            min_free,
             cap: Mutex::new(None),
         }
     }
@@ -42,8 +60,8 @@ impl DiskSpace {
             return DiskRoom::Plenty;
         }
         let mut cap = self.cap.lock().unwrap_or_else(|p| p.into_inner());
-        let free = match free_bytes(&self.dir) {
-            Ok(free) => free,
+        let free = match free_and_size(&self.dir) {
+            Ok((free, _)) => free,
             // Without an answer, keep the last decision; the write itself still fails safely.
             Err(e) => {
                 tracing::debug!(error = %e, "statvfs of data_dir failed");
@@ -59,7 +77,7 @@ impl DiskSpace {
             None if free < self.min_free => {
                 tracing::error!(free_bytes = free, min_free_disk = self.min_free,
                     "data_dir's disk is nearly full; the buffer stops growing and buffer.when_full applies until space returns");
-                Some(stored)
+                Some(stored.max(WORKING_ROOM))
             }
             Some(_) if recovered => {
                 tracing::info!(free_bytes = free, "data_dir's disk has room again");
@@ -75,8 +93,8 @@ impl DiskSpace {
     }
 }
 
-/// Bytes an unprivileged process may still write on `dir`'s filesystem.
-fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+/// Bytes an unprivileged process may still write on `dir`'s filesystem, and its size.
+fn free_and_size(dir: &Path) -> std::io::Result<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
@@ -86,5 +104,6 @@ fn free_bytes(dir: &Path) -> std::io::Result<u64> {
         return Err(std::io::Error::last_os_error());
     }
     #[allow(clippy::useless_conversion)] // u32 fields on 32-bit ARM
-    Ok(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
+    let bytes = |blocks| u64::from(blocks).saturating_mul(u64::from(st.f_frsize));
+    Ok((bytes(st.f_bavail), bytes(st.f_blocks)))
 }
