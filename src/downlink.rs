@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
@@ -171,6 +172,23 @@ impl ClientContext for ConsumerEvents {
             tracing::error!(target: "librdkafka", facility = fac, "{message}");
         } else {
             tracing::debug!(target: "librdkafka", facility = fac, "{message}");
+        }
+    }
+
+    /// librdkafka's client-wide errors. Connection failures ("all brokers down", transport
+    /// failures) are an uplink outage, which the consumer loop reports as a warning when a
+    /// fetch fails; rdkafka's default callback would log each one at ERROR level.
+    fn error(&self, error: KafkaError, reason: &str) {
+        match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::Fatal) => {
+                tracing::error!(target: "librdkafka", %error, reason, "downlink consumer failed")
+            }
+            Some(
+                RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::Resolve,
+            ) => tracing::debug!(target: "librdkafka", %error, reason, "downlink link error"),
+            _ => tracing::warn!(target: "librdkafka", %error, reason, "downlink consumer error"),
         }
     }
 
