@@ -158,6 +158,20 @@ pub struct Tansu {
     child: Child,
 }
 
+fn spawn_tansu(port: u16, advertised_port: u16) -> Child {
+    let child = Command::new(program("tansu"))
+        .args(["broker", "--listener-url"])
+        .arg(format!("tcp://127.0.0.1:{port}"))
+        .arg("--advertised-listener-url")
+        .arg(format!("tcp://127.0.0.1:{advertised_port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("tansu not installed (cargo install tansu --version 0.6.0 --features dynostore)");
+    wait_for_port(port, Duration::from_secs(20));
+    child
+}
+
 impl Tansu {
     pub fn start() -> Tansu {
         let port = free_port();
@@ -165,23 +179,19 @@ impl Tansu {
     }
 
     pub fn start_advertising(port: u16, advertised_port: u16) -> Tansu {
-        let child = Command::new(program("tansu"))
-            .args(["broker", "--listener-url"])
-            .arg(format!("tcp://127.0.0.1:{port}"))
-            .arg("--advertised-listener-url")
-            .arg(format!("tcp://127.0.0.1:{advertised_port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect(
-                "tansu not installed (cargo install tansu --version 0.6.0 --features dynostore)",
-            );
-        wait_for_port(port, Duration::from_secs(20));
+        let child = spawn_tansu(port, advertised_port);
         Tansu {
             port,
             advertised_port,
             child,
         }
+    }
+
+    /// Kills the broker and starts a new one on the same ports. Its storage is in memory, so the
+    /// new broker starts empty: topics, records and consumer group offsets are gone.
+    pub fn restart(&mut self) {
+        kill(&mut self.child);
+        self.child = spawn_tansu(self.port, self.advertised_port);
     }
 
     pub fn create_topic(&self, name: &str, partitions: u32) {
@@ -246,13 +256,29 @@ impl Drop for Proxy {
 
 impl Proxy {
     pub fn start(port: u16, upstream: u16) -> Proxy {
+        Proxy::start_with(port, upstream, None)
+    }
+
+    /// A proxy in front of a Kafka broker whose cut and blackhole spare the connections of the
+    /// clients whose `client.id` starts with `exempt`: the test's own consumers and producers,
+    /// which stand on the platform's side of the gateway's uplink. The client id comes from each
+    /// connection's first request. While cut, the proxy keeps listening and resets other clients'
+    /// connections as soon as their first request arrives.
+    pub fn start_kafka_exempting(port: u16, upstream: u16, exempt: &str) -> Proxy {
+        Proxy::start_with(port, upstream, Some(Arc::from(exempt)))
+    }
+
+    fn start_with(port: u16, upstream: u16, exempt: Option<Arc<str>>) -> Proxy {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .unwrap();
         let (mode, rx) = watch::channel(ProxyMode::Up);
-        runtime.spawn(accept_loop(port, upstream, rx));
+        match exempt {
+            None => runtime.spawn(accept_loop(port, upstream, rx)),
+            Some(exempt) => runtime.spawn(accept_exempting(port, upstream, rx, exempt)),
+        };
         wait_for_port(port, Duration::from_secs(5));
         Proxy {
             port,
@@ -294,6 +320,85 @@ async fn accept_loop(port: u16, upstream: u16, mut mode: watch::Receiver<ProxyMo
             }
         }
     }
+}
+
+async fn accept_exempting(
+    port: u16,
+    upstream: u16,
+    mode: watch::Receiver<ProxyMode>,
+    exempt: Arc<str>,
+) {
+    let listener = loop {
+        match bind_reuse(port) {
+            Ok(l) => break l,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    loop {
+        if let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(relay_exempting(
+                client,
+                upstream,
+                mode.clone(),
+                exempt.clone(),
+            ));
+        }
+    }
+}
+
+/// Reads a Kafka request's size, header and client id: (the bytes read, the client id).
+async fn kafka_client_id(client: &mut TcpStream) -> Option<(Vec<u8>, String)> {
+    // size (4), api_key (2), api_version (2), correlation_id (4), client_id length (2)
+    let mut head = vec![0u8; 14];
+    client.read_exact(&mut head).await.ok()?;
+    let len = i16::from_be_bytes([head[12], head[13]]);
+    let mut id = vec![0u8; usize::try_from(len).unwrap_or(0)];
+    client.read_exact(&mut id).await.ok()?;
+    head.extend_from_slice(&id);
+    Some((head, String::from_utf8_lossy(&id).into_owned()))
+}
+
+fn reset(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+}
+
+async fn relay_exempting(
+    mut client: TcpStream,
+    upstream: u16,
+    mut mode: watch::Receiver<ProxyMode>,
+    exempt: Arc<str>,
+) {
+    let Some((head, client_id)) = kafka_client_id(&mut client).await else {
+        return;
+    };
+    // Exempt connections see a link that is always up; the sender lives as long as the relay.
+    let (_always_up, up) = watch::channel(ProxyMode::Up);
+    let mode = if client_id.starts_with(&*exempt) {
+        up
+    } else {
+        loop {
+            match *mode.borrow_and_update() {
+                ProxyMode::Up => break,
+                ProxyMode::Cut => return reset(client),
+                ProxyMode::Blackhole => {}
+            }
+            if mode.changed().await.is_err() {
+                return;
+            }
+        }
+        mode
+    };
+    let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+        return reset(client);
+    };
+    if server.write_all(&head).await.is_err() {
+        return reset(client);
+    }
+    let (cr, cw) = client.into_split();
+    let (sr, sw) = server.into_split();
+    let a = tokio::spawn(pipe(cr, sw, mode.clone()));
+    let b = tokio::spawn(pipe(sr, cw, mode));
+    let _ = tokio::join!(a, b);
 }
 
 fn bind_reuse(port: u16) -> std::io::Result<TcpListener> {
@@ -363,6 +468,27 @@ pub struct KafkaMessage {
 }
 
 impl KafkaMessage {
+    pub fn from_message(m: &impl Message) -> KafkaMessage {
+        KafkaMessage {
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            timestamp: m.timestamp().to_millis(),
+            headers: m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            let v = h.value.map(|v| String::from_utf8_lossy(v).into_owned());
+                            (h.key.to_owned(), v.unwrap_or_default())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+
     pub fn header(&self, k: &str) -> &str {
         self.headers.get(k).map(String::as_str).unwrap_or("")
     }
@@ -442,24 +568,7 @@ pub fn consume_until(
     let mut out = Vec::new();
     while !done(&out) && Instant::now() < deadline {
         match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => out.push(KafkaMessage {
-                partition: m.partition(),
-                offset: m.offset(),
-                key: m.key().map(<[u8]>::to_vec),
-                payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                timestamp: m.timestamp().to_millis(),
-                headers: m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| {
-                                let v = h.value.map(|v| String::from_utf8_lossy(v).into_owned());
-                                (h.key.to_owned(), v.unwrap_or_default())
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            }),
+            Some(Ok(m)) => out.push(KafkaMessage::from_message(&m)),
             Some(Err(e)) => eprintln!("consumer: {e}"),
             None => {}
         }
@@ -592,6 +701,8 @@ impl Gateway {
             .arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "info")
+            // Lines stamped with their time (under systemd the journal stamps them instead).
+            .env_remove("JOURNAL_STREAM")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
