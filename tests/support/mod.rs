@@ -791,6 +791,11 @@ impl Gateway {
         status.code()
     }
 
+    /// How the process ended, once it did (`None` while it runs).
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok()?
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child
             .as_mut()
