@@ -151,19 +151,93 @@ impl Drop for Mosquitto {
     }
 }
 
-/// A Tansu broker (in-memory storage) that advertises `advertised_port` (a proxy, or itself).
+/// A local S3-compatible object store (moto's server, as `scripts/prerequisites` installs it)
+/// holding one bucket, `tansu`, for a durable Tansu. Its objects are in its memory: they outlive
+/// Tansu restarts, not its own.
+pub struct S3Server {
+    pub port: u16,
+    child: Child,
+}
+
+impl S3Server {
+    pub fn start() -> S3Server {
+        let port = free_port();
+        let child = Command::new(program("moto_server"))
+            .args(["-H", "127.0.0.1", "-p"])
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect(
+                "moto_server not installed (pip install 'moto[server]'; scripts/prerequisites)",
+            );
+        let mut server = S3Server { port, child };
+        wait_for_port(port, Duration::from_secs(60));
+        server.create_bucket("tansu");
+        server
+    }
+
+    /// An anonymous `PUT /bucket` (moto does not check signatures).
+    fn create_bucket(&mut self, bucket: &str) {
+        use std::io::{Read, Write};
+        let mut stream = StdStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(
+            stream,
+            "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\n\
+             Connection: close\r\n\r\n",
+            self.port
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        assert!(
+            response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200"),
+            "creating bucket {bucket}: {}",
+            response.lines().next().unwrap_or("")
+        );
+    }
+
+    /// The environment Tansu's object store client (object_store's AmazonS3Builder::from_env)
+    /// reads.
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", "edgegate".into()),
+            ("AWS_SECRET_ACCESS_KEY", "edgegate".into()),
+            ("AWS_DEFAULT_REGION", "us-east-1".into()),
+            ("AWS_ENDPOINT", format!("http://127.0.0.1:{}", self.port)),
+            ("AWS_ALLOW_HTTP", "true".into()),
+        ]
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+/// A Tansu broker that advertises `advertised_port` (a proxy, or itself). Its storage is in
+/// memory, or with [`Tansu::start_durable`] in an object store that outlives restarts.
 pub struct Tansu {
     pub port: u16,
     pub advertised_port: u16,
     child: Child,
+    s3: Option<S3Server>,
 }
 
-fn spawn_tansu(port: u16, advertised_port: u16) -> Child {
-    let child = Command::new(program("tansu"))
+fn spawn_tansu(port: u16, advertised_port: u16, s3: Option<&S3Server>) -> Child {
+    let mut command = Command::new(program("tansu"));
+    command
         .args(["broker", "--listener-url"])
         .arg(format!("tcp://127.0.0.1:{port}"))
         .arg("--advertised-listener-url")
-        .arg(format!("tcp://127.0.0.1:{advertised_port}"))
+        .arg(format!("tcp://127.0.0.1:{advertised_port}"));
+    if let Some(s3) = s3 {
+        command
+            .args(["--storage-engine", "s3://tansu/"])
+            .envs(s3.env());
+    }
+    let child = command
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -179,19 +253,48 @@ impl Tansu {
     }
 
     pub fn start_advertising(port: u16, advertised_port: u16) -> Tansu {
-        let child = spawn_tansu(port, advertised_port);
+        let child = spawn_tansu(port, advertised_port, None);
         Tansu {
             port,
             advertised_port,
             child,
+            s3: None,
         }
     }
 
-    /// Kills the broker and starts a new one on the same ports. Its storage is in memory, so the
-    /// new broker starts empty: topics, records and consumer group offsets are gone.
+    /// A broker whose topics, records, producer ids and consumer group offsets survive
+    /// [`Tansu::restart`], as a real Kafka broker's do: its storage is a local S3 server started
+    /// for it (and stopped with it).
+    pub fn start_durable() -> Tansu {
+        let port = free_port();
+        Tansu::start_durable_advertising(port, port)
+    }
+
+    pub fn start_durable_advertising(port: u16, advertised_port: u16) -> Tansu {
+        let s3 = S3Server::start();
+        let child = spawn_tansu(port, advertised_port, Some(&s3));
+        Tansu {
+            port,
+            advertised_port,
+            child,
+            s3: Some(s3),
+        }
+    }
+
+    /// Stops the broker and starts a new one on the same ports. A durable broker is stopped with
+    /// SIGTERM and keeps everything; an in-memory one is killed and starts empty: topics,
+    /// records and consumer group offsets are gone.
     pub fn restart(&mut self) {
-        kill(&mut self.child);
-        self.child = spawn_tansu(self.port, self.advertised_port);
+        if self.s3.is_some() {
+            // SAFETY: sending a signal to our own child process id.
+            unsafe {
+                libc::kill(self.child.id() as i32, libc::SIGTERM);
+            }
+            let _ = self.child.wait();
+        } else {
+            kill(&mut self.child);
+        }
+        self.child = spawn_tansu(self.port, self.advertised_port, self.s3.as_ref());
     }
 
     pub fn create_topic(&self, name: &str, partitions: u32) {
