@@ -42,7 +42,8 @@ fn kill(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// Finds a helper program: `$EDGEGATE_<NAME>` or the PATH, then ~/.cargo/bin.
+/// Finds a helper program: `$EDGEGATE_<NAME>` or the PATH, then /usr/sbin, /sbin, the virtual
+/// environment of `scripts/prerequisites`, ~/.cargo/bin.
 pub fn program(name: &str) -> PathBuf {
     let var = format!("EDGEGATE_{}", name.to_uppercase());
     if let Ok(p) = std::env::var(&var) {
@@ -61,6 +62,13 @@ pub fn program(name: &str) -> PathBuf {
         }
     }
     let home = std::env::var("HOME").unwrap_or_default();
+    // scripts/prerequisites installs moto's S3 server in this virtual environment.
+    let venv = Path::new(&home)
+        .join(".local/share/edgegate/venv/bin")
+        .join(name);
+    if venv.exists() {
+        return venv;
+    }
     Path::new(&home).join(".cargo/bin").join(name)
 }
 
