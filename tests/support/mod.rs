@@ -42,8 +42,7 @@ fn kill(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// Finds a helper program: `$EDGEGATE_<NAME>` or the PATH, then /usr/sbin, /sbin, the virtual
-/// environment of `scripts/prerequisites`, ~/.cargo/bin.
+/// Finds a helper program: `$EDGEGATE_<NAME>` or the PATH, then ~/.cargo/bin.
 pub fn program(name: &str) -> PathBuf {
     let var = format!("EDGEGATE_{}", name.to_uppercase());
     if let Ok(p) = std::env::var(&var) {
@@ -62,13 +61,6 @@ pub fn program(name: &str) -> PathBuf {
         }
     }
     let home = std::env::var("HOME").unwrap_or_default();
-    // scripts/prerequisites installs moto's S3 server in this virtual environment.
-    let venv = Path::new(&home)
-        .join(".local/share/edgegate/venv/bin")
-        .join(name);
-    if venv.exists() {
-        return venv;
-    }
     Path::new(&home).join(".cargo/bin").join(name)
 }
 
@@ -162,24 +154,53 @@ impl Drop for Mosquitto {
 /// A local S3-compatible object store (moto's server, as `scripts/prerequisites` installs it)
 /// holding one bucket, `tansu`, for a durable Tansu. Its objects are in its memory: they outlive
 /// Tansu restarts, not its own.
+///
+/// It serves one request at a time: moto checks a conditional PUT's If-Match/If-None-Match and
+/// then writes, without a lock, so `moto_server` (threaded) lets two racing writes both succeed.
+/// Tansu's object storage relies on those conditions being atomic (a batch is written at an
+/// offset with If-None-Match, the partition's watermark replaced with If-Match).
 pub struct S3Server {
     pub port: u16,
     child: Child,
+    /// Its request log (one line per request).
+    log: tempfile::NamedTempFile,
+}
+
+/// moto's server without threads (moto.server.main, `threaded=True` aside).
+const MOTO_SERIAL: &str = "
+import sys
+from werkzeug.serving import run_simple
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+run_simple('127.0.0.1', int(sys.argv[1]), DomainDispatcherApplication(create_backend_app), threaded=False)
+";
+
+/// A Python with moto: `$EDGEGATE_MOTO_PYTHON`, the virtual environment of
+/// `scripts/prerequisites`, or python3.
+fn moto_python() -> PathBuf {
+    if let Ok(p) = std::env::var("EDGEGATE_MOTO_PYTHON") {
+        return p.into();
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let venv = Path::new(&home).join(".local/share/edgegate/venv/bin/python");
+    if venv.exists() {
+        return venv;
+    }
+    "python3".into()
 }
 
 impl S3Server {
     pub fn start() -> S3Server {
         let port = free_port();
-        let child = Command::new(program("moto_server"))
-            .args(["-H", "127.0.0.1", "-p"])
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = Command::new(moto_python())
+            .args(["-c", MOTO_SERIAL])
             .arg(port.to_string())
+            .env("MOTO_PORT", port.to_string())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log.reopen().unwrap())
             .spawn()
-            .expect(
-                "moto_server not installed (pip install 'moto[server]'; scripts/prerequisites)",
-            );
-        let mut server = S3Server { port, child };
+            .expect("no python3 (scripts/prerequisites installs moto's server)");
+        let mut server = S3Server { port, child, log };
         wait_for_port(port, Duration::from_secs(60));
         server.create_bucket("tansu");
         server
@@ -203,6 +224,15 @@ impl S3Server {
             "creating bucket {bucket}: {}",
             response.lines().next().unwrap_or("")
         );
+    }
+
+    /// How many PUT requests it served to a path containing one of `needles`.
+    pub fn puts(&self, needles: &[&str]) -> usize {
+        std::fs::read_to_string(self.log.path())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"PUT /") && needles.iter().any(|n| l.contains(n)))
+            .count()
     }
 
     /// The environment Tansu's object store client (object_store's AmazonS3Builder::from_env)
@@ -231,9 +261,11 @@ pub struct Tansu {
     pub advertised_port: u16,
     child: Child,
     s3: Option<S3Server>,
+    /// Where the broker's output goes (appended across restarts).
+    log: tempfile::NamedTempFile,
 }
 
-fn spawn_tansu(port: u16, advertised_port: u16, s3: Option<&S3Server>) -> Child {
+fn spawn_tansu(port: u16, advertised_port: u16, s3: Option<&S3Server>, log: &Path) -> Child {
     let mut command = Command::new(program("tansu"));
     command
         .args(["broker", "--listener-url"])
@@ -245,9 +277,10 @@ fn spawn_tansu(port: u16, advertised_port: u16, s3: Option<&S3Server>) -> Child 
             .args(["--storage-engine", "s3://tansu/"])
             .envs(s3.env());
     }
+    let log = std::fs::OpenOptions::new().append(true).open(log).unwrap();
     let child = command
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
         .spawn()
         .expect("tansu not installed (cargo install tansu --version 0.6.0 --features dynostore)");
     wait_for_port(port, Duration::from_secs(20));
@@ -261,12 +294,14 @@ impl Tansu {
     }
 
     pub fn start_advertising(port: u16, advertised_port: u16) -> Tansu {
-        let child = spawn_tansu(port, advertised_port, None);
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = spawn_tansu(port, advertised_port, None, log.path());
         Tansu {
             port,
             advertised_port,
             child,
             s3: None,
+            log,
         }
     }
 
@@ -280,12 +315,14 @@ impl Tansu {
 
     pub fn start_durable_advertising(port: u16, advertised_port: u16) -> Tansu {
         let s3 = S3Server::start();
-        let child = spawn_tansu(port, advertised_port, Some(&s3));
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = spawn_tansu(port, advertised_port, Some(&s3), log.path());
         Tansu {
             port,
             advertised_port,
             child,
             s3: Some(s3),
+            log,
         }
     }
 
@@ -302,7 +339,36 @@ impl Tansu {
         } else {
             kill(&mut self.child);
         }
-        self.child = spawn_tansu(self.port, self.advertised_port, self.s3.as_ref());
+        self.child = spawn_tansu(
+            self.port,
+            self.advertised_port,
+            self.s3.as_ref(),
+            self.log.path(),
+        );
+    }
+
+    /// Waits until a durable broker wrote no object whose path contains one of `needles` for
+    /// `quiet` (its requests in flight are done); false after `timeout`.
+    pub fn wait_storage_quiet(&self, needles: &[&str], quiet: Duration, timeout: Duration) -> bool {
+        let s3 = self.s3.as_ref().expect("a durable Tansu");
+        let deadline = Instant::now() + timeout;
+        let (mut last, mut since) = (s3.puts(needles), Instant::now());
+        while since.elapsed() < quiet {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            let now = s3.puts(needles);
+            if now != last {
+                (last, since) = (now, Instant::now());
+            }
+        }
+        true
+    }
+
+    /// What the broker printed so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
     }
 
     pub fn create_topic(&self, name: &str, partitions: u32) {
