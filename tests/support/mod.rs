@@ -1100,6 +1100,14 @@ impl Pty {
             )
         };
         assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+        // Not inherited by the processes the test starts later (a gateway restarted after a kill):
+        // a child holding a copy of the master would keep the terminal alive after the test
+        // closes it, and the gateway would never see the unplug.
+        // SAFETY: setting a flag on two fds we own.
+        unsafe {
+            libc::fcntl(master, libc::F_SETFD, libc::FD_CLOEXEC);
+            libc::fcntl(slave, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
         // Raw mode before anyone writes, so the line discipline neither echoes nor rewrites bytes;
         // then close our slave end: the gateway opens it by path.
         // SAFETY: `slave` is an open tty fd; termios is a plain C struct.
