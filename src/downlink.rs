@@ -178,15 +178,15 @@ impl ClientContext for ConsumerEvents {
         }
     }
 
+    /// librdkafka's client-wide errors. A refusal (credentials, TLS) is reported once; connection
+    /// failures ("all brokers down", transport failures) are an uplink outage, which the consumer
+    /// loop reports as a warning when a fetch fails; rdkafka's default callback would log each
+    /// one at ERROR level.
     fn error(&self, error: KafkaError, reason: &str) {
         let code = error.rdkafka_error_code();
         match crate::kafka::refusal(code) {
             Some(refusal) => self.refused.report("downlink consumer", refusal, reason),
-            // `recv` returns it too: the stage's state says it once.
-            None if code == Some(RDKafkaErrorCode::AllBrokersDown) => {
-                tracing::debug!(target: "librdkafka", %error, reason, "downlink client error");
-            }
-            None => tracing::error!(target: "librdkafka", "librdkafka: {error}: {reason}"),
+            None => log_client_error("downlink consumer", &error, reason),
         }
     }
 
@@ -877,8 +877,24 @@ impl ClientContext for DeadLetterEvents {
             Some(refusal) => self
                 .refused
                 .report("downlink dead-letter producer", refusal, reason),
-            None => tracing::error!(target: "librdkafka", "librdkafka: {error}: {reason}"),
+            None => log_client_error("downlink dead-letter producer", &error, reason),
         }
+    }
+}
+
+/// A librdkafka client error that is no refusal: fatal ones at error level; an unreachable broker
+/// is an uplink outage, which the stage reports itself (as a warning, once), so only at debug.
+fn log_client_error(client: &str, error: &KafkaError, reason: &str) {
+    match error.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::Fatal) => {
+            tracing::error!(target: "librdkafka", client, %error, reason, "kafka client failed")
+        }
+        Some(
+            RDKafkaErrorCode::AllBrokersDown
+            | RDKafkaErrorCode::BrokerTransportFailure
+            | RDKafkaErrorCode::Resolve,
+        ) => tracing::debug!(target: "librdkafka", client, %error, reason, "kafka link error"),
+        _ => tracing::warn!(target: "librdkafka", client, %error, reason, "kafka client error"),
     }
 }
 

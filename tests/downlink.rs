@@ -940,3 +940,47 @@ async fn the_lag_gauge_and_latency_histogram_follow_undelivered_commands() {
     let sum = metric(env.admin, "edgegate_downlink_latency_seconds_sum");
     assert!(sum > 1.0, "{sum}");
 }
+
+/// An uplink outage is routine for an edge gateway: the downlink logs it as a warning, never as
+/// an ERROR (found by the chaos soak: librdkafka's "all brokers down" reached the log at ERROR
+/// level through rdkafka's default error callback, on every outage).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uplink_outage_logs_no_error_line_from_the_downlink() {
+    let mqtt = Mosquitto::start();
+    let proxy_port = free_port();
+    let kafka = Tansu::start_advertising(free_port(), proxy_port);
+    kafka.create_topic("cmds", 1);
+    let proxy = Proxy::start(proxy_port, kafka.port);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        mqtt.port,
+        &kafka,
+        free_port(),
+        "[[downlink.routes]]\nsource = \"plant\"\ntopic = \"devices/${kafkaKey}/raw\"\n",
+        "",
+    );
+    let gw = Gateway::start(&cfg);
+    gw.wait_for("downlink consuming", Duration::from_secs(20));
+    proxy.set(ProxyMode::Cut);
+    gw.wait_for("downlink consumer cannot fetch", Duration::from_secs(30));
+    proxy.set(ProxyMode::Up);
+    let device = Device::subscribe(mqtt.port, "devices/#").await;
+    produce(
+        &producer(&kafka.bootstrap()),
+        "cmds",
+        Some("k"),
+        b"after",
+        &[],
+    )
+    .await;
+    assert_eq!(
+        device.wait_for(1, Duration::from_secs(30)).await.len(),
+        1,
+        "log:\n{}",
+        gw.log()
+    );
+    let log = gw.log();
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains(" ERROR ")).collect();
+    assert!(errors.is_empty(), "ERROR lines for an outage: {errors:?}");
+}

@@ -153,13 +153,120 @@ impl Drop for Mosquitto {
     }
 }
 
-/// A Tansu broker (in-memory storage) that advertises `advertised_port` (a proxy, or itself).
+/// A local S3-compatible object store (moto's server, as `scripts/prerequisites` installs it)
+/// holding one bucket, `tansu`, for a durable Tansu. Its objects are in its memory: they outlive
+/// Tansu restarts, not its own.
+///
+/// It serves one request at a time: moto checks a conditional PUT's If-Match/If-None-Match and
+/// then writes, without a lock, so `moto_server` (threaded) lets two racing writes both succeed.
+/// Tansu's object storage relies on those conditions being atomic (a batch is written at an
+/// offset with If-None-Match, the partition's watermark replaced with If-Match).
+pub struct S3Server {
+    pub port: u16,
+    child: Child,
+    /// Its request log (one line per request).
+    log: tempfile::NamedTempFile,
+}
+
+/// moto's server without threads (moto.server.main, `threaded=True` aside).
+const MOTO_SERIAL: &str = "
+import sys
+from werkzeug.serving import run_simple
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+run_simple('127.0.0.1', int(sys.argv[1]), DomainDispatcherApplication(create_backend_app), threaded=False)
+";
+
+/// A Python with moto: `$EDGEGATE_MOTO_PYTHON`, the virtual environment of
+/// `scripts/prerequisites`, or python3.
+fn moto_python() -> PathBuf {
+    if let Ok(p) = std::env::var("EDGEGATE_MOTO_PYTHON") {
+        return p.into();
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let venv = Path::new(&home).join(".local/share/edgegate/venv/bin/python");
+    if venv.exists() {
+        return venv;
+    }
+    "python3".into()
+}
+
+impl S3Server {
+    pub fn start() -> S3Server {
+        let port = free_port();
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = Command::new(moto_python())
+            .args(["-c", MOTO_SERIAL])
+            .arg(port.to_string())
+            .env("MOTO_PORT", port.to_string())
+            .stdout(Stdio::null())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .expect("no python3 (scripts/prerequisites installs moto's server)");
+        let mut server = S3Server { port, child, log };
+        wait_for_port(port, Duration::from_secs(60));
+        server.create_bucket("tansu");
+        server
+    }
+
+    /// An anonymous `PUT /bucket` (moto does not check signatures).
+    fn create_bucket(&mut self, bucket: &str) {
+        use std::io::{Read, Write};
+        let mut stream = StdStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(
+            stream,
+            "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\n\
+             Connection: close\r\n\r\n",
+            self.port
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        assert!(
+            response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200"),
+            "creating bucket {bucket}: {}",
+            response.lines().next().unwrap_or("")
+        );
+    }
+
+    /// How many PUT requests it served to a path containing one of `needles`.
+    pub fn puts(&self, needles: &[&str]) -> usize {
+        std::fs::read_to_string(self.log.path())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"PUT /") && needles.iter().any(|n| l.contains(n)))
+            .count()
+    }
+
+    /// The environment Tansu's object store client (object_store's AmazonS3Builder::from_env)
+    /// reads.
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", "edgegate".into()),
+            ("AWS_SECRET_ACCESS_KEY", "edgegate".into()),
+            ("AWS_DEFAULT_REGION", "us-east-1".into()),
+            ("AWS_ENDPOINT", format!("http://127.0.0.1:{}", self.port)),
+            ("AWS_ALLOW_HTTP", "true".into()),
+        ]
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+/// A Tansu broker that advertises `advertised_port` (a proxy, or itself). Its storage is in
+/// memory, or with [`Tansu::start_durable`] in an object store that outlives restarts.
 pub struct Tansu {
     pub port: u16,
     pub advertised_port: u16,
     child: Child,
     /// The SQLite storage of a broker that authenticates its clients.
     dir: Option<tempfile::TempDir>,
+    s3: Option<S3Server>,
+    /// Where the broker's output goes (appended across restarts).
+    log: tempfile::NamedTempFile,
 }
 
 /// A SASL/SCRAM user of [`Tansu::start_authenticating`].
@@ -170,23 +277,41 @@ pub struct ScramUser<'a> {
     pub mechanism: &'a str,
 }
 
-fn spawn_tansu(port: u16, advertised_port: u16, extra: &[&str], dir: Option<&Path>) -> Child {
+/// How a broker is started besides its ports.
+#[derive(Default, Clone, Copy)]
+struct TansuSetup<'a> {
+    extra: &'a [&'a str],
+    /// The working directory (for a SQLite storage URL, which is relative to it).
+    dir: Option<&'a Path>,
+    s3: Option<&'a S3Server>,
+}
+
+fn spawn_tansu(port: u16, advertised_port: u16, setup: TansuSetup<'_>, log: &Path) -> Child {
     let mut command = Command::new(program("tansu"));
     command
         .args(["broker", "--listener-url"])
         .arg(format!("tcp://127.0.0.1:{port}"))
         .arg("--advertised-listener-url")
         .arg(format!("tcp://127.0.0.1:{advertised_port}"))
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    if let Some(dir) = dir {
-        // The SQLite storage URL names a file relative to the working directory.
+        .args(setup.extra);
+    if let Some(dir) = setup.dir {
         command.current_dir(dir);
     }
-    command.spawn().expect(
-        "tansu not installed (cargo install tansu --version 0.6.0 --features dynostore,libsql)",
-    )
+    if let Some(s3) = setup.s3 {
+        command
+            .args(["--storage-engine", "s3://tansu/"])
+            .envs(s3.env());
+    }
+    let log = std::fs::OpenOptions::new().append(true).open(log).unwrap();
+    let child = command
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect(
+            "tansu not installed (cargo install tansu --version 0.6.0 --features dynostore,libsql)",
+        );
+    wait_for_port(port, Duration::from_secs(20));
+    child
 }
 
 impl Tansu {
@@ -196,13 +321,15 @@ impl Tansu {
     }
 
     pub fn start_advertising(port: u16, advertised_port: u16) -> Tansu {
-        let child = spawn_tansu(port, advertised_port, &[], None);
-        wait_for_port(port, Duration::from_secs(20));
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = spawn_tansu(port, advertised_port, TansuSetup::default(), log.path());
         Tansu {
             port,
             advertised_port,
             child,
             dir: None,
+            s3: None,
+            log,
         }
     }
 
@@ -222,13 +349,20 @@ impl Tansu {
         let dir = tempfile::tempdir().unwrap();
         let storage = ["--storage-engine", "sqlite://tansu.db"];
         let port = free_port();
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let plain = TansuSetup {
+            extra: &storage,
+            dir: Some(dir.path()),
+            s3: None,
+        };
         let mut setup = Tansu {
             port,
             advertised_port: port,
-            child: spawn_tansu(port, port, &storage, Some(dir.path())),
+            child: spawn_tansu(port, port, plain, log.path()),
             dir: None,
+            s3: None,
+            log: tempfile::NamedTempFile::new().unwrap(),
         };
-        wait_for_port(port, Duration::from_secs(20));
         for user in users {
             setup.create_user(user);
         }
@@ -238,13 +372,44 @@ impl Tansu {
         kill(&mut setup.child);
         let mut args = storage.to_vec();
         args.push("--authentication");
-        let child = spawn_tansu(port, advertised_port, &args, Some(dir.path()));
-        wait_for_port(port, Duration::from_secs(20));
+        let authenticating = TansuSetup {
+            extra: &args,
+            ..plain
+        };
+        let child = spawn_tansu(port, advertised_port, authenticating, log.path());
         Tansu {
             port,
             advertised_port,
             child,
             dir: Some(dir),
+            s3: None,
+            log,
+        }
+    }
+
+    /// A broker whose topics, records, producer ids and consumer group offsets survive
+    /// [`Tansu::restart`], as a real Kafka broker's do: its storage is a local S3 server started
+    /// for it (and stopped with it).
+    pub fn start_durable() -> Tansu {
+        let port = free_port();
+        Tansu::start_durable_advertising(port, port)
+    }
+
+    pub fn start_durable_advertising(port: u16, advertised_port: u16) -> Tansu {
+        let s3 = S3Server::start();
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let setup = TansuSetup {
+            s3: Some(&s3),
+            ..TansuSetup::default()
+        };
+        let child = spawn_tansu(port, advertised_port, setup, log.path());
+        Tansu {
+            port,
+            advertised_port,
+            child,
+            dir: None,
+            s3: Some(s3),
+            log,
         }
     }
 
@@ -259,6 +424,50 @@ impl Tansu {
             .status()
             .unwrap();
         assert!(status.success(), "tansu user create {} failed", user.name);
+    }
+
+    /// Stops the broker and starts a new one on the same ports. A durable broker is stopped with
+    /// SIGTERM and keeps everything; an in-memory one is killed and starts empty: topics,
+    /// records and consumer group offsets are gone.
+    pub fn restart(&mut self) {
+        if self.s3.is_some() {
+            // SAFETY: sending a signal to our own child process id.
+            unsafe {
+                libc::kill(self.child.id() as i32, libc::SIGTERM);
+            }
+            let _ = self.child.wait();
+        } else {
+            kill(&mut self.child);
+        }
+        let setup = TansuSetup {
+            s3: self.s3.as_ref(),
+            ..TansuSetup::default()
+        };
+        self.child = spawn_tansu(self.port, self.advertised_port, setup, self.log.path());
+    }
+
+    /// Waits until a durable broker wrote no object whose path contains one of `needles` for
+    /// `quiet` (its requests in flight are done); false after `timeout`.
+    pub fn wait_storage_quiet(&self, needles: &[&str], quiet: Duration, timeout: Duration) -> bool {
+        let s3 = self.s3.as_ref().expect("a durable Tansu");
+        let deadline = Instant::now() + timeout;
+        let (mut last, mut since) = (s3.puts(needles), Instant::now());
+        while since.elapsed() < quiet {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            let now = s3.puts(needles);
+            if now != last {
+                (last, since) = (now, Instant::now());
+            }
+        }
+        true
+    }
+
+    /// What the broker printed so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
     }
 
     pub fn create_topic(&self, name: &str, partitions: u32) {
@@ -323,13 +532,29 @@ impl Drop for Proxy {
 
 impl Proxy {
     pub fn start(port: u16, upstream: u16) -> Proxy {
+        Proxy::start_with(port, upstream, None)
+    }
+
+    /// A proxy in front of a Kafka broker whose cut and blackhole spare the connections of the
+    /// clients whose `client.id` starts with `exempt`: the test's own consumers and producers,
+    /// which stand on the platform's side of the gateway's uplink. The client id comes from each
+    /// connection's first request. While cut, the proxy keeps listening and resets other clients'
+    /// connections as soon as their first request arrives.
+    pub fn start_kafka_exempting(port: u16, upstream: u16, exempt: &str) -> Proxy {
+        Proxy::start_with(port, upstream, Some(Arc::from(exempt)))
+    }
+
+    fn start_with(port: u16, upstream: u16, exempt: Option<Arc<str>>) -> Proxy {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .unwrap();
         let (mode, rx) = watch::channel(ProxyMode::Up);
-        runtime.spawn(accept_loop(port, upstream, rx));
+        match exempt {
+            None => runtime.spawn(accept_loop(port, upstream, rx)),
+            Some(exempt) => runtime.spawn(accept_exempting(port, upstream, rx, exempt)),
+        };
         wait_for_port(port, Duration::from_secs(5));
         Proxy {
             port,
@@ -371,6 +596,85 @@ async fn accept_loop(port: u16, upstream: u16, mut mode: watch::Receiver<ProxyMo
             }
         }
     }
+}
+
+async fn accept_exempting(
+    port: u16,
+    upstream: u16,
+    mode: watch::Receiver<ProxyMode>,
+    exempt: Arc<str>,
+) {
+    let listener = loop {
+        match bind_reuse(port) {
+            Ok(l) => break l,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    loop {
+        if let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(relay_exempting(
+                client,
+                upstream,
+                mode.clone(),
+                exempt.clone(),
+            ));
+        }
+    }
+}
+
+/// Reads a Kafka request's size, header and client id: (the bytes read, the client id).
+async fn kafka_client_id(client: &mut TcpStream) -> Option<(Vec<u8>, String)> {
+    // size (4), api_key (2), api_version (2), correlation_id (4), client_id length (2)
+    let mut head = vec![0u8; 14];
+    client.read_exact(&mut head).await.ok()?;
+    let len = i16::from_be_bytes([head[12], head[13]]);
+    let mut id = vec![0u8; usize::try_from(len).unwrap_or(0)];
+    client.read_exact(&mut id).await.ok()?;
+    head.extend_from_slice(&id);
+    Some((head, String::from_utf8_lossy(&id).into_owned()))
+}
+
+fn reset(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+}
+
+async fn relay_exempting(
+    mut client: TcpStream,
+    upstream: u16,
+    mut mode: watch::Receiver<ProxyMode>,
+    exempt: Arc<str>,
+) {
+    let Some((head, client_id)) = kafka_client_id(&mut client).await else {
+        return;
+    };
+    // Exempt connections see a link that is always up; the sender lives as long as the relay.
+    let (_always_up, up) = watch::channel(ProxyMode::Up);
+    let mode = if client_id.starts_with(&*exempt) {
+        up
+    } else {
+        loop {
+            match *mode.borrow_and_update() {
+                ProxyMode::Up => break,
+                ProxyMode::Cut => return reset(client),
+                ProxyMode::Blackhole => {}
+            }
+            if mode.changed().await.is_err() {
+                return;
+            }
+        }
+        mode
+    };
+    let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+        return reset(client);
+    };
+    if server.write_all(&head).await.is_err() {
+        return reset(client);
+    }
+    let (cr, cw) = client.into_split();
+    let (sr, sw) = server.into_split();
+    let a = tokio::spawn(pipe(cr, sw, mode.clone()));
+    let b = tokio::spawn(pipe(sr, cw, mode));
+    let _ = tokio::join!(a, b);
 }
 
 fn bind_reuse(port: u16) -> std::io::Result<TcpListener> {
@@ -440,6 +744,27 @@ pub struct KafkaMessage {
 }
 
 impl KafkaMessage {
+    pub fn from_message(m: &impl Message) -> KafkaMessage {
+        KafkaMessage {
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            timestamp: m.timestamp().to_millis(),
+            headers: m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            let v = h.value.map(|v| String::from_utf8_lossy(v).into_owned());
+                            (h.key.to_owned(), v.unwrap_or_default())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+
     pub fn header(&self, k: &str) -> &str {
         self.headers.get(k).map(String::as_str).unwrap_or("")
     }
@@ -577,24 +902,7 @@ pub fn consume_until_with(
     let mut out = Vec::new();
     while !done(&out) && Instant::now() < deadline {
         match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => out.push(KafkaMessage {
-                partition: m.partition(),
-                offset: m.offset(),
-                key: m.key().map(<[u8]>::to_vec),
-                payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                timestamp: m.timestamp().to_millis(),
-                headers: m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| {
-                                let v = h.value.map(|v| String::from_utf8_lossy(v).into_owned());
-                                (h.key.to_owned(), v.unwrap_or_default())
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            }),
+            Some(Ok(m)) => out.push(KafkaMessage::from_message(&m)),
             Some(Err(e)) => eprintln!("consumer: {e}"),
             None => {}
         }
@@ -727,6 +1035,8 @@ impl Gateway {
             .arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "info")
+            // Lines stamped with their time (under systemd the journal stamps them instead).
+            .env_remove("JOURNAL_STREAM")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -813,6 +1123,11 @@ impl Gateway {
         let status = self.child.as_mut()?.try_wait().ok()??;
         self.child = None;
         status.code()
+    }
+
+    /// How the process ended, once it did (`None` while it runs).
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok()?
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -970,6 +1285,14 @@ impl Pty {
             )
         };
         assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+        // Not inherited by the processes the test starts later (a gateway restarted after a kill):
+        // a child holding a copy of the master would keep the terminal alive after the test
+        // closes it, and the gateway would never see the unplug.
+        // SAFETY: setting a flag on two fds we own.
+        unsafe {
+            libc::fcntl(master, libc::F_SETFD, libc::FD_CLOEXEC);
+            libc::fcntl(slave, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
         // Raw mode before anyone writes, so the line discipline neither echoes nor rewrites bytes;
         // then close our slave end: the gateway opens it by path.
         // SAFETY: `slave` is an open tty fd; termios is a plain C struct.
