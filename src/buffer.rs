@@ -479,6 +479,8 @@ fn load_state(tree: &sled::Tree) -> Result<State, BufferError> {
     })
 }
 mod commit;
+#[cfg(any(test, feature = "fuzzing"))]
+mod fuzzing;
 mod housekeeping;
 mod read;
 pub mod tools;

@@ -197,6 +197,13 @@ impl Framer {
         !self.buf.is_empty() || self.discarding > 0
     }
 
+    /// Bytes held for the partial frame: what the fuzz targets check stays bounded.
+    #[cfg(feature = "fuzzing")]
+    #[doc(hidden)]
+    pub fn buffered_bytes(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Feeds bytes as they were read; returns every frame they complete.
     pub fn push(&mut self, mut bytes: &[u8]) -> Output {
         let mut out = Output::default();
