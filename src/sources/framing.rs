@@ -141,6 +141,11 @@ fn parse_hex(hex: &str) -> Result<Vec<u8>, String> {
         .strip_prefix("0x")
         .or_else(|| digits.strip_prefix("0X"))
         .unwrap_or(&digits);
+    // Checked first so that the pairs below are cut at character boundaries (and so that a sign,
+    // which `from_str_radix` takes, is refused too).
+    if !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("{hex:?} is not hex"));
+    }
     if digits.len() % 2 != 0 {
         return Err(format!("{hex:?} is not an even number of hex digits"));
     }

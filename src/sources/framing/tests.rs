@@ -208,3 +208,14 @@ fn modbus_gap_is_three_and_a_half_characters() {
     assert_eq!(default_idle_gap(9600, 11).as_micros(), 4010);
     assert_eq!(default_idle_gap(115_200, 10), Duration::from_micros(1750));
 }
+
+/// Found by fuzzing (framing_delimiter): the slicing into pairs of digits cut a two-byte character
+/// in half, and `edgegate check` panicked instead of naming the key.
+#[test]
+fn hex_delimiter_with_a_multibyte_character_is_refused_not_a_panic() {
+    let f = Framing::Delimiter {
+        delimiter: None,
+        delimiter_hex: Some("?\u{677}l".into()),
+    };
+    assert!(f.validate(64).unwrap_err().contains("not hex"));
+}
