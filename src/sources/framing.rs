@@ -334,7 +334,7 @@ impl Framer {
         &bytes[take..]
     }
 
-    fn push_length_prefixed<'a>(&mut self, bytes: &'a [u8], out: &mut Output) -> &'a [u8] {
+    fn push_length_prefixed<'a>(&mut self, mut bytes: &'a [u8], out: &mut Output) -> &'a [u8] {
         if self.discarding > 0 {
             let skip = self.discarding.min(bytes.len());
             self.discarding -= skip;
@@ -356,7 +356,12 @@ impl Framer {
         if self.buf.len() < header {
             let take = (header - self.buf.len()).min(bytes.len());
             self.buf.extend_from_slice(&bytes[..take]);
-            return &bytes[take..];
+            bytes = &bytes[take..];
+            // A complete header is read now, not with the next byte: a frame without a body is
+            // complete already, and a quiet line next must not drop it as incomplete.
+            if self.buf.len() < header {
+                return bytes;
+            }
         }
         let field = &self.buf[offset..header];
         let length = field

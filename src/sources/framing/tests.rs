@@ -219,3 +219,21 @@ fn hex_delimiter_with_a_multibyte_character_is_refused_not_a_panic() {
     };
     assert!(f.validate(64).unwrap_err().contains("not hex"));
 }
+
+/// Found by fuzzing (framing_length_prefixed): a frame complete with its header (a length field
+/// of 0 after `length_adjust`, say an acknowledgement without payload) waited for the next byte
+/// before it was cut, and a quiet line after it dropped it as incomplete.
+#[test]
+fn a_frame_without_a_body_is_complete_with_its_header() {
+    let f = Framing::LengthPrefixed {
+        length_bytes: 1,
+        endian: Endian::Big,
+        offset: 3,
+        length_adjust: -8,
+        resync_gap: None,
+    };
+    let mut fr = framer(f, 9);
+    assert_eq!(fr.push(&[13, 13, 13, 0]).frames, v(&[&[13, 13, 13, 0]]));
+    assert!(!fr.has_partial());
+    assert_eq!(fr.idle(), Output::default());
+}
