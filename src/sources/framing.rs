@@ -127,6 +127,21 @@ impl Framing {
             Framing::LengthPrefixed { length_bytes, .. } if ![1, 2, 4].contains(length_bytes) => {
                 Err("length_bytes must be 1, 2 or 4".into())
             }
+            // The frame keeps its header, so a longer header fits no frame; and the framer holds
+            // the header before it can read the length, so it would hold more than the bound.
+            Framing::LengthPrefixed {
+                length_bytes,
+                offset,
+                ..
+            } if offset
+                .checked_add(usize::from(*length_bytes))
+                .is_none_or(|header| header > max_frame_bytes) =>
+            {
+                Err(format!(
+                    "offset {offset} and a {length_bytes}-byte length exceed max_frame_bytes \
+                     {max_frame_bytes}"
+                ))
+            }
             Framing::LengthPrefixed { .. } => Ok(()),
         }
     }

@@ -237,3 +237,23 @@ fn a_frame_without_a_body_is_complete_with_its_header() {
     assert!(!fr.has_partial());
     assert_eq!(fr.idle(), Output::default());
 }
+
+/// Found by fuzzing (framing_length_prefixed): a header (offset and length field) longer than
+/// max_frame_bytes was accepted. No frame could fit, and the framer held the whole header before
+/// reading the length, past the bound: an offset of a billion would have buffered a gigabyte.
+#[test]
+fn a_header_longer_than_max_frame_bytes_is_refused() {
+    let header_of = |length_bytes, offset| Framing::LengthPrefixed {
+        length_bytes,
+        endian: Endian::Big,
+        offset,
+        length_adjust: -2,
+        resync_gap: None,
+    };
+    assert!(header_of(1, 3)
+        .validate(1)
+        .unwrap_err()
+        .contains("max_frame_bytes"));
+    assert!(header_of(1, 3).validate(4).is_ok());
+    assert!(header_of(4, usize::MAX).validate(usize::MAX).is_err());
+}
