@@ -111,6 +111,9 @@ pub enum DecodeError {
     /// A record refers to a string the chunk never defined; it is corrupt.
     #[error("corrupt chunk: unknown string #{0}")]
     UnknownString(u32),
+    /// It holds another number of records than the buffer's index entry for it counts.
+    #[error("corrupt chunk: {found} records where its index entry counts {expected}")]
+    Count { expected: u32, found: usize },
     /// Its records would be numbered past the largest sequence number (a corrupt index key).
     #[error("corrupt chunk: sequence numbers past {}", u64::MAX)]
     SeqOverflow,
