@@ -22,7 +22,7 @@ use tokio::sync::Notify;
 
 use crate::config::BufferConfig;
 use crate::metrics::Metrics;
-use crate::record::ChunkWriter;
+use crate::record::{ChunkWriter, DecodeError, Record};
 
 /// sled's segment size (its default).
 const SEGMENT_SIZE: usize = 512 * 1024;
@@ -118,6 +118,20 @@ impl ChunkInfo {
             last_ms: u64_at(16)?,
         })
     }
+}
+
+/// A stored chunk's records. One that decodes to another number of records than its index entry
+/// counts is corrupt too: the missing records would leave uncounted, and surplus ones would take
+/// the next chunk's sequence numbers, by which the forwarder counts confirmations.
+fn decode_stored(info: &ChunkInfo, value: &[u8]) -> Result<Vec<Record>, DecodeError> {
+    let records = crate::record::decode_chunk(info.first_seq, value)?;
+    if records.len() != info.count as usize {
+        return Err(DecodeError::Count {
+            expected: info.count,
+            found: records.len(),
+        });
+    }
+    Ok(records)
 }
 
 fn chunk_key(seq: u64) -> [u8; 9] {
@@ -490,6 +504,8 @@ fn load_state(tree: &sled::Tree) -> Result<State, BufferError> {
 }
 mod clock;
 mod commit;
+#[cfg(any(test, feature = "fuzzing"))]
+mod fuzzing;
 mod housekeeping;
 mod read;
 mod space;

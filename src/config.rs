@@ -1229,7 +1229,9 @@ fn key_on_line(text: &str, line: usize) -> Option<String> {
         Some((k, _)) => k.trim(),
         None => l.trim_start_matches('[').trim_end_matches(']').trim(),
     };
-    (!key.is_empty()).then(|| key.trim_matches('"').to_owned())
+    // Emptiness is judged on what is shown: a line of quotes alone names no key.
+    let key = key.trim_matches('"').trim();
+    (!key.is_empty()).then(|| key.to_owned())
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -1447,6 +1449,17 @@ script = "dec.js"
         assert!(msg.contains("duplicate"), "{msg}");
         let (key, _, _) = invalid(&MINIMAL.replace("\"mqtt\"", "\"carrier-pigeon\""));
         assert_eq!(key, "sources.plant.type");
+    }
+
+    /// Found by fuzzing (config_check): a syntax error on a line holding only a quote was
+    /// reported under an empty key (`test.toml:6: : key with no value`).
+    #[test]
+    fn a_syntax_error_on_a_line_of_quotes_is_named_as_syntax() {
+        let text = "[gateway]\nid = \"gw\"\ndata_dir = \"data\"\n\n[kafka]\n\"\n";
+        let (key, line, _) = invalid(text);
+        assert_eq!((key.as_str(), line), ("(syntax)", Some(6)));
+        let (key, _, _) = invalid("[gateway]\n\" \"\n");
+        assert_eq!(key, "(syntax)");
     }
 
     #[test]

@@ -111,6 +111,12 @@ pub enum DecodeError {
     /// A record refers to a string the chunk never defined; it is corrupt.
     #[error("corrupt chunk: unknown string #{0}")]
     UnknownString(u32),
+    /// It holds another number of records than the buffer's index entry for it counts.
+    #[error("corrupt chunk: {found} records where its index entry counts {expected}")]
+    Count { expected: u32, found: usize },
+    /// Its records would be numbered past the largest sequence number (a corrupt index key).
+    #[error("corrupt chunk: sequence numbers past {}", u64::MAX)]
+    SeqOverflow,
 }
 
 /// Builds one chunk value. Records can be appended later (the buffer merges small commits into
@@ -237,7 +243,7 @@ fn decode_compact(first_seq: u64, body: &[u8]) -> Result<Vec<Record>, DecodeErro
             meta.push((k.to_owned(), v.to_owned()));
         }
         records.push(Record {
-            seq: first_seq + records.len() as u64,
+            seq: seq_of(first_seq, records.len())?,
             captured_ms: base_ms.wrapping_add(compact.delta_ms as u64),
             source: source.to_owned(),
             source_type: compact.source_type,
@@ -247,6 +253,13 @@ fn decode_compact(first_seq: u64, body: &[u8]) -> Result<Vec<Record>, DecodeErro
         rest = tail;
     }
     Ok(records)
+}
+
+/// The sequence number of a chunk's record at `index`.
+fn seq_of(first_seq: u64, index: usize) -> Result<u64, DecodeError> {
+    first_seq
+        .checked_add(index as u64)
+        .ok_or(DecodeError::SeqOverflow)
 }
 
 /// The text a [`Text`] stands for; a new one joins the table in the order the writer added it.
@@ -268,7 +281,7 @@ fn decode_v1(first_seq: u64, mut rest: &[u8]) -> Result<Vec<Record>, DecodeError
     while !rest.is_empty() {
         let (stored, tail): (StoredRecord, _) = postcard::take_from_bytes(rest)?;
         records.push(Record {
-            seq: first_seq + records.len() as u64,
+            seq: seq_of(first_seq, records.len())?,
             captured_ms: stored.captured_ms,
             source: stored.source.to_owned(),
             source_type: stored.source_type,
@@ -378,6 +391,23 @@ mod tests {
         assert_eq!(out[0].payload, [0xff, 0x01]);
         assert_eq!(out[0].meta("topic"), Some("sensors/a"));
         assert_eq!(out[0].captured_ms, 1_607_731_932_000);
+    }
+
+    /// Found by fuzzing (chunk_decode): the first sequence number comes from a key on disk, and
+    /// one near u64::MAX overflowed numbering the second record (a panic in a debug build,
+    /// numbers wrapping to 0 in a release build).
+    #[test]
+    fn records_numbered_past_u64_max_are_corrupt_not_a_panic() {
+        let chunk = [CHUNK_FORMAT_V1, 0x74, 0, 1, 0, 0, 0, 0, 0, 0, 0];
+        assert!(matches!(
+            decode_chunk(u64::MAX, &chunk),
+            Err(DecodeError::SeqOverflow)
+        ));
+        let fits = decode_chunk(u64::MAX - 1, &chunk).unwrap();
+        assert_eq!(
+            fits.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            [u64::MAX - 1, u64::MAX]
+        );
     }
 
     #[test]

@@ -6,6 +6,9 @@
 //! A program's value is one string: the JSON of every step's result, with no stack texts or error
 //! messages in it (they differ between engines by design).
 
+#[cfg(feature = "gateway")]
+pub mod framing;
+
 use rquickjs::context::EvalOptions;
 use rquickjs::{Context, Ctx, Error, Object, Runtime, Value};
 

@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::metrics::DropReason;
-use crate::record::{self, Record};
+use crate::record::Record;
 
 /// Consecutive stored chunks handed to the forwarder as one unit of work.
 #[derive(Debug)]
@@ -68,7 +68,7 @@ impl Buffer {
             return Ok(None);
         };
         let value = self.shared.read_chunk(&info)?;
-        match value.map(|v| record::decode_chunk(info.first_seq, &v)) {
+        match value.map(|v| decode_stored(&info, &v)) {
             Some(Ok(records)) => Ok(Some(ReadChunk::single(info, records))),
             _ => {
                 self.rewind(info.first_seq);
@@ -83,9 +83,7 @@ impl Buffer {
                 return Ok(None);
             };
             let value = self.shared.read_chunk(&info)?;
-            let decoded = value
-                .as_deref()
-                .map(|v| record::decode_chunk(info.first_seq, v));
+            let decoded = value.as_deref().map(|v| decode_stored(&info, v));
             match decoded {
                 Some(Ok(records)) => return Ok(Some(ReadChunk::single(info, records))),
                 Some(Err(e)) => {

@@ -2,7 +2,7 @@ use super::*;
 use crate::config::WhenFull;
 use crate::metrics::DropReason;
 use crate::record::SourceType;
-use crate::record::{self, now_ms, NewRecord};
+use crate::record::{self, now_ms, ChunkWriter, NewRecord};
 use bytesize::ByteSize;
 use tokio_util::sync::CancellationToken;
 
@@ -313,6 +313,53 @@ async fn corrupt_chunks_are_quarantined_and_skipped() {
         .shared
         .tree
         .get(quarantine_key(0))
+        .unwrap()
+        .is_some());
+    h.close().await;
+}
+
+/// Found by fuzzing (buffer_read): a chunk whose bytes decode to another number of records than
+/// its index entry counts (here none of 2313) was handed to the forwarder as it was. The records
+/// missing were released without being counted, and surplus ones would have taken the sequence
+/// numbers of the next chunk's, whose confirmations the forwarder counts by them.
+#[tokio::test]
+async fn a_chunk_holding_another_number_of_records_than_its_index_is_quarantined() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(dir.path(), BufferConfig::default());
+    let good = |i| {
+        let mut chunk = ChunkWriter::new(0);
+        chunk.push(&rec(i, 10));
+        chunk
+    };
+    let first = good(1);
+    h.buffer
+        .store_raw_chunk(first.count(), first.value())
+        .unwrap();
+    // The fuzzer's input: a format-2 chunk of a base time and no records, said to hold 2313.
+    let bad = h
+        .buffer
+        .store_raw_chunk(2313, &[record::CHUNK_FORMAT, 0x54])
+        .unwrap();
+    let last = good(2);
+    h.buffer
+        .store_raw_chunk(last.count(), last.value())
+        .unwrap();
+    let read = h.drain_unread();
+    for chunk in &read {
+        assert_eq!(
+            chunk.records.len(),
+            chunk.info.count as usize,
+            "{:?}",
+            chunk.parts
+        );
+    }
+    assert_eq!(seqs(&read), [0, 2314]);
+    assert_eq!(h.metrics.dropped(DropReason::Corrupt), 2313);
+    assert!(h
+        .buffer
+        .shared
+        .tree
+        .get(quarantine_key(bad))
         .unwrap()
         .is_some());
     h.close().await;

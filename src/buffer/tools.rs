@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::commit::chunk_info;
 use super::{insert_chunk, remove_chunk, Buffer, BufferError, ChunkInfo};
-use crate::record::{self, ChunkWriter, NewRecord, Record};
+use crate::record::{ChunkWriter, NewRecord, Record};
 
 /// What `buffer purge` removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -88,7 +88,7 @@ impl Buffer {
         let Some(value) = self.shared.read_chunk(&info)? else {
             return Ok(Purged::default());
         };
-        let Ok(records) = record::decode_chunk(info.first_seq, &value) else {
+        let Ok(records) = super::decode_stored(&info, &value) else {
             return Ok(Purged::default()); // Corrupt: the forwarder quarantines it.
         };
         let drop_n = records

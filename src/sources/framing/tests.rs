@@ -208,3 +208,52 @@ fn modbus_gap_is_three_and_a_half_characters() {
     assert_eq!(default_idle_gap(9600, 11).as_micros(), 4010);
     assert_eq!(default_idle_gap(115_200, 10), Duration::from_micros(1750));
 }
+
+/// Found by fuzzing (framing_delimiter): the slicing into pairs of digits cut a two-byte character
+/// in half, and `edgegate check` panicked instead of naming the key.
+#[test]
+fn hex_delimiter_with_a_multibyte_character_is_refused_not_a_panic() {
+    let f = Framing::Delimiter {
+        delimiter: None,
+        delimiter_hex: Some("?\u{677}l".into()),
+    };
+    assert!(f.validate(64).unwrap_err().contains("not hex"));
+}
+
+/// Found by fuzzing (framing_length_prefixed): a frame complete with its header (a length field
+/// of 0 after `length_adjust`, say an acknowledgement without payload) waited for the next byte
+/// before it was cut, and a quiet line after it dropped it as incomplete.
+#[test]
+fn a_frame_without_a_body_is_complete_with_its_header() {
+    let f = Framing::LengthPrefixed {
+        length_bytes: 1,
+        endian: Endian::Big,
+        offset: 3,
+        length_adjust: -8,
+        resync_gap: None,
+    };
+    let mut fr = framer(f, 9);
+    assert_eq!(fr.push(&[13, 13, 13, 0]).frames, v(&[&[13, 13, 13, 0]]));
+    assert!(!fr.has_partial());
+    assert_eq!(fr.idle(), Output::default());
+}
+
+/// Found by fuzzing (framing_length_prefixed): a header (offset and length field) longer than
+/// max_frame_bytes was accepted. No frame could fit, and the framer held the whole header before
+/// reading the length, past the bound: an offset of a billion would have buffered a gigabyte.
+#[test]
+fn a_header_longer_than_max_frame_bytes_is_refused() {
+    let header_of = |length_bytes, offset| Framing::LengthPrefixed {
+        length_bytes,
+        endian: Endian::Big,
+        offset,
+        length_adjust: -2,
+        resync_gap: None,
+    };
+    assert!(header_of(1, 3)
+        .validate(1)
+        .unwrap_err()
+        .contains("max_frame_bytes"));
+    assert!(header_of(1, 3).validate(4).is_ok());
+    assert!(header_of(4, usize::MAX).validate(usize::MAX).is_err());
+}
