@@ -386,19 +386,23 @@ impl Framer {
                 Endian::Big => (acc << 8) | u64::from(*b),
                 Endian::Little => acc | (u64::from(*b) << (8 * i)),
             });
-        let body = (length as i64 + adjust).max(0) as usize;
-        let total = header + body;
-        if total > self.max {
+        // In 128 bits: a 4-byte length near u32::MAX plus a header, or any length plus an extreme
+        // length_adjust, must not wrap (usize is 32 bits on armv7) into a small frame size.
+        let body = (i128::from(length) + i128::from(adjust)).max(0);
+        let total = body + header as i128;
+        if total > self.max as i128 {
             // Skip the declared frame, where the next one starts, but no more than max_frame_bytes:
             // a corrupt length field must not swallow up to 4 GiB of good frames. A quiet line ends
             // the skip earlier (`idle`); past the bound the next byte is read as a header.
             self.buf.clear();
-            self.discarding = body.min(self.max);
+            self.discarding = body.min(self.max as i128) as usize;
             if self.discarding == 0 {
                 out.oversize += 1;
             }
             return bytes;
         }
+        // At most max_frame_bytes now.
+        let total = total as usize;
         let take = (total - self.buf.len()).min(bytes.len());
         self.buf.extend_from_slice(&bytes[..take]);
         if self.buf.len() == total {

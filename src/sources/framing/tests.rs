@@ -257,3 +257,23 @@ fn a_header_longer_than_max_frame_bytes_is_refused() {
     assert!(header_of(1, 3).validate(4).is_ok());
     assert!(header_of(4, usize::MAX).validate(usize::MAX).is_err());
 }
+
+/// A length field near its maximum plus an extreme `length_adjust` overflowed (a panic in a debug
+/// build; in a release build on 32-bit ARM a wrap into a small frame size that then took every
+/// byte). It is an oversize frame, skipped within max_frame_bytes.
+#[test]
+fn an_extreme_length_and_adjust_are_an_oversize_frame_not_an_overflow() {
+    let f = Framing::LengthPrefixed {
+        length_bytes: 4,
+        endian: Endian::Big,
+        offset: 0,
+        length_adjust: i64::MAX,
+        resync_gap: None,
+    };
+    let mut fr = framer(f, 16);
+    let out = fr.push(&[0xff, 0xff, 0xff, 0xff]);
+    assert!(out.frames.is_empty());
+    // The declared body is skipped no further than max_frame_bytes, then framing goes on.
+    fr.push(&[0u8; 16]);
+    assert_eq!(fr.push(&[0, 0, 0, 0]).frames.len(), 0);
+}
