@@ -564,15 +564,8 @@ impl LowDisk {
 /// The counters of the test payloads in the buffer, read with `edgegate buffer export`.
 fn buffered_counters(config: &Path) -> std::collections::HashSet<u64> {
     use base64::Engine as _;
-    let out = edgegate()
-        .args(["buffer", "export", "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    buffer_export(config)
+        .iter()
         .map(|v| {
             let payload = v["payload_base64"].as_str().unwrap();
             let bytes = base64::engine::general_purpose::STANDARD

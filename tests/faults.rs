@@ -258,15 +258,8 @@ fn next_housekeeping(admin: u16) {
 }
 
 fn captured_times(config: &Path) -> Vec<u64> {
-    let out = edgegate()
-        .args(["buffer", "export", "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let times: Vec<u64> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    let times: Vec<u64> = buffer_export(config)
+        .iter()
         .map(|v| v["captured_ms"].as_u64().unwrap())
         .collect();
     assert_eq!(times.len(), 10, "the records captured after the jump");

@@ -1252,6 +1252,20 @@ pub fn assert_complete_in_order(
     tally
 }
 
+/// The records of a stopped gateway's buffer, as `edgegate buffer export` writes them.
+pub fn buffer_export(config: &Path) -> Vec<serde_json::Value> {
+    let out = edgegate()
+        .args(["buffer", "export", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// One row of RELIABILITY.md, printed for `scripts/reliability` (run with `--nocapture`). Only
 /// called after the scenario's assertions passed, so "lost" is 0 by then.
 pub fn report(scenario: &str, tally: Tally, recovery: Option<Duration>) {
