@@ -50,7 +50,13 @@ enum Link {
 struct LinkState {
     state: Link,
     metrics: Arc<Metrics>,
+    /// When the broker last refused us. librdkafka reports a lasting refusal on every retry
+    /// (every 10 s at most), so one older than [`REFUSAL_FRESH`] was a passing one.
+    last_refusal: Option<Instant>,
 }
+
+/// How long a refusal explains the link being down (see `LinkState::last_refusal`).
+const REFUSAL_FRESH: Duration = Duration::from_secs(30);
 
 impl LinkState {
     fn set(&mut self, next: Link) {
@@ -60,7 +66,10 @@ impl LinkState {
         // While the broker refuses us, the timeouts and unreachable brokers that follow from it
         // are no news: the refusal stays the state (and the one line logged) until the link
         // comes up or the broker refuses for another reason.
-        if matches!(self.state, Link::Refused(_)) && matches!(next, Link::Down(_)) {
+        let fresh = self
+            .last_refusal
+            .is_some_and(|t| t.elapsed() < REFUSAL_FRESH);
+        if fresh && matches!(self.state, Link::Refused(_)) && matches!(next, Link::Down(_)) {
             return;
         }
         match &next {
@@ -80,6 +89,7 @@ impl LinkState {
 
     /// The broker refused us; logged at error level once per refusal, naming what to check.
     fn refused(&mut self, refusal: Refusal, detail: &str) {
+        self.last_refusal = Some(Instant::now());
         if self.state == Link::Refused(refusal) {
             return;
         }
@@ -220,6 +230,7 @@ pub async fn run(
         link: LinkState {
             state: Link::Unknown,
             metrics: metrics.clone(),
+            last_refusal: None,
         },
         config,
         buffer,
@@ -752,5 +763,38 @@ impl Forwarder {
         self.release_confirmed();
         self.buffer.flush()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod link_tests {
+    use super::*;
+
+    fn link() -> LinkState {
+        LinkState {
+            state: Link::Unknown,
+            metrics: Arc::new(Metrics::new()),
+            last_refusal: None,
+        }
+    }
+
+    #[test]
+    fn a_fresh_refusal_explains_the_link_being_down() {
+        let mut link = link();
+        link.refused(Refusal::Authentication, "invalid-proof");
+        link.set(Link::Down("no broker reachable".into()));
+        assert_eq!(link.state, Link::Refused(Refusal::Authentication));
+    }
+
+    /// A passing refusal (a failed re-authentication, a reset handshake) must not hide a real
+    /// outage after it for good.
+    #[test]
+    fn a_stale_refusal_gives_way_to_an_outage() {
+        let mut link = link();
+        link.refused(Refusal::Tls, "handshake");
+        link.last_refusal = Instant::now().checked_sub(REFUSAL_FRESH * 2);
+        link.set(Link::Down("no broker reachable".into()));
+        assert_eq!(link.state, Link::Down("no broker reachable".into()));
+        assert_eq!(link.metrics.kafka_link_up.get(), 0);
     }
 }
