@@ -60,7 +60,10 @@ const REFUSAL_FRESH: Duration = Duration::from_secs(30);
 
 impl LinkState {
     fn set(&mut self, next: Link) {
-        if self.state == next {
+        // Down for another reason is still down: librdkafka alternates its wording while the
+        // broker stays away ("no broker reachable", a metadata timeout), one line each 5 s.
+        let still_down = matches!((&self.state, &next), (Link::Down(_), Link::Down(_)));
+        if self.state == next || still_down {
             return;
         }
         // While the broker refuses us, the timeouts and unreachable brokers that follow from it
@@ -776,6 +779,14 @@ mod link_tests {
             metrics: Arc::new(Metrics::new()),
             last_refusal: None,
         }
+    }
+
+    #[test]
+    fn down_for_another_reason_is_no_new_state() {
+        let mut link = link();
+        link.set(Link::Down("no broker reachable".into()));
+        link.set(Link::Down("metadata timeout".into()));
+        assert_eq!(link.state, Link::Down("no broker reachable".into()));
     }
 
     #[test]
