@@ -55,6 +55,12 @@ pub struct Config {
     /// Commands from Kafka to the devices; absent: no downlink.
     #[serde(default)]
     pub downlink: Option<DownlinkConfig>,
+    /// The file as parsed TOML, which a reload compares with the new one.
+    #[serde(skip)]
+    pub document: toml::Table,
+    /// The file's text, to name the line of a key found invalid after parsing.
+    #[serde(skip)]
+    text: String,
 }
 
 /// What a converter script is: an uplink decoder (records to Kafka) or a downlink encoder
@@ -724,6 +730,11 @@ impl Config {
         Config::parse(&text, path)
     }
 
+    /// The line of `key` in the file this configuration came from, when it is written there.
+    pub fn line_of_key(&self, key: &str) -> Option<usize> {
+        locate_key(&self.text, key)
+    }
+
     /// Parses configuration text; `path` is only used in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let invalid = |key: String, message: String| ConfigError::Invalid {
@@ -743,8 +754,10 @@ impl Config {
                 message: e.message().trim().to_owned(),
             }
         })?;
-        let mut config: Config =
-            deserialize_at(toml::Value::Table(table), "").map_err(|(k, m)| invalid(k, m))?;
+        let mut config: Config = deserialize_at(toml::Value::Table(table.clone()), "")
+            .map_err(|(k, m)| invalid(k, m))?;
+        config.document = table;
+        config.text = text.to_owned();
         for (name, raw) in std::mem::take(&mut config.raw_sources) {
             let prefix = format!("sources.{name}");
             let source = parse_source(raw, &prefix).map_err(|(k, m)| invalid(k, m))?;

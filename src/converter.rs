@@ -571,18 +571,10 @@ impl Converters {
         config: &Arc<Config>,
         metrics: Arc<Metrics>,
     ) -> Result<Converters, (String, ConverterError)> {
-        let by_source: HashMap<String, usize> = config
-            .sources
-            .iter()
-            .filter_map(|(name, s)| {
-                let i = decoders(config).position(|(c, _)| Some(c.as_str()) == s.converter())?;
-                Some((name.clone(), i))
-            })
-            .collect();
         let mut converters = Converters {
             jobs: None,
             _thread: None,
-            by_source,
+            by_source: by_source(config),
             stop: None,
             config: config.clone(),
             metrics,
@@ -591,6 +583,44 @@ impl Converters {
             converters.spawn()?;
         }
         Ok(converters)
+    }
+
+    /// Stops the converter thread and starts one with `config`'s converters (a reload), between
+    /// two chunks. When the new ones cannot start, the old ones run again and the inner error
+    /// says why; [`ConvertersGone`] when even they cannot (records must not pass unconverted).
+    pub fn replace(
+        &mut self,
+        config: &Arc<Config>,
+    ) -> Result<Result<(), (String, ConverterError)>, ConvertersGone> {
+        let old = (self.config.clone(), std::mem::take(&mut self.by_source));
+        // The old thread is idle between chunks; it must be stopped before the new one opens
+        // the crash log, or the new one would take its last marker for a crash.
+        self.stop_thread();
+        self.by_source = by_source(config);
+        self.config = config.clone();
+        if self.by_source.is_empty() {
+            return Ok(Ok(()));
+        }
+        let Err(e) = self.spawn() else {
+            return Ok(Ok(()));
+        };
+        self.stop_thread();
+        (self.config, self.by_source) = old;
+        if !self.by_source.is_empty() {
+            self.spawn().map_err(|(_, again)| {
+                tracing::error!(error = %again, "the previous converters cannot start again");
+                ConvertersGone
+            })?;
+        }
+        Ok(Err(e))
+    }
+
+    fn stop_thread(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop.stop();
+        }
+        self.jobs = None;
+        self._thread = None;
     }
 
     /// Starts a new converter thread after the last one died; its scripts compiled before.
@@ -670,6 +700,18 @@ impl Converters {
             .map_err(|_| ConvertersGone)?;
         answer.await.map_err(|_| ConvertersGone)
     }
+}
+
+/// Each source with a converter, and the index of its decoder in `decoders(config)`.
+fn by_source(config: &Config) -> HashMap<String, usize> {
+    config
+        .sources
+        .iter()
+        .filter_map(|(name, s)| {
+            let i = decoders(config).position(|(c, _)| Some(c.as_str()) == s.converter())?;
+            Some((name.clone(), i))
+        })
+        .collect()
 }
 
 struct Worker {

@@ -11,7 +11,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
@@ -178,6 +178,8 @@ impl RateLimitedLog {
 enum PumpExit {
     Shutdown,
     Recreate(String),
+    /// New Kafka settings: recreate the producer once in-flight records are confirmed or rewound.
+    Reload(Reload),
     /// Nothing is outstanding and the producer must batch differently ([`Forwarder::batching`]).
     Rebatch,
 }
@@ -216,6 +218,22 @@ struct Forwarder {
     converter_restarts: u32,
 }
 
+/// A reloaded configuration for the forwarder: its converters always start again (their scripts
+/// may have changed even when the tables did not), the producer only when `kafka` changed.
+pub struct Reload {
+    pub config: Arc<Config>,
+    pub kafka_changed: bool,
+    /// Answered once the new settings are in force, or refused with the old ones still running.
+    pub applied: oneshot::Sender<Result<(), String>>,
+}
+
+/// What waiting for the topic ended with.
+enum Waited {
+    Ready(Option<u64>),
+    Shutdown,
+    Reload(Reload),
+}
+
 /// Forwards buffered records to Kafka, through their source's converter where one is configured,
 /// until `shutdown`, then lets in-flight deliveries finish for `kafka.shutdown_timeout`.
 pub async fn run(
@@ -223,6 +241,7 @@ pub async fn run(
     buffer: Buffer,
     converters: Converters,
     metrics: Arc<Metrics>,
+    mut reloads: mpsc::Receiver<Reload>,
     shutdown: CancellationToken,
 ) -> Result<(), ForwarderError> {
     let batching = Batching {
@@ -259,12 +278,20 @@ pub async fn run(
     loop {
         let (sink, (mut deliveries, mut events)) = Sink::new(&f.config, f.batching)?;
         let sink = Arc::new(sink);
-        let Some(topic_limit) = f
-            .wait_for_topic(&sink, &mut events, !described, &shutdown)
-            .await
-        else {
-            drop_sink(sink).await;
-            return f.finish();
+        let topic_limit = match f
+            .wait_for_topic(&sink, &mut events, !described, &mut reloads, &shutdown)
+            .await?
+        {
+            Waited::Ready(limit) => limit,
+            Waited::Shutdown => {
+                drop_sink(sink).await;
+                return f.finish();
+            }
+            Waited::Reload(reload) => {
+                drop_sink(sink).await;
+                described &= !f.reload(reload)?;
+                continue;
+            }
         };
         described = true;
         if f.lower_record_limit(topic_limit) {
@@ -273,7 +300,7 @@ pub async fn run(
             continue;
         }
         match f
-            .pump(&sink, &mut deliveries, &mut events, &shutdown)
+            .pump(&sink, &mut deliveries, &mut events, &mut reloads, &shutdown)
             .await?
         {
             PumpExit::Shutdown => {
@@ -296,6 +323,17 @@ pub async fn run(
                 drop_sink(sink).await;
                 f.rebatch = false;
                 f.rewind_now();
+            }
+            PumpExit::Reload(reload) => {
+                // Confirmed records leave the buffer; those still unconfirmed after
+                // shutdown_timeout are sent again by the new producer (duplicates, not losses).
+                f.drain(&mut deliveries).await;
+                drop_sink(sink).await;
+                while let Ok(d) = deliveries.try_recv() {
+                    f.on_delivery(d);
+                }
+                f.rewind_now();
+                described &= !f.reload(reload)?;
             }
         }
     }
@@ -328,6 +366,39 @@ async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationToken) -> boo
 }
 
 impl Forwarder {
+    /// Applies a reload that leaves Kafka alone, between two chunks: records read from now on
+    /// are converted by the new scripts. Hands back one that changes Kafka, for the caller to
+    /// apply once the producer is idle.
+    fn reload_converters_only(&mut self, reload: Reload) -> Result<Option<Reload>, ForwarderError> {
+        if reload.kafka_changed {
+            return Ok(Some(reload));
+        }
+        self.reload(reload)?;
+        Ok(None)
+    }
+
+    /// Puts a reloaded configuration in force: new converters, and the settings the next
+    /// producer is created with. True when the topic must be described again. A converter that
+    /// cannot start leaves the old ones (and settings) running; fatal only when those cannot
+    /// start again either.
+    fn reload(&mut self, reload: Reload) -> Result<bool, ForwarderError> {
+        let Reload {
+            config,
+            kafka_changed,
+            applied,
+        } = reload;
+        if let Err((key, e)) = self.converters.replace(&config)? {
+            let _ = applied.send(Err(format!("{key}: {e}")));
+            return Ok(false);
+        }
+        if kafka_changed {
+            self.batching.max_record_bytes = config.kafka.max_record_bytes.as_u64();
+        }
+        self.config = config;
+        let _ = applied.send(Ok(()));
+        Ok(kafka_changed)
+    }
+
     /// True when the topic takes smaller records than the producer is set up for.
     fn lower_record_limit(&mut self, topic_limit: Option<u64>) -> bool {
         let current = self.batching.max_record_bytes;
@@ -351,8 +422,9 @@ impl Forwarder {
         sink: &Arc<Sink>,
         events: &mut mpsc::UnboundedReceiver<ClientEvent>,
         describe: bool,
+        reloads: &mut mpsc::Receiver<Reload>,
         shutdown: &CancellationToken,
-    ) -> Option<Option<u64>> {
+    ) -> Result<Waited, ForwarderError> {
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         loop {
             let (s, c) = (sink.clone(), self.config.clone());
@@ -363,7 +435,12 @@ impl Forwarder {
                 tokio::select! {
                     r = &mut check => break r,
                     Some(event) = events.recv() => self.link.on_event(event),
-                    _ = shutdown.cancelled() => return None,
+                    Some(reload) = reloads.recv() => {
+                        if let Some(reload) = self.reload_converters_only(reload)? {
+                            return Ok(Waited::Reload(reload));
+                        }
+                    }
+                    _ = shutdown.cancelled() => return Ok(Waited::Shutdown),
                 }
             };
             // A refusal reported meanwhile explains the failure better than the failure itself.
@@ -371,7 +448,7 @@ impl Forwarder {
                 self.link.on_event(event);
             }
             match checked {
-                Ok(Ok(limit)) => return Some(limit),
+                Ok(Ok(limit)) => return Ok(Waited::Ready(limit)),
                 Ok(Err(e)) => self.link.set(Link::Down(e.to_string())),
                 Err(e) => self.link.set(Link::Down(e.to_string())),
             }
@@ -381,7 +458,12 @@ impl Forwarder {
                 tokio::select! {
                     _ = &mut pause => break,
                     Some(event) = events.recv() => self.link.on_event(event),
-                    _ = shutdown.cancelled() => return None,
+                    Some(reload) = reloads.recv() => {
+                        if let Some(reload) = self.reload_converters_only(reload)? {
+                            return Ok(Waited::Reload(reload));
+                        }
+                    }
+                    _ = shutdown.cancelled() => return Ok(Waited::Shutdown),
                 }
             }
         }
@@ -399,6 +481,7 @@ impl Forwarder {
         sink: &Sink,
         deliveries: &mut mpsc::UnboundedReceiver<Delivery>,
         events: &mut mpsc::UnboundedReceiver<ClientEvent>,
+        reloads: &mut mpsc::Receiver<Reload>,
         shutdown: &CancellationToken,
     ) -> Result<PumpExit, ForwarderError> {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -413,6 +496,11 @@ impl Forwarder {
                     ClientEvent::Fatal(reason) => return Ok(PumpExit::Recreate(reason)),
                     event => self.link.on_event(event),
                 },
+                Some(reload) = reloads.recv() => {
+                    if let Some(reload) = self.reload_converters_only(reload)? {
+                        return Ok(PumpExit::Reload(reload));
+                    }
+                }
                 _ = tick.tick() => {
                     if let Some(reason) = sink.fatal_error() {
                         return Ok(PumpExit::Recreate(reason));

@@ -1,22 +1,26 @@
 //! Wires the stages together: sources → buffer → forwarder, with one shutdown token.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{self, AdminError};
+use crate::admin::{self, AdminContext, AdminError};
 use crate::backoff::Backoff;
-use crate::buffer::{self, Buffer, BufferError};
+use crate::buffer::{self, Buffer, BufferError, BufferWriter};
 use crate::config::{Config, ConfigError, SourceConfig};
 use crate::converter::{self, Converters};
 use crate::downlink::{self, DownlinkError, Outlet, Outlets};
 use crate::forwarder::{self, ForwarderError};
 use crate::kafka;
 use crate::metrics::Metrics;
+use crate::reload::{Changes, ReloadError, ReloadHandle, ReloadRequest, ReloadSummary};
 use crate::sources::mqtt::{self, MqttError, MqttOutlet, SourceContext};
 use crate::sources::serial::{self, SerialContext, SerialError, SerialOutlet};
 use crate::watchdog;
@@ -76,8 +80,8 @@ impl GatewayError {
 pub fn validate(config: &Config, path: &Path) -> Result<(), ConfigError> {
     let invalid = |key: String, message: String| ConfigError::Invalid {
         path: path.to_owned(),
+        line: config.line_of_key(&key),
         key,
-        line: None,
         message,
     };
     kafka::check_guarantees(config).map_err(|(k, m)| invalid(k, m))?;
@@ -115,25 +119,29 @@ fn check_data_dir(dir: &Path) -> Result<(), String> {
     }
 }
 
+/// Reads `path` and makes every check `edgegate check` makes; the one way a configuration is
+/// loaded, at start-up and for a reload.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let config = Config::load(path)?;
+    validate(&config, path)?;
+    Ok(config)
+}
+
 /// Runs every stage until `shutdown` is cancelled (or a stage fails fatally), then stops them in
 /// order: sources stop intake and ack what became durable, the buffer commits what it holds, the
-/// forwarder waits for in-flight deliveries.
+/// forwarder waits for in-flight deliveries. Reload requests re-read `config_path` meanwhile.
 pub async fn run(
     config: Config,
     config_path: &Path,
     shutdown: CancellationToken,
+    reload: ReloadHandle,
+    mut reloads: mpsc::Receiver<ReloadRequest>,
 ) -> Result<(), GatewayError> {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
     let ready = Arc::new(AtomicBool::new(false));
-    let admin_task = match &config.admin {
-        Some(a) => {
-            let listener = admin::bind(a.listen).await?;
-            tracing::info!(listen = %a.listen, "admin endpoint listening");
-            let (m, r) = (metrics.clone(), ready.clone());
-            let task = admin::run(listener, m, r, a.stalled_after, shutdown.clone());
-            Some(tokio::spawn(task))
-        }
+    let admin_listener = match &config.admin {
+        Some(a) => Some((a.listen, admin::bind(a.listen).await?)),
         None => None,
     };
     let (buffer, writer, intake) =
@@ -148,35 +156,183 @@ pub async fn run(
     let converters =
         Converters::start(&config, metrics.clone()).map_err(|(key, e)| ConfigError::Invalid {
             path: config_path.to_owned(),
+            line: config.line_of_key(&key),
             key,
-            line: None,
             message: e.to_string(),
         })?;
+    let (config_tx, config_rx) = watch::channel(config.clone());
+    let admin_ctx = AdminContext {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+        buffer: buffer.clone(),
+        config: config_rx,
+        reload,
+    };
+    admin::spawn_background(&admin_ctx, &shutdown);
     let mut core = JoinSet::new();
     core.spawn({
         let committing = buffer::run(buffer.clone(), intake, shutdown.clone());
         async move { Core::Buffer(committing.await) }
     });
+    let (forwarder_tx, forwarder_rx) = mpsc::channel(1);
     core.spawn({
         let forwarding = forwarder::run(
             config.clone(),
             buffer.clone(),
             converters,
             metrics.clone(),
+            forwarder_rx,
             shutdown.clone(),
         );
         async move { Core::Forwarder(forwarding.await) }
     });
-    let mut sources = JoinSet::new();
-    let mut outlets = Outlets::new();
-    for (name, source) in &config.sources {
-        let source_name: Arc<str> = Arc::from(name.as_str());
+    let (fatal_tx, mut fatal) = mpsc::unbounded_channel();
+    let mut pipeline = Pipeline {
+        path: config_path.to_owned(),
+        encoder_script: encoder_script(&config),
+        config,
+        config_tx,
+        metrics: metrics.clone(),
+        writer: Some(writer),
+        sources: BTreeMap::new(),
+        outlets: Outlets::new(),
+        fatal: fatal_tx,
+        forwarder: forwarder_tx,
+        downlink: None,
+        admin_ctx,
+        admin: None,
+        shutdown: shutdown.clone(),
+    };
+    let names: Vec<String> = pipeline.config.sources.keys().cloned().collect();
+    for name in names {
+        pipeline.start_source(&name);
+    }
+    pipeline.start_downlink();
+    if let Some((listen, listener)) = admin_listener {
+        tracing::info!(%listen, "admin endpoint listening");
+        pipeline.start_admin(listen, listener);
+    }
+    ready.store(true, Ordering::Relaxed);
+    let source_count = pipeline.config.sources.len();
+    tracing::info!(sources = source_count, gateway = %pipeline.config.gateway.id, "edgegate ready");
+    watchdog::notify_ready(&format!(
+        "{source_count} sources, {} records buffered",
+        stats.records
+    ));
+    let watchdog_task = watchdog::interval().map(|interval| {
+        tracing::info!(
+            interval_ms = interval.as_millis() as u64,
+            "systemd watchdog enabled"
+        );
+        let health = HealthOf(metrics.clone());
+        tokio::spawn(watchdog::run(health, interval, shutdown.clone()))
+    });
+
+    let mut failure: Option<GatewayError> = None;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            // A supervised source or the downlink sends an error only when it cannot recover
+            // (its configuration); first, so that its cause wins over the buffer's end it brings.
+            Some(e) = fatal.recv() => {
+                failure = Some(e);
+                shutdown.cancel();
+                break;
+            }
+            Some(joined) = core.join_next() => {
+                // Before shutdown, even a clean end of the buffer or the forwarder is a failure;
+                // a stage that ended cleanly because shutdown came meanwhile is not.
+                failure = match core_failure(joined) {
+                    Ok(e) => Some(e),
+                    Err(_) if shutdown.is_cancelled() => None,
+                    Err(stage) => Some(GatewayError::StageEnded {
+                        stage,
+                        reason: "ended before shutdown".into(),
+                    }),
+                };
+                shutdown.cancel();
+                break;
+            }
+            Some(request) = reloads.recv() => {
+                let outcome = pipeline.reload().await;
+                let _ = request.reply.send(outcome);
+            }
+        }
+    }
+    tracing::info!("shutting down");
+    watchdog::notify_stopping();
+    if let Some(task) = watchdog_task {
+        task.abort();
+    }
+    drop(reloads);
+    pipeline.stop().await;
+    while let Ok(e) = fatal.try_recv() {
+        failure.get_or_insert(e);
+    }
+    while let Some(joined) = core.join_next().await {
+        if let Ok(e) = core_failure(joined) {
+            failure.get_or_insert(e);
+        }
+    }
+    let stats = buffer.stats();
+    tracing::info!(
+        buffered = stats.records,
+        delivered = metrics.records_out.get(),
+        dropped = metrics.dropped_total(),
+        "stopped; undelivered records stay buffered"
+    );
+    failure.map_or(Ok(()), Err)
+}
+
+/// A stage started with a token of its own, so that a reload can stop it alone.
+struct Running<T> {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<T>,
+}
+
+impl<T> Running<T> {
+    async fn stop(self) -> Option<T> {
+        self.stop.cancel();
+        self.task.await.ok()
+    }
+}
+
+/// The stages a reload may stop and start again, and what they were started with. The buffer
+/// and the forwarder (which reloads itself in place) run outside it.
+struct Pipeline {
+    path: PathBuf,
+    config: Arc<Config>,
+    config_tx: watch::Sender<Arc<Config>>,
+    /// The downlink encoder's script text: a reload that changes only it restarts the downlink.
+    encoder_script: Option<Vec<u8>>,
+    metrics: Arc<Metrics>,
+    /// Held for sources a reload adds; dropped at shutdown, which ends the buffer's intake.
+    writer: Option<BufferWriter>,
+    sources: BTreeMap<String, Running<()>>,
+    outlets: Outlets,
+    fatal: mpsc::UnboundedSender<GatewayError>,
+    forwarder: mpsc::Sender<forwarder::Reload>,
+    downlink: Option<Running<()>>,
+    admin_ctx: AdminContext,
+    admin: Option<(SocketAddr, Running<()>)>,
+    shutdown: CancellationToken,
+}
+
+impl Pipeline {
+    fn start_source(&mut self, name: &str) {
+        let (Some(source), Some(writer)) = (self.config.sources.get(name), &self.writer) else {
+            return;
+        };
+        let source_name: Arc<str> = Arc::from(name);
+        let metrics = self.metrics.clone();
         let start: SourceStart = match source {
             SourceConfig::Mqtt(m) => {
                 let (m, writer, metrics) = (m.clone(), writer.clone(), metrics.clone());
-                let (name, client_id) = (source_name.clone(), config.mqtt_client_id(name, &m));
+                let (name, client_id) = (source_name.clone(), self.config.mqtt_client_id(name, &m));
                 let outlet = MqttOutlet::default();
-                outlets.insert(source_name.to_string(), Outlet::Mqtt(outlet.clone()));
+                self.outlets
+                    .insert(source_name.to_string(), Outlet::Mqtt(outlet.clone()));
                 Box::new(move |shutdown| {
                     let ctx = SourceContext {
                         name: name.clone(),
@@ -193,7 +349,8 @@ pub async fn run(
                 let (s, writer, metrics) = (s.clone(), writer.clone(), metrics.clone());
                 let name = source_name.clone();
                 let outlet = SerialOutlet::default();
-                outlets.insert(source_name.to_string(), Outlet::Serial(outlet.clone()));
+                self.outlets
+                    .insert(source_name.to_string(), Outlet::Serial(outlet.clone()));
                 Box::new(move |shutdown| {
                     let (ctx, handle) =
                         SerialContext::new(name.clone(), writer.clone(), metrics.clone());
@@ -203,85 +360,190 @@ pub async fn run(
                 })
             }
         };
-        let supervised = supervise(source_name, start, metrics.clone(), shutdown.clone());
-        sources.spawn(supervised);
+        let stop = self.shutdown.child_token();
+        let fatal = self.fatal.clone();
+        let supervised = supervise(source_name, start, metrics, stop.clone());
+        let task = tokio::spawn(async move {
+            if let Err(e) = supervised.await {
+                let _ = fatal.send(e.into());
+            }
+        });
+        self.sources.insert(name.to_owned(), Running { stop, task });
     }
-    drop(writer);
-    core.spawn({
-        let downlink =
-            supervise_downlink(config.clone(), outlets, metrics.clone(), shutdown.clone());
-        async move { Core::Downlink(downlink.await) }
-    });
-    ready.store(true, Ordering::Relaxed);
-    tracing::info!(sources = config.sources.len(), gateway = %config.gateway.id, "edgegate ready");
-    watchdog::notify_ready(&format!(
-        "{} sources, {} records buffered",
-        config.sources.len(),
-        stats.records
-    ));
-    let watchdog_task = watchdog::interval().map(|interval| {
-        tracing::info!(
-            interval_ms = interval.as_millis() as u64,
-            "systemd watchdog enabled"
-        );
-        let health = HealthOf(metrics.clone());
-        tokio::spawn(watchdog::run(health, interval, shutdown.clone()))
-    });
 
-    let mut failure: Option<GatewayError> = None;
-    tokio::select! {
-        biased;
-        _ = shutdown.cancelled() => {}
-        // A supervised source ends before shutdown only with an error it cannot recover from
-        // (its configuration); first, so that its cause wins over the buffer's end it brings.
-        Some(joined) = sources.join_next() => {
-            failure = Some(match joined {
-                Ok(Err(e)) => e.into(),
-                Ok(Ok(())) => GatewayError::StageEnded { stage: "source", reason: "ended before shutdown".into() },
-                Err(e) => GatewayError::StageEnded { stage: "source supervisor", reason: e.to_string() },
-            });
-            shutdown.cancel();
+    fn start_downlink(&mut self) {
+        let stop = self.shutdown.child_token();
+        let fatal = self.fatal.clone();
+        let supervised = supervise_downlink(
+            self.config.clone(),
+            self.outlets.clone(),
+            self.metrics.clone(),
+            stop.clone(),
+        );
+        let task = tokio::spawn(async move {
+            if let Err(e) = supervised.await {
+                let _ = fatal.send(e.into());
+            }
+        });
+        self.downlink = Some(Running { stop, task });
+    }
+
+    fn start_admin(&mut self, listen: SocketAddr, listener: tokio::net::TcpListener) {
+        let stop = self.shutdown.child_token();
+        let task = tokio::spawn(admin::run(listener, self.admin_ctx.clone(), stop.clone()));
+        self.admin = Some((listen, Running { stop, task }));
+    }
+
+    /// Re-reads the configuration file and applies it, or refuses it whole; see [`crate::reload`].
+    async fn reload(&mut self) -> Result<ReloadSummary, ReloadError> {
+        let started = Instant::now();
+        watchdog::notify_reloading();
+        tracing::info!(path = %self.path.display(), "reloading the configuration");
+        let outcome = self.apply_reload(started).await;
+        match &outcome {
+            Ok(summary) => tracing::info!(
+                applied = %summary.applied.join(", "),
+                took_ms = summary.took.as_millis() as u64,
+                "configuration reloaded"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "reload refused; the running configuration stays in force")
+            }
         }
-        Some(joined) = core.join_next() => {
-            // Before shutdown, even a clean end of the buffer or the forwarder is a failure; a
-            // stage that ended cleanly because shutdown came meanwhile is not.
-            failure = match core_failure(joined) {
-                Ok(e) => Some(e),
-                Err(_) if shutdown.is_cancelled() => None,
-                Err(stage) => Some(GatewayError::StageEnded {
-                    stage,
-                    reason: "ended before shutdown".into(),
-                }),
+        let status = match &outcome {
+            Ok(_) => format!(
+                "{} sources; configuration reloaded",
+                self.config.sources.len()
+            ),
+            Err(_) => format!(
+                "{} sources; last reload refused (see the log)",
+                self.config.sources.len()
+            ),
+        };
+        watchdog::notify_ready(&status);
+        outcome
+    }
+
+    async fn apply_reload(&mut self, started: Instant) -> Result<ReloadSummary, ReloadError> {
+        let path = self.path.clone();
+        let new = tokio::task::spawn_blocking(move || load(&path))
+            .await
+            .map_err(|_| ReloadError::Unavailable)??;
+        let changes = Changes::between(&self.config.document, &new.document);
+        if !changes.restart_only.is_empty() {
+            return Err(ReloadError::NeedsRestart(changes.restart_only));
+        }
+        // Everything that can fail is tried before anything is applied.
+        let new_listen = new.admin.as_ref().map(|a| a.listen);
+        let current_listen = self.admin.as_ref().map(|(listen, _)| *listen);
+        let listener = match new_listen {
+            Some(listen) if Some(listen) != current_listen => Some(
+                admin::bind(listen)
+                    .await
+                    .map_err(|e| ReloadError::Refused {
+                        key: "admin.listen".into(),
+                        message: e.to_string(),
+                    })?,
+            ),
+            _ => None,
+        };
+        let new = Arc::new(new);
+        let mut applied = Vec::new();
+        let (reply, answer) = oneshot::channel();
+        let forwarder = forwarder::Reload {
+            config: new.clone(),
+            kafka_changed: changes.kafka,
+            applied: reply,
+        };
+        self.forwarder
+            .send(forwarder)
+            .await
+            .map_err(|_| ReloadError::Unavailable)?;
+        answer
+            .await
+            .map_err(|_| ReloadError::Unavailable)?
+            .map_err(|message| ReloadError::Refused {
+                key: "converters".into(),
+                message,
+            })?;
+        applied.push(if changes.kafka {
+            "converters, kafka (producer recreated)".to_owned()
+        } else {
+            "converters".to_owned()
+        });
+        let old = std::mem::replace(&mut self.config, new.clone());
+        for name in &changes.sources {
+            let stopped = self.sources.remove(name);
+            let was_running = stopped.is_some();
+            if let Some(running) = stopped {
+                running.stop().await;
+                self.outlets.remove(name);
+                self.metrics.set_source_connected(name, false);
+            }
+            self.start_source(name);
+            let verb = match (was_running, self.sources.contains_key(name)) {
+                (true, true) => "restarted",
+                (true, false) => "removed",
+                _ => "added",
             };
-            shutdown.cancel();
+            applied.push(format!("sources.{name} ({verb})"));
+        }
+        let encoder_script = encoder_script(&new);
+        let downlink_changed = changes.downlink
+            || changes.kafka
+            || changes.converters
+            || !changes.sources.is_empty()
+            || encoder_script != self.encoder_script;
+        if downlink_changed && (old.downlink.is_some() || new.downlink.is_some()) {
+            if let Some(running) = self.downlink.take() {
+                running.stop().await;
+            }
+            self.start_downlink();
+            applied.push("downlink (restarted)".into());
+        }
+        self.encoder_script = encoder_script;
+        // Other admin settings are read from the configuration in force at each request.
+        let admin_moves = listener.is_some() || (new_listen.is_none() && self.admin.is_some());
+        if admin_moves {
+            if let Some((_, running)) = self.admin.take() {
+                running.stop().await;
+            }
+            if let (Some(listen), Some(listener)) = (new_listen, listener) {
+                tracing::info!(%listen, "admin endpoint listening");
+                self.start_admin(listen, listener);
+            }
+        }
+        if changes.admin {
+            applied.push("admin".into());
+        }
+        let _ = self.config_tx.send(new);
+        Ok(ReloadSummary {
+            applied,
+            took: started.elapsed(),
+        })
+    }
+
+    /// Stops the sources first (no new intake; what became durable is acknowledged), then the
+    /// downlink and the admin endpoint; the buffer's intake ends with the last writer.
+    async fn stop(&mut self) {
+        self.shutdown.cancel();
+        self.writer = None;
+        for (_, running) in std::mem::take(&mut self.sources) {
+            running.stop().await;
+        }
+        if let Some(running) = self.downlink.take() {
+            running.stop().await;
+        }
+        if let Some((_, running)) = self.admin.take() {
+            running.stop().await;
         }
     }
-    tracing::info!("shutting down");
-    watchdog::notify_stopping();
-    if let Some(task) = watchdog_task {
-        task.abort();
-    }
-    while let Some(joined) = sources.join_next().await {
-        if let Ok(Err(e)) = joined {
-            failure.get_or_insert(e.into());
-        }
-    }
-    while let Some(joined) = core.join_next().await {
-        if let Ok(e) = core_failure(joined) {
-            failure.get_or_insert(e);
-        }
-    }
-    if let Some(task) = admin_task {
-        let _ = task.await;
-    }
-    let stats = buffer.stats();
-    tracing::info!(
-        buffered = stats.records,
-        delivered = metrics.records_out.get(),
-        dropped = metrics.dropped_total(),
-        "stopped; undelivered records stay buffered"
-    );
-    failure.map_or(Ok(()), Err)
+}
+
+/// The text of the downlink encoder's script, if there is one and it can be read.
+fn encoder_script(config: &Config) -> Option<Vec<u8>> {
+    let name = config.downlink.as_ref()?.converter.as_ref()?;
+    std::fs::read(&config.converters.get(name)?.script).ok()
 }
 
 /// Starts one run of a source until the shutdown token it is given.
@@ -381,7 +643,6 @@ impl std::ops::Deref for HealthOf {
 enum Core {
     Buffer(Result<(), BufferError>),
     Forwarder(Result<(), ForwarderError>),
-    Downlink(Result<(), DownlinkError>),
 }
 
 /// The failure a core stage ended with, or the name of a stage that ended cleanly.
@@ -391,8 +652,6 @@ fn core_failure(
     match joined {
         Ok(Core::Buffer(Ok(()))) => Err("buffer"),
         Ok(Core::Forwarder(Ok(()))) => Err("forwarder"),
-        Ok(Core::Downlink(Ok(()))) => Err("downlink"),
-        Ok(Core::Downlink(Err(e))) => Ok(e.into()),
         Ok(Core::Buffer(Err(e))) => Ok(e.into()),
         Ok(Core::Forwarder(Err(e))) => Ok(e.into()),
         Err(e) => {

@@ -16,5 +16,6 @@ pub mod gateway;
 pub mod kafka;
 pub mod metrics;
 pub mod record;
+pub mod reload;
 pub mod sources;
 pub mod watchdog;

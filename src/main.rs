@@ -3,6 +3,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use edgegate::admin::client::AdminClient;
 use edgegate::buffer::tools::ToolError;
 use edgegate::buffer::Buffer;
 use edgegate::config::{Config, ConverterConfig, ConverterKind};
@@ -10,6 +11,7 @@ use edgegate::converter::encoder::Encoder;
 use edgegate::converter::{script_metadata, Converter, Entity};
 use edgegate::gateway;
 use edgegate::record::now_ms;
+use edgegate::reload::ReloadHandle;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
@@ -37,6 +39,13 @@ enum Command {
     },
     /// Validate a configuration file; exit 0 when usable, 2 with the offending key otherwise.
     Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Ask the running gateway to re-read its configuration file (as `systemctl reload` does),
+    /// after checking it here first. Exit 0 when applied, 2 when the file is invalid, 1 when
+    /// the gateway refused it (it runs on unchanged) or cannot be reached.
+    Reload {
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -141,6 +150,7 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Reload { config } => reload(&config),
         Command::Convert(args) => convert(args),
         Command::Buffer { action } => buffer_tool(action),
         Command::Run { config, log_format } => {
@@ -178,8 +188,7 @@ fn limit_malloc_arenas() {
 }
 
 fn load(path: &Path) -> Result<Config, ExitCode> {
-    let checked = Config::load(path).and_then(|c| gateway::validate(&c, path).map(|()| c));
-    checked.map_err(|e| {
+    gateway::load(path).map_err(|e| {
         eprintln!("edgegate: invalid configuration: {e}");
         ExitCode::from(2)
     })
@@ -217,8 +226,10 @@ fn run(config: Config, path: PathBuf) -> ExitCode {
     };
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
+        let (reload, requests) = ReloadHandle::new();
         tokio::spawn(stop_on_signal(shutdown.clone()));
-        gateway::run(config, &path, shutdown).await
+        tokio::spawn(reload_on_sighup(reload.clone()));
+        gateway::run(config, &path, shutdown, reload, requests).await
     });
     // Everything durable is flushed by now; a blocking Kafka metadata request against an
     // unreachable broker must not hold up the exit for its full timeout.
@@ -246,6 +257,59 @@ async fn stop_on_signal(shutdown: CancellationToken) {
         _ = int.recv() => tracing::info!("SIGINT received"),
     }
     shutdown.cancel();
+}
+
+fn reload(path: &Path) -> ExitCode {
+    let Ok(config) = load(path) else {
+        eprintln!("edgegate reload: nothing was sent; the running configuration stays in force");
+        return ExitCode::from(2);
+    };
+    // Applying waits for in-flight Kafka deliveries (up to kafka.shutdown_timeout).
+    let timeout = config.kafka.shutdown_timeout + std::time::Duration::from_secs(30);
+    let answer = AdminClient::for_config(&config, timeout).and_then(|c| c.post("/-/reload"));
+    let answer = match answer {
+        Ok(answer) => answer,
+        Err(e) => {
+            eprintln!("edgegate reload: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let body: serde_json::Value = serde_json::from_str(&answer.body).unwrap_or_default();
+    match (answer.status, body.get("error").and_then(|e| e.as_str())) {
+        (200, _) => {
+            let applied = body.get("applied").and_then(|a| a.as_array());
+            let applied: Vec<&str> = applied
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a.as_str())
+                .collect();
+            let took = body.get("took").and_then(|t| t.as_str()).unwrap_or("?");
+            println!("reloaded in {took}: {}", applied.join(", "));
+            ExitCode::SUCCESS
+        }
+        (status, Some(error)) => {
+            eprintln!("edgegate reload: refused: {error}");
+            ExitCode::from(if status == 422 { 2 } else { 1 })
+        }
+        (status, None) => {
+            eprintln!("edgegate reload: HTTP {status}: {}", answer.body.trim());
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// SIGHUP (`systemctl reload`) reloads the configuration; the gateway logs the outcome.
+async fn reload_on_sighup(reload: ReloadHandle) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler; reload with `edgegate reload`");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP received");
+        // The outcome is logged where it is applied.
+        let _ = reload.request().await;
+    }
 }
 
 fn convert(args: ConvertArgs) -> ExitCode {

@@ -86,6 +86,16 @@ pub fn notify_ready(status: &str) {
     ]);
 }
 
+/// Tells systemd a reload began; `notify_ready` ends it. With the monotonic time systemd needs
+/// to tell this reload from an earlier one (`Type=notify-reload`).
+pub fn notify_reloading() {
+    let mut states = vec![sd_notify::NotifyState::Reloading];
+    if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+        states.push(now);
+    }
+    let _ = sd_notify::notify(&states);
+}
+
 pub fn notify_stopping() {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
 }

@@ -74,7 +74,13 @@ async fn forward_payloads(bootstrap: &str, payloads: Vec<Vec<u8>>, extra: &str) 
     let f = tokio::spawn({
         let (b, m, s) = (buffer.clone(), metrics.clone(), shutdown.clone());
         let converters = Converters::start(&config, m.clone()).unwrap();
-        async move { forwarder::run(config, b, converters, m, s).await.unwrap() }
+        // No reloads here: the sender is gone, which the forwarder takes as "never".
+        let (_, reloads) = tokio::sync::mpsc::channel(1);
+        async move {
+            forwarder::run(config, b, converters, m, reloads, s)
+                .await
+                .unwrap()
+        }
     });
     Harness {
         buffer,
