@@ -271,6 +271,7 @@ fn reload(path: &Path) -> ExitCode {
         Ok(answer) => answer,
         Err(e) => {
             eprintln!("edgegate reload: {e}");
+            eprintln!("(a new admin.listen is reached only after the reload: use systemctl reload edgegate, or kill -HUP, to move it)");
             return ExitCode::from(1);
         }
     };

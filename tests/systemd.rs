@@ -97,6 +97,52 @@ async fn ready_then_pings_which_stop_while_the_forwarder_is_stalled() {
     gw.kill9();
 }
 
+/// `systemctl reload` (SIGHUP): RELOADING=1 with the monotonic time, then READY=1 once applied,
+/// or once refused: either way the unit leaves the reloading state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_is_announced_to_systemd_and_ended_whether_applied_or_refused() {
+    let mqtt = Mosquitto::start();
+    let kafka = Tansu::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), mqtt.port, &kafka.bootstrap(), "uplink", "");
+    let notify = NotifySocket::bind(dir.path());
+    let socket = notify.path.display().to_string();
+    let gw = Gateway::start_with_env(&config, &[("NOTIFY_SOCKET", &socket)]);
+    assert!(
+        notify.wait_for("READY=1", Duration::from_secs(15)),
+        "no READY=1; log:\n{}",
+        gw.log()
+    );
+    let hup = || {
+        // SAFETY: a signal to our own child process.
+        unsafe { libc::kill(gw.pid().unwrap() as i32, libc::SIGHUP) };
+    };
+    hup();
+    let applied = notify.messages_for(Duration::from_secs(2));
+    let reloading = applied.iter().position(|m| m.contains("RELOADING=1"));
+    let ready = applied.iter().rposition(|m| m.contains("READY=1"));
+    assert!(
+        matches!((reloading, ready), (Some(a), Some(b)) if a < b),
+        "{applied:?}"
+    );
+    assert!(
+        applied.iter().any(|m| m.contains("MONOTONIC_USEC=")),
+        "{applied:?}"
+    );
+    assert_eq!(gw.count("configuration reloaded"), 1, "{}", gw.log());
+
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("id = \"gw-test\"", "id = \"other\"")).unwrap();
+    hup();
+    let refused = notify.messages_for(Duration::from_secs(2));
+    assert!(
+        refused.iter().any(|m| m.contains("RELOADING=1")),
+        "{refused:?}"
+    );
+    assert!(refused.iter().any(|m| m.contains("READY=1")), "{refused:?}");
+    assert_eq!(gw.count("reload refused"), 1, "{}", gw.log());
+}
+
 /// `systemd-analyze`, if this machine has it (Debian's `systemd` package).
 fn systemd_analyze() -> Option<std::process::Command> {
     let ok = std::process::Command::new("systemd-analyze")
@@ -155,6 +201,7 @@ fn the_unit_file_verifies_and_scores_at_most_2_5() {
         "RestrictAddressFamilies=",
         "DeviceAllow=char-ttyUSB rw",
         "MemoryMax=",
+        "ExecReload=/bin/kill -HUP $MAINPID",
     ] {
         assert!(text.contains(required), "unit lacks {required}");
     }
