@@ -12,6 +12,11 @@
 //! `downlink N DEVICES` (Kafka → encoder → MQTT devices: a backlog of N commands, then 1,000/s for
 //! latency, and the RSS the downlink adds).
 //!
+//! `reload [SECS] [RATE]`: RATE msg/s (default 10,000) for SECS seconds (default 30) through the seed
+//! decoder while `edgegate reload` applies a converter, a Kafka and a source change in turn
+//! every 3 s; prints each reload's time and the messages lost (distinct sequence numbers read
+//! back from Kafka against the publishes mosquitto acknowledged).
+//!
 //! `bench [MESSAGES] [BACKLOG] [RSS_SECS]` is the matrix of `scripts/bench` (see `loadtest/bench.rs`).
 //!
 //! `loadtest bridge MQTT_PORT BOOTSTRAP TOPIC` is the naive bridge itself (run as a child process
@@ -650,6 +655,111 @@ async fn edgegate_only(n: u64) {
     let _ = gw.wait();
 }
 
+/// Reloads while `rate` msg/s flow for `secs` seconds; see the module docs.
+async fn reload_under_load(secs: u64, rate: u64) {
+    let kafka = Tansu::start();
+    kafka.create_topic("reload", 1);
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let admin = free_port();
+    let decoder = std::fs::read_to_string(SEED_DECODER).expect("seed decoder");
+    std::fs::write(dir.path().join("decoder.js"), &decoder).expect("decoder");
+    let base = edgegate_config(dir.path(), broker.port, &kafka.bootstrap(), "reload", admin);
+    let base_text = std::fs::read_to_string(&base).expect("config")
+        + "converter = \"tb\"\n[converters.tb]\nscript = \"decoder.js\"\n";
+    std::fs::write(&base, &base_text).expect("config");
+    let mut gw = start_edgegate(&base);
+    let load = Load::connect(broker.port, "reload-load")
+        .await
+        .with_payload(Some(std::fs::read(SEED_PAYLOAD).expect("seed payload")));
+    let publishing = tokio::spawn(async move {
+        let sent = load.publish_paced(rate, secs).await;
+        load.wait_acked(sent).await;
+        sent
+    });
+    let binary =
+        std::env::var("LOADTEST_EDGEGATE").unwrap_or_else(|_| "target/release/edgegate".into());
+    let changes = [
+        ("converter script", 0),
+        ("kafka linger.ms", 1),
+        ("source added", 2),
+        ("source removed", 3),
+    ];
+    println!("| change | reload took (gateway) | `edgegate reload` wall time | applied |");
+    println!("|---|---|---|---|");
+    let mut round = 0u64;
+    let started = Instant::now();
+    while started.elapsed() + Duration::from_secs(4) < Duration::from_secs(secs) {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (name, kind) = changes[(round % changes.len() as u64) as usize];
+        round += 1;
+        let mut text = base_text.clone();
+        match kind {
+            0 => std::fs::write(
+                dir.path().join("decoder.js"),
+                format!("{decoder}\n// round {round}\n"),
+            )
+            .expect("decoder"),
+            1 => {
+                text = text.replace(
+                    "[kafka]\n",
+                    &format!(
+                        "[kafka]\nproperties = {{ \"linger.ms\" = {} }}\n",
+                        5 + round % 2
+                    ),
+                )
+            }
+            2 => {
+                text += &format!(
+                    "[sources.extra]\ntype = \"mqtt\"\nport = {}\ntopics = [\"extra/#\"]\n",
+                    broker.port
+                )
+            }
+            _ => {}
+        }
+        std::fs::write(&base, &text).expect("config");
+        let asked = Instant::now();
+        let out = std::process::Command::new(&binary)
+            .args(["reload", "--config"])
+            .arg(&base)
+            .output()
+            .expect("edgegate reload");
+        let wall = asked.elapsed();
+        let said = String::from_utf8_lossy(&out.stdout).trim().to_owned()
+            + String::from_utf8_lossy(&out.stderr).trim();
+        let took = said
+            .strip_prefix("reloaded in ")
+            .and_then(|r| r.split(':').next())
+            .unwrap_or("refused");
+        let applied = said.split_once(": ").map_or(said.as_str(), |(_, a)| a);
+        println!(
+            "| {name} | {took} | {:.0} ms | {applied} |",
+            wall.as_secs_f64() * 1000.0
+        );
+    }
+    let sent = publishing.await.expect("publisher");
+    let mut seqs = std::collections::HashSet::new();
+    let mut counted = 0;
+    let msgs = consume_until(
+        &kafka.bootstrap(),
+        "reload",
+        Duration::from_secs(120),
+        |m| {
+            seqs.extend(m[counted..].iter().map(KafkaMessage::seq));
+            counted = m.len();
+            seqs.len() as u64 >= sent
+        },
+    );
+    println!(
+        "\n{sent} messages acknowledged by mosquitto at {rate}/s for {secs} s, {round} reloads; {} distinct in Kafka ({} records read), {} lost",
+        seqs.len(),
+        msgs.len(),
+        sent.saturating_sub(seqs.len() as u64)
+    );
+    let _ = gw.kill();
+    let _ = gw.wait();
+}
+
 const SEED_DECODER: &str = "config/decoders/thingsboard.js";
 const SEED_PAYLOAD: &str = "tests/fixtures/seed-payload.json";
 
@@ -1257,6 +1367,11 @@ fn main() {
             let n = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(200_000);
             let devices = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(100);
             runtime.block_on(downlink(n, devices));
+        }
+        Some("reload") => {
+            let secs = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(30);
+            let rate = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(10_000);
+            runtime.block_on(reload_under_load(secs, rate));
         }
         Some("bench") => {
             let n = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(200_000);

@@ -845,7 +845,7 @@ impl Forwarder {
         if self.outstanding > 0 {
             tracing::warn!(
                 records = self.outstanding,
-                "shutdown: unconfirmed records stay buffered and are resent after restart"
+                "producer stopping with records unconfirmed: they stay buffered and are sent again"
             );
         }
     }

@@ -505,8 +505,10 @@ impl Pipeline {
         // Other admin settings are read from the configuration in force at each request.
         let admin_moves = listener.is_some() || (new_listen.is_none() && self.admin.is_some());
         if admin_moves {
+            // Not awaited: the old server finishes its open requests, which may include the
+            // `POST /-/reload` waiting for this very reload.
             if let Some((_, running)) = self.admin.take() {
-                running.stop().await;
+                running.stop.cancel();
             }
             if let (Some(listen), Some(listener)) = (new_listen, listener) {
                 tracing::info!(%listen, "admin endpoint listening");
