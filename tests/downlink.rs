@@ -462,6 +462,80 @@ async fn a_kill_9_mid_stream_neither_skips_nor_reorders_commands() {
     );
 }
 
+/// A reload that changes the routes while commands flow: the downlink restarts from its
+/// committed offsets, so nothing is skipped or reordered, and what comes after goes the new way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_of_the_routes_mid_stream_neither_skips_nor_reorders_commands() {
+    let env = Env::new(2);
+    let route = |prefix: &str| {
+        format!("[[downlink.routes]]\nsource = \"plant\"\ntopic = \"{prefix}/${{kafkaKey}}\"\nqos = 1\n")
+    };
+    let cfg = env.config(&route("devices"), "");
+    let device = env.device("+/+").await;
+    let p = &env.producer;
+    let per_key = 1500;
+    for n in 0..per_key {
+        for key in ["a", "b"] {
+            produce(p, "cmds", Some(key), n.to_string().as_bytes(), &[]).await;
+        }
+    }
+    let gw = Gateway::start(&cfg);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while device.messages().len() < 400 {
+        assert!(Instant::now() < deadline, "log:\n{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    env.config(&route("v2"), "");
+    let reload = edgegate()
+        .args(["reload", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&reload.stdout);
+    assert!(said.contains("downlink (restarted)"), "{said}{reload:?}");
+    let at_reload = device.messages().len();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for key in ["a", "b"] {
+        loop {
+            let mine: Vec<Received> = device
+                .messages()
+                .into_iter()
+                .filter(|(t, _, _)| t.ends_with(&format!("/{key}")))
+                .map(|(_, p, q)| (key.to_owned(), p, q))
+                .collect();
+            let firsts = first_occurrences(&mine, key);
+            if firsts.len() == per_key {
+                let expected: Vec<u64> = (0..per_key as u64).collect();
+                assert_eq!(firsts, expected, "{key}: skipped or reordered");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{key}: {} of {per_key}",
+                firsts.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let topics = |prefix: &str| {
+        device
+            .messages()
+            .iter()
+            .filter(|(t, _, _)| t.starts_with(prefix))
+            .count()
+    };
+    assert!(
+        at_reload < 2 * per_key,
+        "the reload came after everything was delivered"
+    );
+    assert!(
+        topics("devices/") >= 400 && topics("v2/") > 0,
+        "routes: {} old, {} new",
+        topics("devices/"),
+        topics("v2/")
+    );
+}
+
 /// The commands of one device in the order they were first seen.
 fn first_occurrences(messages: &[Received], topic: &str) -> Vec<u64> {
     let mut seen = std::collections::HashSet::new();

@@ -370,3 +370,47 @@ async fn an_invalid_or_restart_only_change_is_refused_and_the_gateway_runs_on_un
     assert!(gw.is_running());
     assert_eq!(gw.terminate(), Some(0));
 }
+
+/// The classic field fix: a wrong broker address corrected by a reload, no restart. What was
+/// buffered meanwhile is sent once the new producer reaches the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_broker_address_is_fixed_by_a_reload_and_the_backlog_is_sent() {
+    let mqtt = Mosquitto::start();
+    let kafka = Tansu::start();
+    kafka.create_topic("uplink", 3);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("decoder.js"), decoder(1)).unwrap();
+    let mut setup = Setup {
+        dir: dir.path().to_owned(),
+        mqtt_port: mqtt.port,
+        bootstrap: format!("127.0.0.1:{}", free_port()),
+        admin_port: free_port(),
+        gateway_id: "gw-test",
+        kafka_extra: String::new(),
+        extra: String::new(),
+    };
+    let config = setup.write();
+    let gw = Gateway::start(&config);
+    gw.wait_for("mqtt subscribed", Duration::from_secs(10));
+    let publisher = Publisher::connect(mqtt.port, "dev").await;
+    for n in 0..200 {
+        publisher
+            .publish("sensors/a", payload("sensors/a", n, 50))
+            .await;
+    }
+    publisher.wait_acked(200, Duration::from_secs(10)).await;
+    gw.wait_for("kafka link down", Duration::from_secs(30));
+
+    setup.bootstrap = kafka.bootstrap();
+    reload_ok(&setup.write(), "kafka (producer recreated)").await;
+    let msgs = consume(&kafka.bootstrap(), "uplink", 200, Duration::from_secs(60));
+    let plain: Vec<KafkaMessage> = msgs
+        .iter()
+        .map(|m| KafkaMessage {
+            payload: converted(m).0,
+            ..m.clone()
+        })
+        .collect();
+    assert_complete_in_order(&plain, &["sensors/a".to_owned()], 200, false);
+    assert_eq!(mqtt_connects(&gw, "plant"), 1, "{}", gw.log());
+}
