@@ -3,7 +3,9 @@
 //!
 //! Data flows one way through the stages, each with one `run(…, shutdown)` entry point:
 //! sources ([`sources::mqtt`], [`sources::serial`]) → [`buffer`] → [`forwarder`] ([`converter`] →
-//! [`kafka`] sink). [`gateway`] wires them together and supervises them.
+//! [`kafka`] sink); commands flow back through [`downlink`] (Kafka → encoder → device).
+//! [`gateway`] wires the stages together, supervises them and applies a [`reload`] of the
+//! configuration in place; [`admin`] serves metrics, health and the reload endpoint.
 
 pub mod admin;
 pub mod backoff;
