@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 use bytesize::ByteSize;
 use tokio::sync::oneshot;
 
-use crate::buffer::ReadChunk;
 use crate::config::{Config, ConverterConfig, ConverterKind};
 use crate::metrics::Metrics;
 use crate::record::Record;
@@ -533,8 +532,8 @@ pub fn load_encoders(config: &Config) -> Result<(), (String, ConverterError)> {
 }
 
 struct Job {
-    chunk: ReadChunk,
-    reply: oneshot::Sender<(ReadChunk, Vec<Conversion>)>,
+    records: Vec<Record>,
+    reply: oneshot::Sender<(Vec<Record>, Vec<Conversion>)>,
 }
 
 /// The converter thread, as the forwarder sees it.
@@ -660,8 +659,8 @@ impl Converters {
                     crash,
                 };
                 while let Ok(job) = rx.recv() {
-                    let conversions = worker.convert_chunk(&job.chunk);
-                    let _ = job.reply.send((job.chunk, conversions));
+                    let conversions = worker.convert_records(&job.records);
+                    let _ = job.reply.send((job.records, conversions));
                 }
             })
             .map_err(|e| ("converters".to_owned(), ConverterError::Thread(e)))?;
@@ -677,11 +676,10 @@ impl Converters {
         Ok(())
     }
 
-    /// Whether any record of this chunk comes from a source with a converter.
-    pub fn applies_to(&self, chunk: &ReadChunk) -> bool {
+    /// Whether any of these records comes from a source with a converter.
+    pub fn applies_to(&self, records: &[Record]) -> bool {
         !self.by_source.is_empty()
-            && chunk
-                .records
+            && records
                 .iter()
                 .any(|r| self.by_source.contains_key(&r.source))
     }
@@ -689,14 +687,14 @@ impl Converters {
     /// Converts a chunk on the converter thread; one [`Conversion`] per record, in order.
     pub async fn convert(
         &self,
-        chunk: ReadChunk,
-    ) -> Result<(ReadChunk, Vec<Conversion>), ConvertersGone> {
+        records: Vec<Record>,
+    ) -> Result<(Vec<Record>, Vec<Conversion>), ConvertersGone> {
         let Some(jobs) = &self.jobs else {
-            let raw = chunk.records.iter().map(|_| Conversion::Raw).collect();
-            return Ok((chunk, raw));
+            let raw = records.iter().map(|_| Conversion::Raw).collect();
+            return Ok((records, raw));
         };
         let (reply, answer) = oneshot::channel();
-        jobs.send(Job { chunk, reply })
+        jobs.send(Job { records, reply })
             .map_err(|_| ConvertersGone)?;
         answer.await.map_err(|_| ConvertersGone)
     }
@@ -723,20 +721,22 @@ struct Worker {
 }
 
 impl Worker {
-    fn convert_chunk(&mut self, chunk: &ReadChunk) -> Vec<Conversion> {
+    /// Converts records read together (one buffer chunk, in sequence order).
+    fn convert_records(&mut self, records: &[Record]) -> Vec<Conversion> {
         #[cfg(test)]
-        if chunk
-            .records
+        if records
             .iter()
             .any(|r| r.payload == tests::KILL_THREAD_PAYLOAD)
         {
             panic!("a test asked the converter thread to die");
         }
         let metrics = self.metrics.clone();
-        let range = chunk.info.first_seq..chunk.info.end_seq();
+        let (Some(first), Some(last)) = (records.first(), records.last()) else {
+            return Vec::new();
+        };
+        let range = first.seq..last.seq.saturating_add(1);
         self.crash.begin_chunk(&range);
-        let conversions = chunk
-            .records
+        let conversions = records
             .iter()
             .map(|record| {
                 let Some(&i) = self.by_source.get(&record.source) else {

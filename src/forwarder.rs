@@ -542,9 +542,9 @@ impl Forwarder {
             failed: false,
             parts: chunk.parts.clone(),
         };
-        let (chunk, conversions) = if self.converters.applies_to(&chunk) {
+        let (records, conversions) = if self.converters.applies_to(&chunk.records) {
             let converted = tokio::select! {
-                converted = self.converters.convert(chunk) => converted,
+                converted = self.converters.convert(chunk.records) => converted,
                 // The chunk stays unreleased in the buffer and is sent after the restart.
                 _ = shutdown.cancelled() => return Ok(()),
             };
@@ -556,9 +556,9 @@ impl Forwarder {
                 Err(ConvertersGone) => return self.restart_converters(entry.first_seq),
             }
         } else {
-            (chunk, Vec::new())
+            (chunk.records, Vec::new())
         };
-        for (i, record) in chunk.records.iter().enumerate() {
+        for (i, record) in records.iter().enumerate() {
             if self.buffer.is_expired(record.captured_ms, now) {
                 self.metrics.count_dropped(DropReason::MaxAge, 1);
                 continue;

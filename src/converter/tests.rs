@@ -716,18 +716,7 @@ fn a_panic_fails_its_record_only_and_the_converter_goes_on() {
         record_seq(2, PANIC_PAYLOAD),
         record_seq(3, b"b"),
     ];
-    let chunk = ReadChunk {
-        info: crate::buffer::ChunkInfo {
-            first_seq: 1,
-            count: 3,
-            bytes: 0,
-            first_ms: T,
-            last_ms: T,
-        },
-        records,
-        parts: vec![1],
-    };
-    let conversions = worker.convert_chunk(&chunk);
+    let conversions = worker.convert_records(&records);
     let names: Vec<String> = conversions
         .iter()
         .map(|c| match c {
@@ -743,21 +732,6 @@ fn a_panic_fails_its_record_only_and_the_converter_goes_on() {
 /// A chunk holding this payload makes the converter thread itself panic (outside any record).
 pub(super) const KILL_THREAD_PAYLOAD: &[u8] = b"\xffedgegate-test-kill-thread";
 
-fn chunk_of(records: Vec<Record>) -> ReadChunk {
-    let first_seq = records[0].seq;
-    ReadChunk {
-        info: crate::buffer::ChunkInfo {
-            first_seq,
-            count: records.len() as u32,
-            bytes: 0,
-            first_ms: T,
-            last_ms: T,
-        },
-        records,
-        parts: vec![first_seq],
-    }
-}
-
 #[tokio::test]
 async fn a_dead_converter_thread_is_restarted() {
     let s = script("return {deviceName: decodeToString(payload)};");
@@ -771,13 +745,10 @@ async fn a_dead_converter_thread_is_restarted() {
     );
     let config = Arc::new(Config::parse(&text, std::path::Path::new("t.toml")).unwrap());
     let mut converters = Converters::start(&config, Arc::new(Metrics::new())).unwrap();
-    let killing = chunk_of(vec![record_seq(1, KILL_THREAD_PAYLOAD)]);
+    let killing = vec![record_seq(1, KILL_THREAD_PAYLOAD)];
     assert!(converters.convert(killing).await.is_err());
     converters.restart().unwrap();
-    let (_, conversions) = converters
-        .convert(chunk_of(vec![record_seq(2, b"a")]))
-        .await
-        .unwrap();
+    let (_, conversions) = converters.convert(vec![record_seq(2, b"a")]).await.unwrap();
     assert!(
         matches!(&conversions[0], Conversion::Entities { entities, .. } if entities[0].key == "a")
     );
@@ -813,10 +784,7 @@ async fn encoders_are_left_out_of_the_decoders_and_checked_on_their_own() {
     assert_eq!(names, ["b"]);
     load_encoders(&config).unwrap();
     let converters = Converters::start(&config, Arc::new(Metrics::new())).unwrap();
-    let (_, conversions) = converters
-        .convert(chunk_of(vec![record_seq(1, b"x")]))
-        .await
-        .unwrap();
+    let (_, conversions) = converters.convert(vec![record_seq(1, b"x")]).await.unwrap();
     assert!(
         matches!(&conversions[0], Conversion::Entities { converter, entities }
             if converter.as_ref() == "b" && entities[0].key == "decoded-x"),
