@@ -519,10 +519,9 @@ impl Pipeline {
             applied.push("admin".into());
         }
         let _ = self.config_tx.send(new);
-        Ok(ReloadSummary {
-            applied,
-            took: started.elapsed(),
-        })
+        // Milliseconds are what an operator reads; nanoseconds would be noise in the log.
+        let took = Duration::from_millis(started.elapsed().as_millis().max(1) as u64);
+        Ok(ReloadSummary { applied, took })
     }
 
     /// Stops the sources first (no new intake; what became durable is acknowledged), then the

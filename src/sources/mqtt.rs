@@ -282,8 +282,12 @@ impl MqttOutlet {
 #[derive(Debug, PartialEq, Eq)]
 enum Conn {
     Connecting,
-    Connected { session_present: bool },
+    Connected {
+        session_present: bool,
+    },
     Down(String),
+    /// Shutdown, or a reload that removed or changed the source: no retry follows.
+    Stopped,
 }
 
 struct ConnState {
@@ -304,6 +308,7 @@ impl ConnState {
             Conn::Down(reason) => {
                 tracing::warn!(source = %self.source, %reason, "mqtt disconnected; retrying")
             }
+            Conn::Stopped => tracing::info!(source = %self.source, "mqtt source stopped"),
             Conn::Connecting => {}
         }
         self.metrics
@@ -742,7 +747,7 @@ pub async fn run(
         &ctx.name,
     )
     .await;
-    conn.set(Conn::Down("shut down".into()));
+    conn.set(Conn::Stopped);
     Ok(())
 }
 
