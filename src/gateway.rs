@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{self, AdminContext, AdminError};
 use crate::backoff::Backoff;
 use crate::buffer::{self, Buffer, BufferError, BufferWriter};
-use crate::config::{Config, ConfigError, SourceConfig};
+use crate::config::{Config, ConfigError, DownlinkConfig, SourceConfig};
 use crate::converter::{self, Converters};
 use crate::downlink::{self, DownlinkError, Outlet, Outlets};
 use crate::forwarder::{self, ForwarderError};
@@ -488,12 +488,25 @@ impl Pipeline {
             };
             applied.push(format!("sources.{name} ({verb})"));
         }
+        // Only what the downlink uses restarts it: a restart delivers again the commands
+        // delivered since its last offset commit.
         let encoder_script = encoder_script(&new);
+        let uses = |config: &Config, pred: &dyn Fn(&DownlinkConfig) -> bool| {
+            config.downlink.as_ref().is_some_and(pred)
+        };
+        let encoder_changed = |d: &DownlinkConfig| {
+            d.converter
+                .as_ref()
+                .is_some_and(|c| changes.converters.contains(c))
+        };
+        let target_changed =
+            |d: &DownlinkConfig| d.routes.iter().any(|r| changes.sources.contains(&r.source));
         let downlink_changed = changes.downlink
             || changes.kafka
-            || changes.converters
-            || !changes.sources.is_empty()
-            || encoder_script != self.encoder_script;
+            || encoder_script != self.encoder_script
+            || uses(&old, &encoder_changed)
+            || uses(&old, &target_changed)
+            || uses(&new, &target_changed);
         if downlink_changed && (old.downlink.is_some() || new.downlink.is_some()) {
             if let Some(running) = self.downlink.take() {
                 running.stop().await;

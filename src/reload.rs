@@ -74,7 +74,8 @@ impl ReloadHandle {
 pub struct Changes {
     pub restart_only: Vec<String>,
     pub sources: BTreeSet<String>,
-    pub converters: bool,
+    /// Converters whose table changed (their scripts' text is compared by the gateway).
+    pub converters: BTreeSet<String>,
     pub kafka: bool,
     pub downlink: bool,
     pub admin: bool,
@@ -102,7 +103,13 @@ impl Changes {
                 changes.sources.insert(name.clone());
             }
         }
-        changes.converters = old.get("converters") != new.get("converters");
+        let (old_converters, new_converters) = (table(old, "converters"), table(new, "converters"));
+        let names: BTreeSet<&String> = old_converters.keys().chain(new_converters.keys()).collect();
+        for name in names {
+            if old_converters.get(name) != new_converters.get(name) {
+                changes.converters.insert(name.clone());
+            }
+        }
         changes.kafka = old.get("kafka") != new.get("kafka");
         changes.downlink = old.get("downlink") != new.get("downlink");
         changes.admin = old.get("admin") != new.get("admin");
@@ -143,7 +150,7 @@ mod tests {
         let changes = Changes::between(&old, &new);
         let names: Vec<&str> = changes.sources.iter().map(String::as_str).collect();
         assert_eq!(names, ["b", "c", "d"]);
-        assert!(!changes.kafka && !changes.converters && changes.restart_only.is_empty());
+        assert!(!changes.kafka && changes.converters.is_empty() && changes.restart_only.is_empty());
     }
 
     #[test]
