@@ -55,12 +55,23 @@ pub struct Config {
     /// Commands from Kafka to the devices; absent: no downlink.
     #[serde(default)]
     pub downlink: Option<DownlinkConfig>,
-    /// The file as parsed TOML, which a reload compares with the new one.
+    /// The file as written, which a reload compares with the new one.
     #[serde(skip)]
-    pub document: toml::Table,
-    /// The file's text, to name the line of a key found invalid after parsing.
-    #[serde(skip)]
+    pub document: Document,
+}
+
+/// A configuration file as written: parsed TOML for reloads to compare, its text to name the
+/// line of a key found invalid after parsing. Never printed: it holds the secrets written there.
+#[derive(Default)]
+pub struct Document {
+    pub table: toml::Table,
     text: String,
+}
+
+impl std::fmt::Debug for Document {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Document { .. }")
+    }
 }
 
 /// What a converter script is: an uplink decoder (records to Kafka) or a downlink encoder
@@ -732,7 +743,7 @@ impl Config {
 
     /// The line of `key` in the file this configuration came from, when it is written there.
     pub fn line_of_key(&self, key: &str) -> Option<usize> {
-        locate_key(&self.text, key)
+        locate_key(&self.document.text, key)
     }
 
     /// Parses configuration text; `path` is only used in error messages.
@@ -756,8 +767,10 @@ impl Config {
         })?;
         let mut config: Config = deserialize_at(toml::Value::Table(table.clone()), "")
             .map_err(|(k, m)| invalid(k, m))?;
-        config.document = table;
-        config.text = text.to_owned();
+        config.document = Document {
+            table,
+            text: text.to_owned(),
+        };
         for (name, raw) in std::mem::take(&mut config.raw_sources) {
             let prefix = format!("sources.{name}");
             let source = parse_source(raw, &prefix).map_err(|(k, m)| invalid(k, m))?;

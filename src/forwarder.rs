@@ -315,8 +315,11 @@ pub async fn run(
                     f.on_delivery(d);
                 }
                 f.rewind_now();
-                if !sleep_or_shutdown(f.backoff.next_delay(), &shutdown).await {
-                    return f.finish();
+                // A reload meanwhile (new Kafka settings, likely the fix) ends the wait.
+                match sleep_or_reload(f.backoff.next_delay(), &mut reloads, &shutdown).await {
+                    Slept::Shutdown => return f.finish(),
+                    Slept::Reload(reload) => described &= !f.reload(reload)?,
+                    Slept::Elapsed => {}
                 }
             }
             PumpExit::Rebatch => {
@@ -358,6 +361,25 @@ fn drop_reason(error: &ConvertError) -> DropReason {
     }
 }
 
+/// How a wait that a reload may cut short ended.
+enum Slept {
+    Elapsed,
+    Shutdown,
+    Reload(Reload),
+}
+
+async fn sleep_or_reload(
+    delay: Duration,
+    reloads: &mut mpsc::Receiver<Reload>,
+    shutdown: &CancellationToken,
+) -> Slept {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => Slept::Elapsed,
+        _ = shutdown.cancelled() => Slept::Shutdown,
+        Some(reload) = reloads.recv() => Slept::Reload(reload),
+    }
+}
+
 async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationToken) -> bool {
     tokio::select! {
         _ = tokio::time::sleep(delay) => true,
@@ -391,6 +413,10 @@ impl Forwarder {
             let _ = applied.send(Err(format!("{key}: {e}")));
             return Ok(false);
         }
+        // What the old scripts made and Kafka confirmed is keyed by (seq, part); the new
+        // scripts number their output afresh, so the whole of a held or rewound chunk is sent
+        // again (resent duplicates, never a part of the new output skipped).
+        self.settled.clear();
         if kafka_changed {
             self.batching.max_record_bytes = config.kafka.max_record_bytes.as_u64();
         }
@@ -517,8 +543,15 @@ impl Forwarder {
                     None => self.backoff.next_delay(),
                 };
                 self.rewind_now();
-                if !sleep_or_shutdown(delay, shutdown).await {
-                    return Ok(PumpExit::Shutdown);
+                // A reload ends the wait: new scripts are what an operator sends to end a hold.
+                match sleep_or_reload(delay, reloads, shutdown).await {
+                    Slept::Shutdown => return Ok(PumpExit::Shutdown),
+                    Slept::Reload(reload) => {
+                        if let Some(reload) = self.reload_converters_only(reload)? {
+                            return Ok(PumpExit::Reload(reload));
+                        }
+                    }
+                    Slept::Elapsed => {}
                 }
             }
             if self.rebatch && self.outstanding == 0 {

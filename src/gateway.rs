@@ -429,7 +429,7 @@ impl Pipeline {
         let new = tokio::task::spawn_blocking(move || load(&path))
             .await
             .map_err(|_| ReloadError::Unavailable)??;
-        let changes = Changes::between(&self.config.document, &new.document);
+        let changes = Changes::between(&self.config.document.table, &new.document.table);
         if !changes.restart_only.is_empty() {
             return Err(ReloadError::NeedsRestart(changes.restart_only));
         }
