@@ -389,7 +389,7 @@ pub fn judge(status: &Status, recent: Troubles, stalled: Option<String>) -> Heal
         if n > 0 {
             add(
                 HealthLevel::Warning,
-                format!("{n} {what} in the last {minutes} minutes"),
+                format!("{what} in the last {minutes} minutes: {n}"),
             );
         }
     }

@@ -87,7 +87,10 @@ fn health_is_the_worst_problem_and_names_every_one() {
         "{:?}",
         h.reasons
     );
-    assert!(h.reasons.iter().any(|r| r.contains("3 converter errors")));
+    assert!(h
+        .reasons
+        .iter()
+        .any(|r| r.contains("converter errors in the last 15 minutes: 3")));
 
     let mut refused = healthy();
     refused.link.state = "refused".into();
