@@ -1692,6 +1692,80 @@ script = "dec.js"
     }
 
     #[test]
+    fn admin_auth_settings_are_checked_by_key() {
+        let admin = |auth: &str| {
+            let text =
+                format!("{MINIMAL}\n[admin]\nlisten = \"127.0.0.1:9898\"\n[admin.auth]\n{auth}");
+            invalid(&text)
+        };
+        let (key, _, msg) =
+            admin("type = \"bearer\"\ntoken_env = \"EDGEGATE_TEST_SURELY_UNSET\"\n");
+        assert_eq!(key, "admin.auth.token_env");
+        assert!(
+            msg.contains("EDGEGATE_TEST_SURELY_UNSET is not set"),
+            "{msg}"
+        );
+        let (key, _, _) = admin("type = \"bearer\"\n");
+        assert_eq!(key, "admin.auth.token_env");
+        let (key, _, _) = admin("type = \"basic\"\npassword_env = \"PATH\"\n");
+        assert_eq!(key, "admin.auth.username");
+        let (key, _, _) = admin("type = \"basic\"\nusername = \"a:b\"\npassword_env = \"PATH\"\n");
+        assert_eq!(key, "admin.auth.username");
+        let (key, _, _) = admin(
+            "type = \"basic\"\nusername = \"u\"\npassword_env = \"PATH\"\ntoken_env = \"PATH\"\n",
+        );
+        assert_eq!(key, "admin.auth.token_env");
+        let (key, _, _) = admin("type = \"digest\"\n");
+        assert_eq!(key, "admin.auth.type");
+        let ok = format!(
+            "{MINIMAL}\n[admin]\nlisten = \"127.0.0.1:9898\"\n[admin.auth]\ntype = \"basic\"\nusername = \"u\"\npassword_env = \"PATH\"\n"
+        );
+        assert!(parse(&ok).is_ok());
+    }
+
+    #[test]
+    fn admin_tls_files_must_be_readable_pem_and_paths_are_relative_to_the_file() {
+        let text = format!(
+            "{MINIMAL}\n[admin]\nlisten = \"127.0.0.1:9898\"\n[admin.tls]\ncert = \"no-such.pem\"\nkey = \"k.pem\"\n"
+        );
+        let (key, _, msg) = invalid(&text);
+        assert_eq!(key, "admin.tls.cert");
+        assert!(msg.contains("no-such.pem"), "{msg}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("edgegate.toml");
+        std::fs::write(&path, &text).unwrap();
+        let admin = load_admin(&path).unwrap().unwrap();
+        let tls = admin.tls.unwrap();
+        assert_eq!(tls.cert, dir.path().join("no-such.pem"));
+        std::fs::write(&path, MINIMAL).unwrap();
+        assert!(load_admin(&path).unwrap().is_none());
+    }
+
+    #[test]
+    fn warnings_name_an_open_or_clear_text_endpoint_beyond_loopback() {
+        let admin = |listen: &str, auth: bool, tls: bool| AdminConfig {
+            listen: listen.parse().unwrap(),
+            stalled_after: Duration::from_secs(30),
+            auth: auth.then(|| AdminAuthConfig {
+                kind: AdminAuthKind::Bearer,
+                token_env: Some("T".into()),
+                username: None,
+                password_env: None,
+            }),
+            tls: tls.then(|| AdminTlsConfig {
+                cert: "c".into(),
+                key: "k".into(),
+                ca_file: None,
+            }),
+        };
+        assert!(admin("127.0.0.1:1", false, false).warnings().is_empty());
+        assert!(admin("[::1]:1", false, false).warnings().is_empty());
+        assert!(admin("0.0.0.0:1", false, false).warnings()[0].contains("without authentication"));
+        assert!(admin("192.0.2.1:1", true, false).warnings()[0].contains("clear text"));
+        assert!(admin("[::]:1", true, true).warnings().is_empty());
+    }
+
+    #[test]
     fn missing_password_env_is_an_error() {
         let text = MINIMAL.replace(
             "type = \"mqtt\"",

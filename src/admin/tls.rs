@@ -75,7 +75,8 @@ pub fn client_config(tls: &AdminTlsConfig) -> Result<Arc<ClientConfig>, String> 
             builder.with_root_certificates(roots).with_no_client_auth()
         }
         None => {
-            let pinned = read_certificates(&tls.cert)?.swap_remove(0);
+            let leaf = read_certificates(&tls.cert)?.into_iter().next();
+            let pinned = leaf.ok_or_else(|| format!("{}: no certificate", tls.cert.display()))?;
             let verifier = Pinned {
                 cert: pinned,
                 algorithms: provider().signature_verification_algorithms,
