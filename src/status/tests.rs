@@ -1,4 +1,5 @@
 use super::*;
+use crate::config::Config;
 
 fn healthy() -> Status {
     Status {
@@ -133,4 +134,71 @@ fn times_round_trip_and_exit_codes_follow_health() {
         .collect();
     assert_eq!(codes, [0, 1, 2]);
     assert!(drop_reasons().any(|r| r == "buffer_full"));
+}
+
+const CONFIG: &str = r#"
+[gateway]
+id = "gw"
+data_dir = "/nonexistent/edgegate-status-test"
+[kafka]
+bootstrap_servers = "127.0.0.1:9"
+topic = "t"
+[sources.plant]
+type = "mqtt"
+topics = ["sensors/#"]
+[sources.rs485]
+type = "serial"
+path = "/dev/null"
+[downlink]
+topics = ["cmds"]
+[[downlink.routes]]
+match = { transport = "mqtt" }
+source = "plant"
+topic = "devices/${deviceName}/rpc"
+[[downlink.routes]]
+source = "rs485"
+[converters.dec]
+script = "dec.js"
+"#;
+
+#[test]
+fn counters_are_read_per_configured_source_converter_and_route_without_creating_series() {
+    let config = Config::parse(CONFIG, Path::new("t.toml")).unwrap();
+    let metrics = Metrics::new();
+    metrics.source_in("plant").inc_by(7);
+    metrics.source_in("removed").inc_by(100);
+    metrics.converter_failed("dec", "exception", "TypeError: x".into());
+    metrics.converter_failed("dec", "timeout", "timed out".into());
+    let dl = &metrics.downlink;
+    crate::metrics::DownlinkMetrics::route(&dl.received, "0:plant").inc_by(3);
+    crate::metrics::DownlinkMetrics::route(&dl.received, "none").inc();
+    crate::metrics::DownlinkMetrics::route(&dl.delivered, "1:rs485").inc_by(2);
+    crate::metrics::DownlinkMetrics::route(&dl.dead_lettered, "none").inc();
+    dl.lag.set(5);
+    let before = metrics.encode();
+
+    let now = totals(&metrics, &config);
+    assert_eq!(now.per_source["plant"], 7);
+    assert_eq!(now.per_source["rs485"], 0);
+    assert!(
+        !now.per_source.contains_key("removed"),
+        "only configured sources"
+    );
+    assert_eq!(now.troubles.converter_errors, 2);
+    assert_eq!(now.troubles.dead_lettered, 1);
+    let d = downlink(&metrics, &config).unwrap();
+    assert_eq!(
+        (d.lag, d.received, d.delivered, d.dead_lettered),
+        (5, 4, 2, 1)
+    );
+    let c = &converters(&metrics, &config)["dec"];
+    assert_eq!(c.errors_total, 2);
+    assert_eq!(c.errors["exception"], 1);
+    let last = c.last_error.as_ref().unwrap();
+    assert_eq!(
+        (last.kind.as_str(), last.message.as_str()),
+        ("timeout", "timed out")
+    );
+    assert!(metrics.dropped_by_reason().is_empty());
+    assert_eq!(metrics.encode(), before, "reading created series");
 }
