@@ -1,17 +1,24 @@
 //! The admin endpoint: `GET /metrics` (Prometheus/OpenMetrics text), `GET /healthz` (no stage
-//! stalled, not stopping), `GET /readyz` (buffer open, sources started, not stopping) and
-//! `POST /-/reload` (re-read the configuration file, as SIGHUP does; `edgegate reload`).
+//! stalled, not stopping), `GET /readyz` (buffer open, sources started, not stopping),
+//! `POST /-/reload` (re-read the configuration file, as SIGHUP does; `edgegate reload`), and the
+//! live status: `GET /status` (JSON), `GET /status/history` (the last hour), `GET /status/debug`
+//! (the last converter debug events) and `GET /` (the status page). With `[admin.auth]` every
+//! path but `/healthz` and `/readyz` asks for credentials; with `[admin.tls]` it speaks HTTPS.
 
+pub mod auth;
 pub mod client;
+pub mod tls;
+pub mod view;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use tokio::sync::watch;
@@ -21,6 +28,13 @@ use crate::buffer::Buffer;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::reload::ReloadHandle;
+use crate::status;
+
+/// The status page: one file, its style and script inline, nothing fetched from elsewhere.
+const PAGE: &str = include_str!("admin/page.html");
+/// The page may run its own inline script and style and ask this endpoint, nothing else.
+const PAGE_POLICY: &str = "default-src 'none'; script-src 'unsafe-inline'; \
+    style-src 'unsafe-inline'; connect-src 'self'; img-src data:; frame-ancestors 'none'";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -66,8 +80,15 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, AdminErro
         .map_err(|source| AdminError::Bind { addr, source })
 }
 
-/// Tasks that live as long as the gateway whether or not anyone serves or looks, started once.
-pub fn spawn_background(_ctx: &AdminContext, _shutdown: &CancellationToken) {}
+/// Tasks that live as long as the gateway whether or not anyone serves or looks, started once:
+/// the status history's sampler.
+pub fn spawn_background(ctx: &AdminContext, shutdown: &CancellationToken) {
+    tokio::spawn(status::sample(
+        ctx.metrics.clone(),
+        ctx.config.clone(),
+        shutdown.clone(),
+    ));
+}
 
 /// Serves until `shutdown`. `/healthz` fails while a buffer commit or a conversion has been
 /// running for longer than `admin.stalled_after`.
@@ -76,15 +97,29 @@ pub async fn run(
     ctx: AdminContext,
     shutdown: CancellationToken,
 ) {
+    if let Some(admin) = &ctx.config.borrow().admin {
+        for warning in admin.warnings() {
+            tracing::warn!("{warning}");
+        }
+    }
+    let listener = tls::AdminListener::new(listener, ctx.config.clone());
     let state = AdminState {
         ctx,
         shutdown: shutdown.clone(),
     };
     let app = Router::new()
+        .route("/", get(page))
+        .route("/status", get(status_json))
+        .route("/status/history", get(history_json))
+        .route("/status/debug", get(debug_json))
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/-/reload", post(reload))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_credentials,
+        ))
         .with_state(state);
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -92,6 +127,101 @@ pub async fn run(
     if let Err(e) = served {
         tracing::error!(error = %e, "admin endpoint failed");
     }
+}
+
+/// With `[admin.auth]`, a request without the right credentials gets 401 and a challenge.
+async fn require_credentials(
+    State(s): State<AdminState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if auth::OPEN_PATHS.contains(&request.uri().path()) {
+        return next.run(request).await;
+    }
+    let configured = {
+        let config = s.ctx.config.borrow();
+        config.admin.as_ref().and_then(|a| a.auth.clone())
+    };
+    let Some(configured) = configured else {
+        return next.run(request).await;
+    };
+    let credentials = match configured.credentials() {
+        Ok(c) => c,
+        Err((key, message)) => {
+            // `check` verified the variable; it cannot vanish from a running process.
+            tracing::error!(%key, %message, "admin endpoint: credentials unavailable");
+            return (StatusCode::SERVICE_UNAVAILABLE, "credentials unavailable\n").into_response();
+        }
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if auth::allows(&credentials, given) {
+        return next.run(request).await;
+    }
+    tracing::debug!(path = %request.uri().path(), "admin endpoint: request without valid credentials");
+    let challenge = HeaderValue::from_static(auth::challenge(&credentials));
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, challenge)],
+        "unauthorized\n",
+    )
+        .into_response()
+}
+
+async fn page() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CONTENT_SECURITY_POLICY, PAGE_POLICY),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        PAGE,
+    )
+}
+
+fn json(body: String) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Response {
+    match serde_json::to_string(value) {
+        Ok(body) => json(body),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+}
+
+async fn status_json(State(s): State<AdminState>) -> Response {
+    let config = s.ctx.config.borrow().clone();
+    let status = status::build(&status::Inputs {
+        metrics: &s.ctx.metrics,
+        buffer: &s.ctx.buffer,
+        config: &config,
+        ready: s.ctx.ready.load(Ordering::Relaxed) && !s.shutdown.is_cancelled(),
+        stalled_after: s.stalled_after(),
+    });
+    to_json(&status)
+}
+
+async fn history_json(State(s): State<AdminState>) -> Response {
+    let history = serde_json::json!({
+        "interval_seconds": status::history::SAMPLE_EVERY.as_secs(),
+        "points": s.ctx.metrics.live.history.points(),
+    });
+    to_json(&history)
+}
+
+async fn debug_json(State(s): State<AdminState>) -> Response {
+    let events = serde_json::json!({ "events": s.ctx.metrics.live.debug_events.events() });
+    to_json(&events)
 }
 
 async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {

@@ -270,6 +270,133 @@ pub struct AdminConfig {
     /// /healthz fails while a buffer commit or a conversion has run longer than this.
     #[serde(default = "default_stalled_after", with = "humantime_serde")]
     pub stalled_after: Duration,
+    /// Credentials every request except /healthz and /readyz must carry; absent: none asked.
+    #[serde(default)]
+    pub auth: Option<AdminAuthConfig>,
+    /// Serve HTTPS instead of HTTP.
+    #[serde(default)]
+    pub tls: Option<AdminTlsConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminAuthKind {
+    /// `Authorization: Bearer <token>`: scripts, monitoring, the command line.
+    Bearer,
+    /// User name and password: what a browser asks for, so the status page can use it.
+    Basic,
+}
+
+/// `[admin.auth]`: the secret comes from the environment, never from the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminAuthConfig {
+    #[serde(rename = "type")]
+    pub kind: AdminAuthKind,
+    /// Bearer: the environment variable holding the token.
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// Basic: the user name…
+    #[serde(default)]
+    pub username: Option<String>,
+    /// …and the environment variable holding the password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+}
+
+/// What a request to the admin endpoint must carry.
+#[derive(Debug, Clone)]
+pub enum AdminCredentials {
+    Bearer(Secret),
+    Basic { username: String, password: Secret },
+}
+
+impl AdminAuthConfig {
+    /// The credentials, read from the environment; `Err` is (key, message).
+    pub fn credentials(&self) -> Result<AdminCredentials, (String, String)> {
+        let secret = |key: &str, var: &Option<String>| {
+            let key = format!("admin.auth.{key}");
+            let var = var
+                .as_deref()
+                .ok_or_else(|| (key.clone(), "missing".to_owned()))?;
+            match std::env::var(var) {
+                Ok(v) if !v.is_empty() => Ok(Secret(v)),
+                Ok(_) => Err((key, format!("environment variable {var} is empty"))),
+                Err(_) => Err((key, format!("environment variable {var} is not set"))),
+            }
+        };
+        match self.kind {
+            AdminAuthKind::Bearer => {
+                if self.username.is_some() || self.password_env.is_some() {
+                    return Err((
+                        "admin.auth.username".into(),
+                        "bearer authentication takes token_env only".into(),
+                    ));
+                }
+                Ok(AdminCredentials::Bearer(secret(
+                    "token_env",
+                    &self.token_env,
+                )?))
+            }
+            AdminAuthKind::Basic => {
+                if self.token_env.is_some() {
+                    return Err((
+                        "admin.auth.token_env".into(),
+                        "basic authentication takes username and password_env".into(),
+                    ));
+                }
+                let username = match &self.username {
+                    Some(u) if !u.is_empty() && !u.contains(':') => u.clone(),
+                    _ => {
+                        return Err((
+                            "admin.auth.username".into(),
+                            "needs a non-empty user name without ':'".into(),
+                        ))
+                    }
+                };
+                let password = secret("password_env", &self.password_env)?;
+                Ok(AdminCredentials::Basic { username, password })
+            }
+        }
+    }
+}
+
+/// `[admin.tls]`: relative paths are resolved against the configuration file's directory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminTlsConfig {
+    /// PEM certificate (chain) the endpoint presents.
+    pub cert: PathBuf,
+    /// Its PEM private key.
+    pub key: PathBuf,
+    /// For `edgegate status`, `top` and `reload` only: the CA that signed `cert`. Without it
+    /// they trust exactly `cert`, read from the same file.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl AdminConfig {
+    /// What `check` warns about: an endpoint others can reach without credentials, or whose
+    /// credentials cross the network in clear text.
+    pub fn warnings(&self) -> Vec<String> {
+        let ip = self.listen.ip();
+        if ip.is_loopback() {
+            return Vec::new();
+        }
+        let listen = self.listen;
+        match (&self.auth, &self.tls) {
+            (None, _) => vec![format!(
+                "admin.listen = \"{listen}\" is reachable beyond this machine without authentication: \
+                 anyone who reaches it can read the status and metrics and reload the configuration; \
+                 add [admin.auth] (README: \"Admin endpoint security\")"
+            )],
+            (Some(_), None) => vec![format!(
+                "admin.listen = \"{listen}\" serves plain HTTP beyond this machine: the admin.auth \
+                 credentials cross the network in clear text; add [admin.tls]"
+            )],
+            (Some(_), Some(_)) => Vec::new(),
+        }
+    }
 }
 
 fn default_stalled_after() -> Duration {
@@ -782,6 +909,9 @@ impl Config {
                 converter.script = base.join(&converter.script);
             }
         }
+        if let Some(tls) = config.admin.as_mut().and_then(|a| a.tls.as_mut()) {
+            tls.resolve_against(base);
+        }
         config.validate().map_err(|(k, m)| invalid(k, m))?;
         Ok(config)
     }
@@ -883,6 +1013,9 @@ impl Config {
         }
         if let Some(d) = &self.downlink {
             self.validate_downlink(d)?;
+        }
+        if let Some(admin) = &self.admin {
+            validate_admin(admin)?;
         }
         Ok(())
     }
@@ -1179,6 +1312,58 @@ fn validate_mqtt(
         }
     }
     Ok(())
+}
+
+fn validate_admin(admin: &AdminConfig) -> Result<(), (String, String)> {
+    if let Some(auth) = &admin.auth {
+        auth.credentials()?;
+    }
+    if let Some(tls) = &admin.tls {
+        crate::admin::tls::server_config(tls)?;
+        if let Some(ca) = &tls.ca_file {
+            crate::admin::tls::read_certificates(ca)
+                .map_err(|m| ("admin.tls.ca_file".to_owned(), m))?;
+        }
+    }
+    Ok(())
+}
+
+impl AdminTlsConfig {
+    fn resolve_against(&mut self, base: &Path) {
+        for path in [&mut self.cert, &mut self.key] {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        }
+        if let Some(ca) = self.ca_file.as_mut().filter(|c| c.is_relative()) {
+            *ca = base.join(&*ca);
+        }
+    }
+}
+
+/// Only the `[admin]` table of a configuration file: what `status` and `top` need, without the
+/// rest's checks (a technician's shell may lack the Kafka secrets). `Ok(None)` without one.
+pub fn load_admin(path: &Path) -> Result<Option<AdminConfig>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let invalid = |key: String, message: String| ConfigError::Invalid {
+        line: locate_key(&text, &key),
+        path: path.to_owned(),
+        key,
+        message,
+    };
+    let mut table: toml::Table = toml::from_str(&text)
+        .map_err(|e| invalid("(syntax)".into(), e.message().trim().to_owned()))?;
+    let Some(admin) = table.remove("admin") else {
+        return Ok(None);
+    };
+    let mut admin: AdminConfig = deserialize_at(admin, "admin").map_err(|(k, m)| invalid(k, m))?;
+    if let Some(tls) = admin.tls.as_mut() {
+        tls.resolve_against(path.parent().unwrap_or(Path::new("")));
+    }
+    Ok(Some(admin))
 }
 
 fn parse_source(raw: toml::Table, prefix: &str) -> Result<SourceConfig, (String, String)> {
@@ -1517,6 +1702,80 @@ script = "dec.js"
         );
         let c = parse(&text).unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn admin_auth_settings_are_checked_by_key() {
+        let admin = |auth: &str| {
+            let text =
+                format!("{MINIMAL}\n[admin]\nlisten = \"127.0.0.1:9898\"\n[admin.auth]\n{auth}");
+            invalid(&text)
+        };
+        let (key, _, msg) =
+            admin("type = \"bearer\"\ntoken_env = \"EDGEGATE_TEST_SURELY_UNSET\"\n");
+        assert_eq!(key, "admin.auth.token_env");
+        assert!(
+            msg.contains("EDGEGATE_TEST_SURELY_UNSET is not set"),
+            "{msg}"
+        );
+        let (key, _, _) = admin("type = \"bearer\"\n");
+        assert_eq!(key, "admin.auth.token_env");
+        let (key, _, _) = admin("type = \"basic\"\npassword_env = \"PATH\"\n");
+        assert_eq!(key, "admin.auth.username");
+        let (key, _, _) = admin("type = \"basic\"\nusername = \"a:b\"\npassword_env = \"PATH\"\n");
+        assert_eq!(key, "admin.auth.username");
+        let (key, _, _) = admin(
+            "type = \"basic\"\nusername = \"u\"\npassword_env = \"PATH\"\ntoken_env = \"PATH\"\n",
+        );
+        assert_eq!(key, "admin.auth.token_env");
+        let (key, _, _) = admin("type = \"digest\"\n");
+        assert_eq!(key, "admin.auth.type");
+        let ok = format!(
+            "{MINIMAL}\n[admin]\nlisten = \"127.0.0.1:9898\"\n[admin.auth]\ntype = \"basic\"\nusername = \"u\"\npassword_env = \"PATH\"\n"
+        );
+        assert!(parse(&ok).is_ok());
+    }
+
+    #[test]
+    fn admin_tls_files_must_be_readable_pem_and_paths_are_relative_to_the_file() {
+        let text = format!(
+            "{MINIMAL}\n[admin]\nlisten = \"127.0.0.1:9898\"\n[admin.tls]\ncert = \"no-such.pem\"\nkey = \"k.pem\"\n"
+        );
+        let (key, _, msg) = invalid(&text);
+        assert_eq!(key, "admin.tls.cert");
+        assert!(msg.contains("no-such.pem"), "{msg}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("edgegate.toml");
+        std::fs::write(&path, &text).unwrap();
+        let admin = load_admin(&path).unwrap().unwrap();
+        let tls = admin.tls.unwrap();
+        assert_eq!(tls.cert, dir.path().join("no-such.pem"));
+        std::fs::write(&path, MINIMAL).unwrap();
+        assert!(load_admin(&path).unwrap().is_none());
+    }
+
+    #[test]
+    fn warnings_name_an_open_or_clear_text_endpoint_beyond_loopback() {
+        let admin = |listen: &str, auth: bool, tls: bool| AdminConfig {
+            listen: listen.parse().unwrap(),
+            stalled_after: Duration::from_secs(30),
+            auth: auth.then(|| AdminAuthConfig {
+                kind: AdminAuthKind::Bearer,
+                token_env: Some("T".into()),
+                username: None,
+                password_env: None,
+            }),
+            tls: tls.then(|| AdminTlsConfig {
+                cert: "c".into(),
+                key: "k".into(),
+                ca_file: None,
+            }),
+        };
+        assert!(admin("127.0.0.1:1", false, false).warnings().is_empty());
+        assert!(admin("[::1]:1", false, false).warnings().is_empty());
+        assert!(admin("0.0.0.0:1", false, false).warnings()[0].contains("without authentication"));
+        assert!(admin("192.0.2.1:1", true, false).warnings()[0].contains("clear text"));
+        assert!(admin("[::]:1", true, true).warnings().is_empty());
     }
 
     #[test]

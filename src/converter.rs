@@ -643,7 +643,7 @@ impl Converters {
             .stack_size(engine::THREAD_STACK_BYTES)
             .spawn(move || {
                 let debug_dir = config.gateway.data_dir.join("debug");
-                let converters = match load_all(&config, Some(&debug_dir)) {
+                let mut converters = match load_all(&config, Some(&debug_dir)) {
                     Ok(c) => c,
                     Err(e) => {
                         let _ = loaded_tx.send(Err(e));
@@ -651,6 +651,10 @@ impl Converters {
                     }
                 };
                 let _ = loaded_tx.send(Ok(()));
+                for c in &mut converters {
+                    let ring = metrics.live.debug_events.clone();
+                    c.debug.share_with(&c.name, ring);
+                }
                 let mut worker = Worker {
                     converters,
                     by_source: routes,
@@ -754,7 +758,7 @@ impl Worker {
                 if let Some((converter, error)) =
                     failed.filter(|(_, e)| !matches!(e, ConvertError::Suspended(_)))
                 {
-                    metrics.count_converter_error(converter, error.kind());
+                    metrics.converter_failed(converter, error.kind(), error.to_string());
                 }
                 conversion
             })

@@ -88,11 +88,12 @@ pub async fn run(
                 .converters
                 .get(name)
                 .ok_or_else(|| DownlinkError::Failed(format!("no [converters.{name}] table")))?;
-            Some(Encoders::start(
+            Some(Encoders::start_sharing(
                 name,
                 c,
                 &config.gateway.data_dir,
                 config.gateway.id.clone(),
+                Some(metrics.live.debug_events.clone()),
             )?)
         }
         None => None,
@@ -585,7 +586,7 @@ impl Stage {
                     Ok(messages) => messages,
                     Err(e) => {
                         let metrics = &self.shared.metrics;
-                        metrics.count_converter_error(encoder.name(), e.kind());
+                        metrics.converter_failed(encoder.name(), e.kind(), e.to_string());
                         return Ok(Err(encoder_failure(e)));
                     }
                 }

@@ -87,6 +87,13 @@ impl LinkState {
         if let Link::Refused(new) = next {
             self.metrics.set_kafka_link_refused(new, true);
         }
+        let (state, reason) = match &next {
+            Link::Unknown => ("unknown", None),
+            Link::Up => ("up", None),
+            Link::Down(reason) => ("down", Some(reason.clone())),
+            Link::Refused(refusal) => ("refused", Some(refusal.label().to_owned())),
+        };
+        self.metrics.live.set_link(state, reason);
         self.state = next;
     }
 
@@ -103,6 +110,8 @@ impl LinkState {
             refusal.advice(detail)
         );
         self.set(Link::Refused(refusal));
+        let reason = format!("{}: {detail}", refusal.label());
+        self.metrics.live.explain_link(reason);
     }
 
     fn on_event(&mut self, event: ClientEvent) {

@@ -20,4 +20,5 @@ pub mod metrics;
 pub mod record;
 pub mod reload;
 pub mod sources;
+pub mod status;
 pub mod watchdog;

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use edgegate::admin::client::AdminClient;
+use edgegate::admin::view;
 use edgegate::buffer::tools::ToolError;
 use edgegate::buffer::Buffer;
 use edgegate::config::{Config, ConverterConfig, ConverterKind};
@@ -48,6 +49,27 @@ enum Command {
     Reload {
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Show the running gateway's status (from its admin endpoint): link, backlog, sources,
+    /// converters, downlink, disk, memory and health. Exit 0 when healthy, 1 on a warning, 2
+    /// when critical, 3 when the gateway cannot be asked.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print the endpoint's JSON (GET /status) instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The status redrawn in the terminal, with sparklines of the ingest and delivery rates.
+    Top {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Time between two frames, e.g. "1s" or "500ms".
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+        /// Stop after this many frames (default: until interrupted).
+        #[arg(short = 'n', long = "frames")]
+        frames: Option<u64>,
     },
     /// Run a decoder on one payload, like ThingsBoard's "Test decoder function", or with
     /// --encoder an encoder on one command ("Test encoder function"). Prints
@@ -144,13 +166,24 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => match load(&config) {
-            Ok(_) => {
+            Ok(cfg) => {
+                for warning in cfg.admin.iter().flat_map(|a| a.warnings()) {
+                    eprintln!("edgegate: warning: {warning}");
+                }
                 println!("{}: ok", config.display());
                 ExitCode::SUCCESS
             }
             Err(code) => code,
         },
         Command::Reload { config } => reload(&config),
+        Command::Status { config, json } => {
+            ExitCode::from(view::status(&config, json, &mut std::io::stdout()))
+        }
+        Command::Top {
+            config,
+            interval,
+            frames,
+        } => ExitCode::from(view::top(&config, interval, frames, &mut std::io::stdout())),
         Command::Convert(args) => convert(args),
         Command::Buffer { action } => buffer_tool(action),
         Command::Run { config, log_format } => {

@@ -2,6 +2,9 @@
 //!
 //! Everything dropped is counted here with its reason; the admin endpoint exports the registry.
 
+pub mod live;
+
+use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -155,7 +158,22 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    fn label(self) -> &'static str {
+    pub const ALL: [DropReason; 12] = [
+        DropReason::BufferFull,
+        DropReason::MaxAge,
+        DropReason::RejectedByKafka,
+        DropReason::TooLarge,
+        DropReason::Corrupt,
+        DropReason::ConverterException,
+        DropReason::ConverterTimeout,
+        DropReason::ConverterOutOfMemory,
+        DropReason::ConverterInvalidResult,
+        DropReason::ConverterPanic,
+        DropReason::ConverterCrash,
+        DropReason::NotStored,
+    ];
+
+    pub fn label(self) -> &'static str {
         match self {
             DropReason::BufferFull => "buffer_full",
             DropReason::MaxAge => "max_age",
@@ -198,6 +216,8 @@ pub struct Metrics {
     pub downlink: DownlinkMetrics,
     /// Which pipeline operations are running, and since when; feeds the systemd watchdog.
     pub health: Health,
+    /// Link state, last errors, debug events and history for the status view.
+    pub live: live::Live,
     registry: Registry,
 }
 
@@ -225,6 +245,7 @@ impl Metrics {
             downlink: DownlinkMetrics::new(),
             registry: Registry::default(),
             health: Health::default(),
+            live: live::Live::default(),
         };
         let r = &mut registry;
         r.register(
@@ -323,23 +344,21 @@ impl Metrics {
     }
 
     pub fn dropped_total(&self) -> u64 {
-        [
-            DropReason::BufferFull,
-            DropReason::MaxAge,
-            DropReason::RejectedByKafka,
-            DropReason::TooLarge,
-            DropReason::Corrupt,
-            DropReason::ConverterException,
-            DropReason::ConverterTimeout,
-            DropReason::ConverterOutOfMemory,
-            DropReason::ConverterInvalidResult,
-            DropReason::ConverterPanic,
-            DropReason::ConverterCrash,
-            DropReason::NotStored,
-        ]
-        .into_iter()
-        .map(|r| self.dropped(r))
-        .sum()
+        DropReason::ALL.into_iter().map(|r| self.dropped(r)).sum()
+    }
+
+    /// Records dropped per reason, for reasons seen; reading creates no series.
+    pub fn dropped_by_reason(&self) -> BTreeMap<String, u64> {
+        DropReason::ALL
+            .into_iter()
+            .filter_map(|r| {
+                let labels = ReasonLabels {
+                    reason: r.label().into(),
+                };
+                let n = self.dropped.get(&labels).map(|c| c.get())?;
+                (n > 0).then(|| (r.label().to_owned(), n))
+            })
+            .collect()
     }
 
     pub fn count_converter_error(&self, converter: &str, kind: &str) {
@@ -349,6 +368,12 @@ impl Metrics {
                 kind: kind.into(),
             })
             .inc();
+    }
+
+    /// A converter failed on a record: counted, and its message kept as the converter's last.
+    pub fn converter_failed(&self, converter: &str, kind: &str, message: String) {
+        self.count_converter_error(converter, kind);
+        self.live.converter_failed(converter, kind, message);
     }
 
     pub fn converter_errors_total(&self, converter: &str) -> u64 {

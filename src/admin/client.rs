@@ -1,24 +1,41 @@
 //! The command line's side of the admin endpoint (`edgegate reload`, `status`, `top`): one
-//! HTTP/1.1 request per connection to the address the configuration names. Blocking, with a
-//! timeout: these commands do nothing else meanwhile.
+//! HTTP/1.1 request per connection to the address the configuration names, with the
+//! `[admin.auth]` credentials from the same environment variable the gateway reads and over
+//! TLS when `[admin.tls]` is configured. Blocking, with a timeout: these commands do nothing else
+//! meanwhile.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::Config;
+use rustls::pki_types::ServerName;
+
+use crate::config::{AdminConfig, Config};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The configuration has no `[admin]` table: add one (and restart), or use signals.
     #[error("the configuration has no [admin] table, so the running gateway cannot be asked; add [admin] listen = \"127.0.0.1:9898\" and restart it")]
     NoAdmin,
+    /// `[admin.auth]` or `[admin.tls]` cannot be used here (a variable not set in this shell, a
+    /// file not readable): fix the environment and try again.
+    #[error("{key}: {message}")]
+    Setup { key: String, message: String },
     /// Nothing answers there: the gateway is not running, or listens elsewhere.
     #[error("cannot reach the admin endpoint at {addr}: {source} (is edgegate running with this configuration?)")]
     Unreachable {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// The TLS handshake failed: the endpoint's certificate is not the one trusted, or it does
+    /// not speak TLS (`[admin.tls]` added without a restart or reload).
+    #[error("TLS with the admin endpoint at {addr} failed: {message}")]
+    Handshake { addr: SocketAddr, message: String },
+    /// The endpoint refused the credentials: this shell's variable holds another secret than
+    /// the gateway's.
+    #[error("the admin endpoint at {addr} refused the credentials of [admin.auth] (401): is the secret in this shell the gateway's?")]
+    Unauthorized { addr: SocketAddr },
     /// Something answered, but not HTTP as edgegate speaks it.
     #[error("the admin endpoint at {addr} gave no valid answer: {message}")]
     BadAnswer { addr: SocketAddr, message: String },
@@ -34,6 +51,9 @@ pub struct Answer {
 pub struct AdminClient {
     addr: SocketAddr,
     timeout: Duration,
+    /// The `Authorization` header's value.
+    authorization: Option<String>,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl AdminClient {
@@ -41,6 +61,11 @@ impl AdminClient {
     /// on loopback.
     pub fn for_config(config: &Config, timeout: Duration) -> Result<AdminClient, ClientError> {
         let admin = config.admin.as_ref().ok_or(ClientError::NoAdmin)?;
+        AdminClient::for_admin(admin, timeout)
+    }
+
+    /// The endpoint an `[admin]` table describes.
+    pub fn for_admin(admin: &AdminConfig, timeout: Duration) -> Result<AdminClient, ClientError> {
         let mut addr = admin.listen;
         if addr.ip().is_unspecified() {
             addr.set_ip(match addr.ip() {
@@ -48,11 +73,45 @@ impl AdminClient {
                 IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
             });
         }
-        Ok(AdminClient { addr, timeout })
+        let authorization = match &admin.auth {
+            Some(auth) => {
+                let credentials = auth
+                    .credentials()
+                    .map_err(|(key, message)| ClientError::Setup { key, message })?;
+                Some(super::auth::header(&credentials))
+            }
+            None => None,
+        };
+        let tls = match &admin.tls {
+            Some(tls) => {
+                Some(
+                    super::tls::client_config(tls).map_err(|message| ClientError::Setup {
+                        key: "admin.tls".into(),
+                        message,
+                    })?,
+                )
+            }
+            None => None,
+        };
+        Ok(AdminClient {
+            addr,
+            timeout,
+            authorization,
+            tls,
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// `https` or `http`, for messages and the status page's address.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     pub fn get(&self, path: &str) -> Result<Answer, ClientError> {
@@ -71,15 +130,63 @@ impl AdminClient {
             .set_read_timeout(Some(self.timeout))
             .and_then(|()| stream.set_write_timeout(Some(self.timeout)))
             .map_err(unreachable)?;
+        let authorization = self
+            .authorization
+            .as_ref()
+            .map(|a| format!("Authorization: {a}\r\n"))
+            .unwrap_or_default();
         let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{authorization}Content-Length: 0\r\nConnection: close\r\n\r\n"
         );
-        stream.write_all(request.as_bytes()).map_err(unreachable)?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).map_err(unreachable)?;
-        parse_answer(&raw).map_err(|message| ClientError::BadAnswer { addr, message })
+        let raw = match &self.tls {
+            None => exchange(&mut stream, &request).map_err(unreachable)?,
+            Some(tls) => {
+                let mut tls = self.handshake(tls, &mut stream)?;
+                let mut tls = rustls::Stream::new(&mut tls, &mut stream);
+                exchange(&mut tls, &request).map_err(unreachable)?
+            }
+        };
+        let answer =
+            parse_answer(&raw).map_err(|message| ClientError::BadAnswer { addr, message })?;
+        if answer.status == 401 {
+            return Err(ClientError::Unauthorized { addr });
+        }
+        Ok(answer)
+    }
+
+    fn handshake(
+        &self,
+        tls: &Arc<rustls::ClientConfig>,
+        stream: &mut TcpStream,
+    ) -> Result<rustls::ClientConnection, ClientError> {
+        let addr = self.addr;
+        let failed = |message: String| ClientError::Handshake { addr, message };
+        let name = ServerName::IpAddress(addr.ip().into());
+        let mut conn =
+            rustls::ClientConnection::new(tls.clone(), name).map_err(|e| failed(e.to_string()))?;
+        while conn.is_handshaking() {
+            conn.complete_io(stream)
+                .map_err(|e| failed(e.to_string()))?;
+        }
+        Ok(conn)
     }
 }
+
+/// Sends `request` and reads the answer until the server closes. A TLS peer that closes
+/// without a close_notify after answering is taken as done: the answer says how long it is.
+fn exchange(stream: &mut impl ReadWrite, request: &str) -> std::io::Result<Vec<u8>> {
+    stream.write_all(request.as_bytes())?;
+    stream.flush()?;
+    let mut raw = Vec::new();
+    match stream.read_to_end(&mut raw) {
+        Ok(_) => Ok(raw),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => Ok(raw),
+        Err(e) => Err(e),
+    }
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
 
 /// Status and body of a `Connection: close` answer (plain or chunked).
 fn parse_answer(raw: &[u8]) -> Result<Answer, String> {

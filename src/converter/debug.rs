@@ -5,12 +5,14 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use serde_json::{json, Value};
 
 use crate::config::DebugMode;
+use crate::metrics::live::{truncate, truncate_metadata, DebugEventView, DebugRing};
 
 /// How long `debug = "all"` records everything after start before falling back to failures only.
 pub const ALL_EVENTS_WINDOW: Duration = Duration::from_secs(15 * 60);
@@ -23,6 +25,8 @@ pub struct DebugLog {
     file: Option<BufWriter<File>>,
     written: u64,
     broken: bool,
+    /// The status page's ring of recent events, and this converter's name in it.
+    shared: Option<(Arc<str>, DebugRing)>,
 }
 
 /// Which way a converter works; ThingsBoard shows it as the event's type.
@@ -57,7 +61,13 @@ impl DebugLog {
             file: None,
             written: 0,
             broken: false,
+            shared: None,
         }
+    }
+
+    /// Also keeps every recorded event, truncated, in `ring` (the status page's).
+    pub fn share_with(&mut self, converter: &str, ring: DebugRing) {
+        self.shared = Some((Arc::from(converter), ring));
     }
 
     pub fn disabled() -> DebugLog {
@@ -75,7 +85,13 @@ impl DebugLog {
             DebugMode::Failures => event.error.is_some(),
             DebugMode::All => event.error.is_some() || self.wants_successes(),
         };
-        if !wanted || self.broken {
+        if !wanted {
+            return;
+        }
+        if let Some((converter, ring)) = &self.shared {
+            ring.push(event_view(converter, event));
+        }
+        if self.broken {
             return;
         }
         let line = super::number::to_string_js(&event_json(event));
@@ -134,16 +150,56 @@ impl DebugLog {
     }
 }
 
+/// The event as the status page shows it, its texts bounded.
+fn event_view(converter: &str, event: &DebugEvent<'_>) -> DebugEventView {
+    let (input, in_base64) = match std::str::from_utf8(event.payload) {
+        Ok(text) => (text.to_owned(), false),
+        Err(_) => (
+            base64::engine::general_purpose::STANDARD.encode(event.payload),
+            true,
+        ),
+    };
+    let (input, mut truncated) = truncate(&input);
+    let (metadata, cut) = truncate_metadata(event.metadata);
+    let out = event.output.map(|v| {
+        let (text, cut) = truncate(&super::number::to_string_js(v));
+        truncated |= cut;
+        text
+    });
+    let error = event.error.map(|e| {
+        let (text, cut) = truncate(e);
+        truncated |= cut;
+        text
+    });
+    DebugEventView {
+        ts_ms: crate::record::now_ms(),
+        converter: converter.to_owned(),
+        direction: direction_name(event.direction).to_owned(),
+        seq: event.seq,
+        input,
+        in_base64,
+        metadata,
+        msg_type: event.msg_type.map(str::to_owned),
+        out,
+        error,
+        truncated: truncated || cut,
+    }
+}
+
+fn direction_name(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Uplink => "Uplink",
+        Direction::Downlink => "Downlink",
+    }
+}
+
 fn event_json(event: &DebugEvent<'_>) -> Value {
     let metadata: serde_json::Map<String, Value> = event
         .metadata
         .iter()
         .map(|(k, v)| ((*k).to_owned(), Value::from(*v)))
         .collect();
-    let direction = match event.direction {
-        Direction::Uplink => "Uplink",
-        Direction::Downlink => "Downlink",
-    };
+    let direction = direction_name(event.direction);
     let mut v = json!({
         "ts": crate::record::now_ms(),
         "type": direction,
@@ -202,6 +258,26 @@ mod tests {
         assert_eq!(first["type"], "Uplink");
         assert_eq!(first["in"], "{\"a\":1}");
         assert_eq!(first["metadata"]["topic"], "t");
+    }
+
+    #[test]
+    fn recorded_events_reach_the_shared_ring_even_when_the_file_cannot_be_written() {
+        let ring = DebugRing::default();
+        let mut log = DebugLog::new(
+            DebugMode::Failures,
+            PathBuf::from("/proc/no/such.jsonl"),
+            400,
+        );
+        log.share_with("tb", ring.clone());
+        log.record(&event(None));
+        log.record(&event(Some("TypeError: boom")));
+        log.record(&event(Some("TypeError: again")));
+        let events = ring.events();
+        assert_eq!(events.len(), 2, "a success was shared in failures mode");
+        assert_eq!(events[0].converter, "tb");
+        assert_eq!(events[0].input, "{\"a\":1}");
+        assert_eq!(events[1].error.as_deref(), Some("TypeError: again"));
+        assert_eq!(events[1].metadata["topic"], "t");
     }
 
     #[test]

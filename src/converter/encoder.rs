@@ -27,6 +27,7 @@ use super::{
     ConverterError, ConvertersGone, Sandbox,
 };
 use crate::config::{ConverterConfig, ConverterKind};
+use crate::metrics::live::DebugRing;
 
 mod inflight;
 use inflight::InFlight;
@@ -371,6 +372,7 @@ pub struct Encoders {
     config: ConverterConfig,
     debug_dir: PathBuf,
     gateway_id: String,
+    debug_ring: Option<DebugRing>,
 }
 
 impl Encoders {
@@ -383,14 +385,26 @@ impl Encoders {
         data_dir: &Path,
         gateway_id: String,
     ) -> Result<Encoders, ConverterError> {
+        Encoders::start_sharing(name, config, data_dir, gateway_id, None)
+    }
+
+    /// [`Encoders::start`], its debug events also kept in `debug_ring` (the status page's).
+    pub fn start_sharing(
+        name: &str,
+        config: &ConverterConfig,
+        data_dir: &Path,
+        gateway_id: String,
+        debug_ring: Option<DebugRing>,
+    ) -> Result<Encoders, ConverterError> {
         let debug_dir = data_dir.join("debug");
-        let jobs = spawn(name, config, &debug_dir, &gateway_id)?;
+        let jobs = spawn(name, config, &debug_dir, &gateway_id, debug_ring.clone())?;
         Ok(Encoders {
             jobs,
             name: Arc::from(name),
             config: config.clone(),
             debug_dir,
             gateway_id,
+            debug_ring,
         })
     }
 
@@ -401,7 +415,14 @@ impl Encoders {
     /// Starts a new thread after [`ConvertersGone`]; the script is read and compiled again.
     pub fn restart(&mut self) -> Result<(), ConverterError> {
         tracing::error!(converter = %self.name, "the encoder thread stopped; starting a new one");
-        self.jobs = spawn(&self.name, &self.config, &self.debug_dir, &self.gateway_id)?;
+        let ring = self.debug_ring.clone();
+        self.jobs = spawn(
+            &self.name,
+            &self.config,
+            &self.debug_dir,
+            &self.gateway_id,
+            ring,
+        )?;
         Ok(())
     }
 
@@ -425,6 +446,7 @@ fn spawn(
     config: &ConverterConfig,
     debug_dir: &Path,
     gateway_id: &str,
+    debug_ring: Option<DebugRing>,
 ) -> Result<std::sync::mpsc::Sender<Request>, ConverterError> {
     let (tx, rx) = std::sync::mpsc::channel::<Request>();
     let (loaded_tx, loaded_rx) = std::sync::mpsc::sync_channel(1);
@@ -442,6 +464,9 @@ fn spawn(
                 }
             };
             let _ = loaded_tx.send(Ok(()));
+            if let Some(ring) = debug_ring {
+                encoder.debug.share_with(&name, ring);
+            }
             let mut in_flight = debug_dir.parent().map(InFlight::open);
             while let Ok(request) = rx.recv() {
                 let origin = &request.job.origin;

@@ -23,6 +23,10 @@ pub struct Certificates {
     pub ca: PathBuf,
     /// A CA that signed nothing the broker presents.
     pub other_ca: PathBuf,
+    /// The broker's certificate and key as PEM files, for servers that read them (the admin
+    /// endpoint's `[admin.tls]`).
+    pub server_cert_file: PathBuf,
+    pub server_key_file: PathBuf,
     server_cert: CertificateDer<'static>,
     server_key: Vec<u8>,
 }
@@ -54,10 +58,16 @@ impl Certificates {
         let other_ca = dir.path().join("other-ca.pem");
         std::fs::write(&ca, ca_pem).unwrap();
         std::fs::write(&other_ca, other_pem).unwrap();
+        let server_cert_file = dir.path().join("server.pem");
+        let server_key_file = dir.path().join("server-key.pem");
+        std::fs::write(&server_cert_file, cert.pem()).unwrap();
+        std::fs::write(&server_key_file, key.serialize_pem()).unwrap();
         Certificates {
             dir,
             ca,
             other_ca,
+            server_cert_file,
+            server_key_file,
             server_cert: cert.der().clone(),
             server_key: key.serialize_der(),
         }
