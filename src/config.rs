@@ -1300,7 +1300,9 @@ fn validate_mqtt(
         ];
         for (k, f) in files {
             if let Some(f) = f {
-                std::fs::metadata(f)
+                // Read, not just looked up: the source reads them at every connect, and an
+                // unreadable file (a directory, a root-only key) must fail here, not at start.
+                std::fs::read(f)
                     .map_err(|e| (key(k), format!("cannot read {}: {e}", f.display())))?;
             }
         }

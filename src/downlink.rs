@@ -67,6 +67,8 @@ const STATS_INTERVAL_MS: &str = "5000";
 const PAUSE_AFTER: Duration = Duration::from_secs(2);
 /// The time an attempt gets when its command is already past `max_age`.
 const LAST_ATTEMPT: Duration = Duration::from_secs(1);
+/// How long stopping waits for the last offset commit.
+const FINAL_COMMIT_WAIT: Duration = Duration::from_secs(5);
 /// How long shutdown waits for deliveries already under way.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
@@ -223,6 +225,19 @@ fn consumer(
     metrics: Arc<Metrics>,
     positions: Positions,
 ) -> Result<CommandConsumer, DownlinkError> {
+    consumer_config(config, settings)
+        .create_with_context(ConsumerEvents {
+            metrics,
+            positions,
+            refused: RefusalLatch::default(),
+        })
+        .map_err(|e| DownlinkError::Client {
+            what: "consumer",
+            message: e.to_string(),
+        })
+}
+
+fn consumer_config(config: &Config, settings: &DownlinkConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.kafka.bootstrap_servers)
         .set("group.id", group_id(config, settings))
@@ -260,15 +275,21 @@ fn consumer(
         }
         c.set(key, value);
     }
-    c.create_with_context(ConsumerEvents {
-        metrics,
-        positions,
-        refused: RefusalLatch::default(),
-    })
-    .map_err(|e| DownlinkError::Client {
-        what: "consumer",
-        message: e.to_string(),
-    })
+    c
+}
+
+/// Creates (and drops) the downlink's consumer as it would start, for `check` and a reload:
+/// librdkafka refuses some combinations of `kafka.properties` only for a consumer
+/// (`session.timeout.ms` above `max.poll.interval.ms`, say).
+pub fn check_consumer(config: &Config) -> Result<(), String> {
+    let Some(settings) = &config.downlink else {
+        return Ok(());
+    };
+    // A plain consumer: the same settings, and no async runtime needed (`check` has none).
+    consumer_config(config, settings)
+        .create::<rdkafka::consumer::BaseConsumer>()
+        .map(drop)
+        .map_err(|e| format!("the downlink's Kafka consumer refuses these settings: {e}"))
 }
 
 /// Producer settings in `kafka.properties` that a consumer refuses outright.
@@ -682,18 +703,19 @@ impl Stage {
             let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(position));
         }
         let consumer = self.consumer.clone();
-        let committed = tokio::task::spawn_blocking(move || {
+        let committing = tokio::task::spawn_blocking(move || {
             if tpl.count() > 0 {
                 consumer.commit(&tpl, CommitMode::Sync)
             } else {
                 Ok(())
             }
-        })
-        .await;
-        match committed {
-            Ok(Ok(())) => tracing::info!("downlink stopped; delivered commands committed"),
+        });
+        // A broker that does not answer must not hold up a shutdown or a reload: the commands
+        // after the last commit are then delivered again, as after a crash.
+        match tokio::time::timeout(FINAL_COMMIT_WAIT, committing).await {
+            Ok(Ok(Ok(()))) => tracing::info!("downlink stopped; delivered commands committed"),
             _ => tracing::warn!(
-                "downlink stopped; the last commit failed, some commands will be delivered again"
+                "downlink stopped; the last commit failed or timed out, some commands will be delivered again"
             ),
         }
     }

@@ -87,6 +87,7 @@ pub fn validate(config: &Config, path: &Path) -> Result<(), ConfigError> {
     kafka::check_guarantees(config).map_err(|(k, m)| invalid(k, m))?;
     converter::load_all(config, None).map_err(|(k, e)| invalid(k, e.to_string()))?;
     converter::load_encoders(config).map_err(|(k, e)| invalid(k, e.to_string()))?;
+    downlink::check_consumer(config).map_err(|m| invalid("kafka.properties".into(), m))?;
     check_data_dir(&config.gateway.data_dir).map_err(|m| invalid("gateway.data_dir".into(), m))
 }
 
@@ -255,8 +256,16 @@ pub async fn run(
                 break;
             }
             Some(request) = reloads.recv() => {
-                let outcome = pipeline.reload().await;
-                let _ = request.reply.send(outcome);
+                // Shutdown wins over a reload that waits on a peer (a broker that does not answer).
+                tokio::select! {
+                    outcome = pipeline.reload() => {
+                        let _ = request.reply.send(outcome);
+                    }
+                    _ = shutdown.cancelled() => {
+                        let _ = request.reply.send(Err(ReloadError::Unavailable));
+                        break;
+                    }
+                }
             }
         }
     }
@@ -291,10 +300,28 @@ struct Running<T> {
     task: tokio::task::JoinHandle<T>,
 }
 
+/// How long a reload waits for a stage it replaces to stop before it starts the new one anyway.
+const STAGE_STOP_WAIT: Duration = Duration::from_secs(10);
+
 impl<T> Running<T> {
     async fn stop(self) -> Option<T> {
         self.stop.cancel();
         self.task.await.ok()
+    }
+
+    /// Stops the stage, waiting at most [`STAGE_STOP_WAIT`]: a stage stuck on a peer is left
+    /// to finish on its own (it was told to stop) rather than holding up the reload.
+    async fn stop_within(self, stage: &str) {
+        self.stop.cancel();
+        if tokio::time::timeout(STAGE_STOP_WAIT, self.task)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                stage,
+                "a stage did not stop within 10 s; the reload goes on without waiting for it"
+            );
+        }
     }
 }
 
@@ -476,7 +503,7 @@ impl Pipeline {
             let stopped = self.sources.remove(name);
             let was_running = stopped.is_some();
             if let Some(running) = stopped {
-                running.stop().await;
+                running.stop_within(&format!("sources.{name}")).await;
                 self.outlets.remove(name);
                 self.metrics.set_source_connected(name, false);
             }
@@ -509,7 +536,7 @@ impl Pipeline {
             || uses(&new, &target_changed);
         if downlink_changed && (old.downlink.is_some() || new.downlink.is_some()) {
             if let Some(running) = self.downlink.take() {
-                running.stop().await;
+                running.stop_within("downlink").await;
             }
             self.start_downlink();
             applied.push("downlink (restarted)".into());

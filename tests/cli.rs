@@ -678,3 +678,37 @@ fn converters_run_in_utc_unless_tz_is_set() {
     assert_eq!(berlin["offset"], -60);
     assert_eq!(berlin["midnight"], 1_767_222_000_000_u64);
 }
+
+/// librdkafka refuses some settings only for a consumer: `check` (and so a reload) builds the
+/// downlink's consumer, rather than accepting a file the gateway cannot run.
+#[test]
+fn kafka_properties_the_downlink_consumer_refuses_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let downlink =
+        "[downlink]\ntopics = [\"cmds\"]\n[[downlink.routes]]\nsource = \"plant\"\ntopic = \"x\"\n";
+    let good = write(dir.path(), &format!("{GOOD}\n{downlink}"));
+    let out = edgegate_with(&["check"], &good);
+    assert!(out.status.success(), "{out:?}");
+    let bad = GOOD.replace(
+        "[kafka]\n",
+        "[kafka]\nproperties = { \"session.timeout.ms\" = \"400000\" }\n",
+    );
+    assert_ne!(bad, GOOD);
+    let config = write(dir.path(), &format!("{bad}\n{downlink}"));
+    assert_rejected(&config, &["kafka.properties", "session.timeout.ms"]);
+}
+
+/// The source reads its TLS files at every connect: one that exists but cannot be read (here a
+/// directory) fails `check`, not the running gateway.
+#[test]
+fn an_unreadable_mqtt_tls_file_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        &format!(
+            "{GOOD}\n[sources.plant.tls]\nca_file = \"{}\"\n",
+            dir.path().display()
+        ),
+    );
+    assert_rejected(&config, &["sources.plant.tls.ca_file", "cannot read"]);
+}
