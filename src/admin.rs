@@ -54,7 +54,33 @@ pub struct AdminContext {
     pub buffer: Buffer,
     /// The configuration in force; a reload replaces it.
     pub config: watch::Receiver<Arc<Config>>,
+    /// The file a reload re-reads.
+    pub config_path: std::path::PathBuf,
     pub reload: ReloadHandle,
+}
+
+/// The header `edgegate reload` names its file in (hex of the path's bytes): a gateway running
+/// another file refuses, as reloading its own would not apply what the caller checked.
+pub const CONFIG_HEADER: &str = "x-edgegate-config";
+
+/// Whether two paths name the same file (as written, or once resolved).
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    a == b
+        || matches!(
+            (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+            (Ok(a), Ok(b)) if a == b
+        )
+}
+
+/// The path `edgegate reload` sent, if it sent one that decodes.
+fn named_config(headers: &axum::http::HeaderMap) -> Option<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStringExt;
+    let hex = headers.get(CONFIG_HEADER)?.to_str().ok()?;
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    Some(std::ffi::OsString::from_vec(bytes).into())
 }
 
 #[derive(Clone)]
@@ -262,8 +288,22 @@ async fn readyz(State(s): State<AdminState>) -> (StatusCode, &'static str) {
 }
 
 /// 200 with what was applied; otherwise the reason, and the running configuration stays.
-async fn reload(State(s): State<AdminState>) -> (StatusCode, String) {
+async fn reload(
+    State(s): State<AdminState>,
+    headers: axum::http::HeaderMap,
+) -> (StatusCode, String) {
     use crate::reload::ReloadError;
+    if let Some(named) = named_config(&headers) {
+        if !same_file(&named, &s.ctx.config_path) {
+            let error = format!(
+                "this gateway runs {}, not {}; nothing was reloaded",
+                s.ctx.config_path.display(),
+                named.display()
+            );
+            let body = serde_json::json!({ "error": error });
+            return (StatusCode::CONFLICT, format!("{body}\n"));
+        }
+    }
     let outcome = s.ctx.reload.request().await;
     let status = match &outcome {
         Ok(_) => StatusCode::OK,

@@ -167,6 +167,7 @@ pub async fn run(
         ready: ready.clone(),
         buffer: buffer.clone(),
         config: config_rx,
+        config_path: config_path.to_owned(),
         reload,
     };
     admin::spawn_background(&admin_ctx, &shutdown);

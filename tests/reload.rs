@@ -259,6 +259,9 @@ async fn each_kind_of_change_applies_under_load_and_nothing_is_lost() {
         .collect();
     assert_eq!(seen_v2.len(), topics.len(), "the new script never ran");
     let tally = assert_complete_in_order(&plain, &topics, per_topic, true);
+    // With the link up, none of these reloads may duplicate: a Kafka change waits for the
+    // records in flight, the others leave the producer and `plant` alone (RELIABILITY.md).
+    assert_eq!((tally.resent, tally.redelivered), (0, 0), "duplicates");
     assert_eq!(
         mqtt_connects(&gw, "plant"),
         1,
@@ -337,6 +340,28 @@ async fn an_invalid_or_restart_only_change_is_refused_and_the_gateway_runs_on_un
     let (code, _, err) = reload(&config).await;
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("converters.tb"), "{err}");
+    // The gateway checks for itself too: SIGHUP skips the command's check.
+    sighup(&gw);
+    gw.wait_for_count("reload refused", 2, Duration::from_secs(10));
+    let refusals: Vec<String> = gw
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("reload refused"))
+        .cloned()
+        .collect();
+    assert!(refusals[1].contains("converters.tb"), "{refusals:?}");
+    // Published while the broken script is on disk: the old one still converts them.
+    for n in 0..10 {
+        publisher
+            .publish("sensors/early", payload("sensors/early", n, 50))
+            .await;
+    }
+    publisher.wait_acked(10, Duration::from_secs(10)).await;
+    let early = consume(&kafka.bootstrap(), "uplink", 10, Duration::from_secs(60));
+    assert_eq!(early.len(), 10, "{}", gw.log());
+    assert!(early.iter().all(|m| converted(m).1 == 1));
     std::fs::write(dir.path().join("decoder.js"), decoder(1)).unwrap();
     // A restart-only key: named, nothing applied, even with other changes beside it.
     let renamed = Setup {
@@ -355,9 +380,9 @@ async fn an_invalid_or_restart_only_change_is_refused_and_the_gateway_runs_on_un
             .publish("sensors/a", payload("sensors/a", n, 50))
             .await;
     }
-    publisher.wait_acked(100, Duration::from_secs(10)).await;
-    let msgs = consume(&kafka.bootstrap(), "uplink", 100, Duration::from_secs(60));
-    assert_eq!(msgs.len(), 100, "{}", gw.log());
+    publisher.wait_acked(110, Duration::from_secs(10)).await;
+    let msgs = consume(&kafka.bootstrap(), "uplink", 110, Duration::from_secs(60));
+    assert_eq!(msgs.len(), 110, "{}", gw.log());
     for m in &msgs {
         assert_eq!(
             m.header("edgegate-gateway"),
@@ -413,4 +438,50 @@ async fn a_wrong_broker_address_is_fixed_by_a_reload_and_the_backlog_is_sent() {
         .collect();
     assert_complete_in_order(&plain, &["sensors/a".to_owned()], 200, false);
     assert_eq!(mqtt_connects(&gw, "plant"), 1, "{}", gw.log());
+}
+
+/// `edgegate reload` names the file it checked: a gateway running another one refuses (it would
+/// re-read its own). Without [admin], `--pid` (the unit's $MAINPID) falls back to SIGHUP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_names_its_file_and_falls_back_to_a_signal_without_an_admin_endpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("decoder.js"), decoder(1)).unwrap();
+    let setup = Setup {
+        dir: dir.path().to_owned(),
+        mqtt_port: free_port(),
+        bootstrap: format!("127.0.0.1:{}", free_port()),
+        admin_port: free_port(),
+        gateway_id: "gw-test",
+        kafka_extra: String::new(),
+        extra: String::new(),
+    };
+    let config = setup.write();
+    let gw = Gateway::start(&config);
+    gw.wait_for("edgegate ready", Duration::from_secs(10));
+    let other = dir.path().join("staged.toml");
+    std::fs::copy(&config, &other).unwrap();
+    let (code, _, err) = reload(&other).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("this gateway runs") && err.contains("nothing was reloaded"),
+        "{err}"
+    );
+    assert_eq!(gw.count("reloading the configuration"), 0, "{}", gw.log());
+    reload_ok(&config, "converters").await;
+
+    let text = std::fs::read_to_string(&config).unwrap();
+    let start = text.find("[admin]").unwrap();
+    std::fs::write(&other, &text[..start]).unwrap();
+    let pid = gw.pid().unwrap().to_string();
+    let out = edgegate()
+        .args(["reload", "--pid", &pid, "--config"])
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("sent SIGHUP"),
+        "{out:?}"
+    );
+    gw.wait_for_count("configuration reloaded", 2, Duration::from_secs(10));
 }

@@ -201,7 +201,7 @@ fn the_unit_file_verifies_and_scores_at_most_2_5() {
         "RestrictAddressFamilies=",
         "DeviceAllow=char-ttyUSB rw",
         "MemoryMax=",
-        "ExecReload=/bin/kill -HUP $MAINPID",
+        "ExecReload=/usr/bin/edgegate reload --config /etc/edgegate/edgegate.toml --pid $MAINPID",
     ] {
         assert!(text.contains(required), "unit lacks {required}");
     }

@@ -28,6 +28,10 @@ pub enum ClientError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// It connected but gave no answer in time: the gateway is busy or stuck (its log says
+    /// which); for a reload, it may still be applied.
+    #[error("the admin endpoint at {addr} gave no answer within {}s; see the gateway's log", .after.as_secs())]
+    NoAnswer { addr: SocketAddr, after: Duration },
     /// The TLS handshake failed: the endpoint's certificate is not the one trusted, or it does
     /// not speak TLS (`[admin.tls]` added without a restart or reload).
     #[error("TLS with the admin endpoint at {addr} failed: {message}")]
@@ -122,9 +126,25 @@ impl AdminClient {
         self.request("POST", path)
     }
 
+    /// A POST with one more header (`name: value`, both plain ASCII).
+    pub fn post_with(&self, path: &str, name: &str, value: &str) -> Result<Answer, ClientError> {
+        self.request_with("POST", path, &format!("{name}: {value}\r\n"))
+    }
+
     fn request(&self, method: &str, path: &str) -> Result<Answer, ClientError> {
+        self.request_with(method, path, "")
+    }
+
+    fn request_with(&self, method: &str, path: &str, extra: &str) -> Result<Answer, ClientError> {
         let addr = self.addr;
-        let unreachable = |source| ClientError::Unreachable { addr, source };
+        let after = self.timeout;
+        // A read that runs out of time is a gateway that is busy or stuck, not one that is gone.
+        let unreachable = |source: std::io::Error| match source.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                ClientError::NoAnswer { addr, after }
+            }
+            _ => ClientError::Unreachable { addr, source },
+        };
         let mut stream = TcpStream::connect_timeout(&addr, self.timeout).map_err(unreachable)?;
         stream
             .set_read_timeout(Some(self.timeout))
@@ -136,7 +156,7 @@ impl AdminClient {
             .map(|a| format!("Authorization: {a}\r\n"))
             .unwrap_or_default();
         let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{authorization}Content-Length: 0\r\nConnection: close\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{authorization}{extra}Content-Length: 0\r\nConnection: close\r\n\r\n"
         );
         let raw = match &self.tls {
             None => exchange(&mut stream, &request).map_err(unreachable)?,
