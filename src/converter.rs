@@ -596,6 +596,19 @@ impl Converters {
         // the crash log, or the new one would take its last marker for a crash.
         self.stop_thread();
         self.by_source = by_source(config);
+        // Records of a source the new file removed or renamed may still be buffered: they keep
+        // their decoder while it is configured, rather than going to Kafka unconverted.
+        for (source, &i) in &old.1 {
+            if config.sources.contains_key(source) {
+                continue;
+            }
+            let Some((name, _)) = decoders(&old.0).nth(i) else {
+                continue;
+            };
+            if let Some(j) = decoders(config).position(|(c, _)| c == name) {
+                self.by_source.insert(source.clone(), j);
+            }
+        }
         self.config = config.clone();
         if self.by_source.is_empty() {
             return Ok(Ok(()));

@@ -801,3 +801,47 @@ async fn encoders_are_left_out_of_the_decoders_and_checked_on_their_own() {
         other => panic!("expected the encoder's compile error, got {other:?}"),
     }
 }
+
+/// A reload replaces the converters between chunks: the new scripts convert what comes next,
+/// and records of a source the new file removed or renamed keep their (new) decoder.
+#[tokio::test]
+async fn replaced_converters_convert_with_the_new_script_also_for_a_removed_source() {
+    let old = script("return {deviceName: 'old-' + decodeToString(payload)};");
+    let new = script("return {deviceName: 'new-' + decodeToString(payload)};");
+    let dir = tempfile::tempdir().unwrap();
+    let config = |source: &str, script: &std::path::Path| {
+        let text = format!(
+            "[gateway]\nid = \"gw\"\ndata_dir = \"{}\"\n[kafka]\nbootstrap_servers = \"127.0.0.1:1\"\n\
+             topic = \"t\"\n[sources.{source}]\ntype = \"serial\"\npath = \"/dev/unused\"\n\
+             converter = \"c\"\n[converters.c]\nscript = \"{}\"\n",
+            dir.path().display(),
+            script.display()
+        );
+        Arc::new(Config::parse(&text, std::path::Path::new("t.toml")).unwrap())
+    };
+    let key = |conversions: &[Conversion]| match &conversions[0] {
+        Conversion::Entities { entities, .. } => entities[0].key.clone(),
+        other => format!("{other:?}"),
+    };
+    let mut converters = Converters::start(
+        &config("plant", &old.config.script),
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
+    let (_, before) = converters.convert(vec![record_seq(1, b"a")]).await.unwrap();
+    assert_eq!(key(&before), "old-a");
+    converters
+        .replace(&config("renamed", &new.config.script))
+        .unwrap()
+        .unwrap();
+    let (_, after) = converters.convert(vec![record_seq(2, b"b")]).await.unwrap();
+    assert_eq!(key(&after), "new-b", "the removed source's record");
+    let broken = script("return {;");
+    let refused = converters.replace(&config("plant", &broken.config.script));
+    assert!(
+        matches!(refused, Ok(Err(_))),
+        "a script that does not compile"
+    );
+    let (_, kept) = converters.convert(vec![record_seq(3, b"c")]).await.unwrap();
+    assert_eq!(key(&kept), "new-c", "the previous converters run on");
+}
