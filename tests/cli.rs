@@ -576,10 +576,11 @@ fn bad_serial_settings_are_named() {
     assert_rejected(&config, &["sources.rs485.framing", "not hex"]);
 }
 
-/// A source that cannot start (here a TLS file that passes `check` but cannot be read) ends the
-/// gateway with exit 2 and its own error, also while another source runs fine.
+/// A TLS file that exists but cannot be read (here a directory) stops the gateway at start with
+/// exit 2 naming the key: `run` checks as `check` does, so it never gets as far as a source
+/// failing later (which would also end it with exit 2, also while another source runs fine).
 #[test]
-fn a_source_that_cannot_start_ends_the_gateway_naming_it() {
+fn an_unreadable_tls_file_stops_the_gateway_at_start_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start();
     let not_a_file = dir.path().join("ca-dir");
@@ -604,7 +605,7 @@ fn a_source_that_cannot_start_ends_the_gateway_naming_it() {
     };
     assert_eq!(code, 2, "{}", gw.log());
     assert!(
-        gw.log().contains("source secure: cannot read"),
+        gw.log().contains("sources.secure.tls.ca_file: cannot read"),
         "{}",
         gw.log()
     );
