@@ -23,17 +23,15 @@ async fn metrics_move_with_traffic_and_with_the_uplink() {
     assert_eq!(http_get(admin, "/readyz").0, 200);
 
     let publisher = Publisher::connect(mqtt.port, "scrape").await;
-    for n in 0..100 {
-        publisher
-            .publish("sensors/a", payload("sensors/a", n, 100))
-            .await;
-    }
-    wait_metric(
+    publish_delivered(
+        &publisher,
         admin,
-        "edgegate_records_out_total",
-        |v| v >= 100.0,
+        "sensors/a",
+        100,
+        100,
         Duration::from_secs(30),
-    );
+    )
+    .await;
     assert_eq!(
         metric(admin, "edgegate_records_in_total{source=\"plant\"}"),
         100.0

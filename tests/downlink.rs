@@ -438,24 +438,10 @@ async fn a_kill_9_mid_stream_neither_skips_nor_reorders_commands() {
     gw.kill9();
     let at_kill = device.messages().len();
     gw.restart();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    for key in ["a", "b"] {
-        let topic = format!("devices/{key}");
-        loop {
-            let firsts = first_occurrences(&device.messages(), &topic);
-            if firsts.len() == per_key {
-                let expected: Vec<u64> = (0..per_key as u64).collect();
-                assert_eq!(firsts, expected, "{key}: skipped or reordered");
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{key}: {} of {per_key}",
-                firsts.len()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    wait_all_in_order(&device, per_key, |topic, key| {
+        topic == format!("devices/{key}")
+    })
+    .await;
     assert!(
         at_kill < 2 * per_key,
         "the kill came after everything was delivered"
@@ -494,29 +480,11 @@ async fn a_reload_of_the_routes_mid_stream_neither_skips_nor_reorders_commands()
     let said = String::from_utf8_lossy(&reload.stdout);
     assert!(said.contains("downlink (restarted)"), "{said}{reload:?}");
     let at_reload = device.messages().len();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    for key in ["a", "b"] {
-        loop {
-            let mine: Vec<Received> = device
-                .messages()
-                .into_iter()
-                .filter(|(t, _, _)| t.ends_with(&format!("/{key}")))
-                .map(|(_, p, q)| (key.to_owned(), p, q))
-                .collect();
-            let firsts = first_occurrences(&mine, key);
-            if firsts.len() == per_key {
-                let expected: Vec<u64> = (0..per_key as u64).collect();
-                assert_eq!(firsts, expected, "{key}: skipped or reordered");
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{key}: {} of {per_key}",
-                firsts.len()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    // Old route or new: each key's commands, first occurrences, all of them in order.
+    wait_all_in_order(&device, per_key, |topic, key| {
+        topic.ends_with(&format!("/{key}"))
+    })
+    .await;
     let topics = |prefix: &str| {
         device
             .messages()
@@ -534,6 +502,34 @@ async fn a_reload_of_the_routes_mid_stream_neither_skips_nor_reorders_commands()
         topics("devices/"),
         topics("v2/")
     );
+}
+
+/// Waits until keys `a` and `b` each got commands 0..per_key (first occurrences, on the topics
+/// `is_for(topic, key)` accepts) and asserts they came in order, none skipped.
+async fn wait_all_in_order(device: &Device, per_key: usize, is_for: impl Fn(&str, &str) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for key in ["a", "b"] {
+        loop {
+            let mine: Vec<Received> = device
+                .messages()
+                .into_iter()
+                .filter(|(t, _, _)| is_for(t, key))
+                .map(|(_, p, q)| (key.to_owned(), p, q))
+                .collect();
+            let firsts = first_occurrences(&mine, key);
+            if firsts.len() == per_key {
+                let expected: Vec<u64> = (0..per_key as u64).collect();
+                assert_eq!(firsts, expected, "{key}: skipped or reordered");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{key}: {} of {per_key}",
+                firsts.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 /// The commands of one device in the order they were first seen.

@@ -30,6 +30,19 @@ struct Setup {
 }
 
 impl Setup {
+    /// The `plant` source through converter `tb` (`decoder.js`), an admin endpoint on a free port.
+    fn new(dir: &Path, mqtt_port: u16, bootstrap: String) -> Setup {
+        Setup {
+            dir: dir.to_owned(),
+            mqtt_port,
+            bootstrap,
+            admin_port: free_port(),
+            gateway_id: "gw-test",
+            kafka_extra: String::new(),
+            extra: String::new(),
+        }
+    }
+
     fn write(&self) -> PathBuf {
         let path = self.dir.join("edgegate.toml");
         let text = format!(
@@ -155,15 +168,7 @@ async fn each_kind_of_change_applies_under_load_and_nothing_is_lost() {
     kafka.create_topic("uplink", 3);
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("decoder.js"), decoder(1)).unwrap();
-    let mut setup = Setup {
-        dir: dir.path().to_owned(),
-        mqtt_port: mqtt.port,
-        bootstrap: kafka.bootstrap(),
-        admin_port: free_port(),
-        gateway_id: "gw-test",
-        kafka_extra: String::new(),
-        extra: String::new(),
-    };
+    let mut setup = Setup::new(dir.path(), mqtt.port, kafka.bootstrap());
     let config = setup.write();
     let gw = Gateway::start(&config);
     gw.wait_for("mqtt subscribed", Duration::from_secs(10));
@@ -295,15 +300,7 @@ async fn an_invalid_or_restart_only_change_is_refused_and_the_gateway_runs_on_un
     kafka.create_topic("uplink", 3);
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("decoder.js"), decoder(1)).unwrap();
-    let setup = Setup {
-        dir: dir.path().to_owned(),
-        mqtt_port: mqtt.port,
-        bootstrap: kafka.bootstrap(),
-        admin_port: free_port(),
-        gateway_id: "gw-test",
-        kafka_extra: String::new(),
-        extra: String::new(),
-    };
+    let setup = Setup::new(dir.path(), mqtt.port, kafka.bootstrap());
     let config = setup.write();
     let gw = Gateway::start(&config);
     gw.wait_for("mqtt subscribed", Duration::from_secs(10));
@@ -405,15 +402,7 @@ async fn a_wrong_broker_address_is_fixed_by_a_reload_and_the_backlog_is_sent() {
     kafka.create_topic("uplink", 3);
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("decoder.js"), decoder(1)).unwrap();
-    let mut setup = Setup {
-        dir: dir.path().to_owned(),
-        mqtt_port: mqtt.port,
-        bootstrap: format!("127.0.0.1:{}", free_port()),
-        admin_port: free_port(),
-        gateway_id: "gw-test",
-        kafka_extra: String::new(),
-        extra: String::new(),
-    };
+    let mut setup = Setup::new(dir.path(), mqtt.port, format!("127.0.0.1:{}", free_port()));
     let config = setup.write();
     let gw = Gateway::start(&config);
     gw.wait_for("mqtt subscribed", Duration::from_secs(10));
@@ -446,15 +435,11 @@ async fn a_wrong_broker_address_is_fixed_by_a_reload_and_the_backlog_is_sent() {
 async fn reload_names_its_file_and_falls_back_to_a_signal_without_an_admin_endpoint() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("decoder.js"), decoder(1)).unwrap();
-    let setup = Setup {
-        dir: dir.path().to_owned(),
-        mqtt_port: free_port(),
-        bootstrap: format!("127.0.0.1:{}", free_port()),
-        admin_port: free_port(),
-        gateway_id: "gw-test",
-        kafka_extra: String::new(),
-        extra: String::new(),
-    };
+    let setup = Setup::new(
+        dir.path(),
+        free_port(),
+        format!("127.0.0.1:{}", free_port()),
+    );
     let config = setup.write();
     let gw = Gateway::start(&config);
     gw.wait_for("edgegate ready", Duration::from_secs(10));

@@ -10,13 +10,6 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::*;
 
-/// Throws on payloads containing "bad"; otherwise one device's telemetry.
-const DECODER: &str = r#"
-var text = String.fromCharCode.apply(null, payload);
-if (text.indexOf("bad") >= 0) throw new Error("bad payload: " + text);
-return { deviceName: "meter-1", deviceType: "meter", telemetry: { size: text.length } };
-"#;
-
 /// `edgegate status --json`: (exit status, parsed JSON or Null, stderr).
 fn status_json(config: &Path) -> (i32, Value, String) {
     let out = edgegate()
@@ -53,27 +46,19 @@ async fn status_follows_traffic_and_its_exit_status_follows_health() {
     kafka.create_topic("uplink", 1);
     let proxy = Proxy::start(proxy_port, kafka.port);
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("decoder.js"), DECODER).unwrap();
-    let admin = free_port();
-    let extra = format!(
-        "converter = \"tb\"\n[converters.tb]\nscript = \"decoder.js\"\ndebug = \"all\"\n\
-         [admin]\nlisten = \"127.0.0.1:{admin}\"\n"
-    );
-    let config = write_config(dir.path(), mqtt.port, &kafka.bootstrap(), "uplink", &extra);
+    let (config, admin) = meter_config(dir.path(), mqtt.port, &kafka.bootstrap());
     let gw = Gateway::start(&config);
     gw.wait_for("mqtt subscribed", Duration::from_secs(20));
     let publisher = Publisher::connect(mqtt.port, "status-device").await;
-    for n in 0..100 {
-        publisher
-            .publish("sensors/a", payload("sensors/a", n, 100))
-            .await;
-    }
-    wait_metric(
+    publish_delivered(
+        &publisher,
         admin,
-        "edgegate_records_out_total",
-        |v| v >= 100.0,
+        "sensors/a",
+        100,
+        100,
         Duration::from_secs(60),
-    );
+    )
+    .await;
 
     let s = wait_status(
         &config,

@@ -10,12 +10,6 @@ use std::time::Duration;
 
 use support::*;
 
-const DECODER: &str = r#"
-var text = String.fromCharCode.apply(null, payload);
-if (text.indexOf("bad") >= 0) throw new Error("bad payload: " + text);
-return { deviceName: "meter-1", deviceType: "meter", telemetry: { size: text.length } };
-"#;
-
 /// Debian's Chromium; the test fails (it does not skip) without it.
 fn chromium() -> PathBuf {
     let found = ["chromium", "chromium-browser", "google-chrome"]
@@ -104,28 +98,20 @@ async fn the_page_renders_the_gateways_status_in_chromium() {
     let kafka = Tansu::start();
     kafka.create_topic("uplink", 1);
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("decoder.js"), DECODER).unwrap();
-    let admin = free_port();
-    let extra = format!(
-        "converter = \"tb\"\n[converters.tb]\nscript = \"decoder.js\"\ndebug = \"all\"\n\
-         [admin]\nlisten = \"127.0.0.1:{admin}\"\n"
-    );
-    let config = write_config(dir.path(), mqtt.port, &kafka.bootstrap(), "uplink", &extra);
+    let (config, admin) = meter_config(dir.path(), mqtt.port, &kafka.bootstrap());
     let gw = Gateway::start(&config);
     gw.wait_for("mqtt subscribed", Duration::from_secs(20));
     let publisher = Publisher::connect(mqtt.port, "page-device").await;
-    for n in 0..40 {
-        publisher
-            .publish("sensors/a", payload("sensors/a", n, 60))
-            .await;
-    }
-    publisher.publish("sensors/a", b"a bad one".to_vec()).await;
-    wait_metric(
+    publish_delivered(
+        &publisher,
         admin,
-        "edgegate_records_out_total",
-        |v| v >= 40.0,
+        "sensors/a",
+        40,
+        60,
         Duration::from_secs(60),
-    );
+    )
+    .await;
+    publisher.publish("sensors/a", b"a bad one".to_vec()).await;
     wait_metric(
         admin,
         "edgegate_converter_errors_total",

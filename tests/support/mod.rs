@@ -1408,3 +1408,46 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
         .unwrap_or(0);
     (status, text)
 }
+
+/// Throws on payloads containing "bad"; otherwise one device's telemetry (status tests).
+pub const METER_DECODER: &str = r#"
+var text = String.fromCharCode.apply(null, payload);
+if (text.indexOf("bad") >= 0) throw new Error("bad payload: " + text);
+return { deviceName: "meter-1", deviceType: "meter", telemetry: { size: text.length } };
+"#;
+
+/// `write_config` with `plant` through [`METER_DECODER`] in debug mode "all" and an admin
+/// endpoint on a free port; returns the file and the port.
+pub fn meter_config(dir: &Path, mqtt_port: u16, bootstrap: &str) -> (PathBuf, u16) {
+    std::fs::write(dir.join("decoder.js"), METER_DECODER).unwrap();
+    let admin = free_port();
+    let extra = format!(
+        "converter = \"tb\"\n[converters.tb]\nscript = \"decoder.js\"\ndebug = \"all\"\n\
+         [admin]\nlisten = \"127.0.0.1:{admin}\"\n"
+    );
+    (
+        write_config(dir, mqtt_port, bootstrap, "uplink", &extra),
+        admin,
+    )
+}
+
+/// Publishes test payloads 0..n of `size` bytes on `topic`, then waits until Kafka confirmed at
+/// least `n` records in all (the admin endpoint's `edgegate_records_out_total`).
+pub async fn publish_delivered(
+    publisher: &Publisher,
+    admin: u16,
+    topic: &str,
+    n: u64,
+    size: usize,
+    timeout: Duration,
+) {
+    for i in 0..n {
+        publisher.publish(topic, payload(topic, i, size)).await;
+    }
+    wait_metric(
+        admin,
+        "edgegate_records_out_total",
+        |v| v >= n as f64,
+        timeout,
+    );
+}
