@@ -293,6 +293,12 @@ async fn reload(
     headers: axum::http::HeaderMap,
 ) -> (StatusCode, String) {
     use crate::reload::ReloadError;
+    // Browsers send Origin with every POST; `edgegate reload` and curl do not. A page in a
+    // technician's browser (which resends basic credentials) must not reload the gateway.
+    if headers.contains_key(axum::http::header::ORIGIN) {
+        let body = serde_json::json!({ "error": "reloads are not taken from a web page; use edgegate reload or systemctl reload" });
+        return (StatusCode::FORBIDDEN, format!("{body}\n"));
+    }
     if let Some(named) = named_config(&headers) {
         if !same_file(&named, &s.ctx.config_path) {
             let error = format!(

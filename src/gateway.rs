@@ -301,6 +301,9 @@ struct Running<T> {
     task: tokio::task::JoinHandle<T>,
 }
 
+/// How long shutdown lets the admin endpoint finish its open requests before it drops them.
+const ADMIN_STOP_WAIT: Duration = Duration::from_secs(2);
+
 /// How long a reload waits for a stage it replaces to stop before it starts the new one anyway.
 const STAGE_STOP_WAIT: Duration = Duration::from_secs(10);
 
@@ -577,7 +580,15 @@ impl Pipeline {
             running.stop().await;
         }
         if let Some((_, running)) = self.admin.take() {
-            running.stop().await;
+            // Open requests get a moment; a client that stalls must not hold up the stop.
+            running.stop.cancel();
+            let mut task = running.task;
+            if tokio::time::timeout(ADMIN_STOP_WAIT, &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+            }
         }
     }
 }

@@ -119,6 +119,17 @@ fn names_a_line(message: &str) -> bool {
     })
 }
 
+/// `POST /-/reload` as a browser sends it from another site; the raw answer.
+fn post_from_a_page(admin: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", admin)).unwrap();
+    let request = "POST /-/reload HTTP/1.1\r\nHost: x\r\nOrigin: http://evil.example\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    s.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer
+}
+
 fn sighup(gw: &Gateway) {
     // SAFETY: a signal to our own child process.
     unsafe { libc::kill(gw.pid().unwrap() as i32, libc::SIGHUP) };
@@ -451,6 +462,10 @@ async fn reload_names_its_file_and_falls_back_to_a_signal_without_an_admin_endpo
         err.contains("this gateway runs") && err.contains("nothing was reloaded"),
         "{err}"
     );
+    assert_eq!(gw.count("reloading the configuration"), 0, "{}", gw.log());
+    // A web page (any request with an Origin) cannot reload: browsers resend basic credentials.
+    let answer = post_from_a_page(setup.admin_port);
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
     assert_eq!(gw.count("reloading the configuration"), 0, "{}", gw.log());
     reload_ok(&config, "converters").await;
 

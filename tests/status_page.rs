@@ -10,6 +10,10 @@ use std::time::Duration;
 
 use support::*;
 
+/// A payload that would run if the page ever inserted device data as HTML.
+const HOSTILE: &str =
+    "a bad one<img src=x onerror=\"document.body.setAttribute('data-xss','ran')\">";
+
 /// Debian's Chromium; the test fails (it does not skip) without it.
 fn chromium() -> PathBuf {
     let found = ["chromium", "chromium-browser", "google-chrome"]
@@ -111,7 +115,10 @@ async fn the_page_renders_the_gateways_status_in_chromium() {
         Duration::from_secs(60),
     )
     .await;
-    publisher.publish("sensors/a", b"a bad one".to_vec()).await;
+    // Device data is hostile: the page must show it as text, never run it.
+    publisher
+        .publish("sensors/a", HOSTILE.as_bytes().to_vec())
+        .await;
     wait_metric(
         admin,
         "edgegate_converter_errors_total",
@@ -171,6 +178,11 @@ async fn the_page_renders_the_gateways_status_in_chromium() {
         element_text(&dom, "error").is_empty() || dom.contains("id=\"error\" hidden"),
         "{dom}"
     );
+    assert!(
+        !dom.contains("data-xss=\"ran\""),
+        "device data ran as HTML: {dom}"
+    );
+    assert!(dom.contains("&lt;img src=x onerror="), "{dom}");
 
     let artefacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artefacts");
     std::fs::create_dir_all(&artefacts).unwrap();

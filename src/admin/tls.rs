@@ -11,18 +11,31 @@ use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::either::Either;
 
 use crate::config::{AdminTlsConfig, Config};
 
-/// A client that has not finished its handshake by then is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that has not finished its handshake by then is dropped (a real one needs
+/// milliseconds, also over a slow mobile link).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Handshakes under way at once; further connections are closed until one ends.
 const MAX_HANDSHAKES: usize = 32;
+/// Connections open at once, plain or TLS: each costs a socket and buffers, and the gateway's
+/// sources need file descriptors too. Further connections are closed until one ends.
+const MAX_CONNECTIONS: usize = 64;
+/// A connection that neither sends nor receives for this long is closed: a client that stops
+/// halfway through its headers must not hold a connection (or the gateway's shutdown) for good.
+/// The page polls every 2 s, well within it.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -140,8 +153,81 @@ impl ServerCertVerifier for Pinned {
     }
 }
 
-/// One accepted connection: TLS when `[admin.tls]` is configured, plain otherwise.
-pub type Connection = Either<TlsStream<TcpStream>, TcpStream>;
+/// One accepted connection: TLS when `[admin.tls]` is configured, plain otherwise; it holds one
+/// of the [`MAX_CONNECTIONS`] slots until it closes, and is closed after [`IDLE_TIMEOUT`]
+/// without traffic.
+pub struct Connection {
+    io: Either<TlsStream<TcpStream>, TcpStream>,
+    _slot: OwnedSemaphorePermit,
+    idle: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Connection {
+    fn new(io: Either<TlsStream<TcpStream>, TcpStream>, slot: OwnedSemaphorePermit) -> Connection {
+        Connection {
+            io,
+            _slot: slot,
+            idle: Box::pin(tokio::time::sleep(IDLE_TIMEOUT)),
+        }
+    }
+
+    /// Traffic moved: the idle clock starts again.
+    fn active(&mut self) {
+        let deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
+        self.idle.as_mut().reset(deadline);
+    }
+
+    /// While the connection waits, whether it has waited too long.
+    fn timed_out(&mut self, cx: &mut Context<'_>) -> bool {
+        self.idle.as_mut().poll(cx).is_ready()
+    }
+}
+
+fn idle_error() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, "admin connection idle")
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match Pin::new(&mut self.io).poll_read(cx, buf) {
+            Poll::Ready(done) => {
+                self.active();
+                Poll::Ready(done)
+            }
+            Poll::Pending if self.timed_out(cx) => Poll::Ready(Err(idle_error())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match Pin::new(&mut self.io).poll_write(cx, buf) {
+            Poll::Ready(done) => {
+                self.active();
+                Poll::Ready(done)
+            }
+            Poll::Pending if self.timed_out(cx) => Poll::Ready(Err(idle_error())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
 
 /// The admin endpoint's listener. Handshakes run in tasks of their own, so one slow client does
 /// not hold up the others; `[admin.tls]` is read again after each reload (a renewed certificate
@@ -219,6 +305,7 @@ async fn accept_loop(
 ) {
     let mut mode = mode_for(&config.borrow_and_update());
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -229,12 +316,17 @@ async fn accept_loop(
                 continue;
             }
         };
+        let Ok(slot) = connections.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "admin endpoint: too many connections; closing a new one");
+            continue;
+        };
         if config.has_changed().unwrap_or(false) {
             mode = mode_for(&config.borrow_and_update());
         }
         match &mode {
             Mode::Plain => {
-                if tx.send((Either::Right(tcp), peer)).await.is_err() {
+                let connection = Connection::new(Either::Right(tcp), slot);
+                if tx.send((connection, peer)).await.is_err() {
                     return;
                 }
             }
@@ -247,7 +339,9 @@ async fn accept_loop(
                     let _permit = permit;
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => {
-                            let _ = tx.send((Either::Left(tls), peer)).await;
+                            let _ = tx
+                                .send((Connection::new(Either::Left(tls), slot), peer))
+                                .await;
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "admin endpoint: TLS handshake failed")

@@ -40,17 +40,44 @@ pub fn fetch(client: &AdminClient) -> Result<(String, Status), String> {
             client.scheme(),
             client.addr(),
             answer.status,
-            answer.body.trim()
+            printable(answer.body.trim())
         ));
     }
-    let status = serde_json::from_str(&answer.body).map_err(|e| {
+    let not_a_status = |e: serde_json::Error| {
         format!(
             "{}://{}/status is not a status: {e}",
             client.scheme(),
             client.addr()
         )
-    })?;
-    Ok((answer.body, status))
+    };
+    let mut value: serde_json::Value = serde_json::from_str(&answer.body).map_err(not_a_status)?;
+    make_printable(&mut value);
+    let status = serde_json::from_value(value.clone()).map_err(not_a_status)?;
+    Ok((value.to_string(), status))
+}
+
+/// Device data (a converter's error message quoting the payload) and broker text reach the
+/// terminal through the status: control characters become `\u{…}`, so none can move the
+/// cursor, clear the screen or retitle the window.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' {
+                format!("\\u{{{:x}}}", c as u32)
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+fn make_printable(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::String(s) if s.chars().any(char::is_control) => *s = printable(s),
+        serde_json::Value::Array(items) => items.iter_mut().for_each(make_printable),
+        serde_json::Value::Object(map) => map.values_mut().for_each(make_printable),
+        _ => {}
+    }
 }
 
 /// `edgegate status`: prints the status (or its JSON) to `out`; returns the exit status.
@@ -328,6 +355,21 @@ fn render_converters(o: &mut String, s: &Status) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_from_devices_cannot_reach_the_terminal() {
+        let hostile = "bad \u{1b}]0;PWNED\u{7}\u{1b}[2J\u{9b}31m ok\nnext";
+        let shown = printable(hostile);
+        assert!(
+            !shown.chars().any(|c| c.is_control() && c != '\n'),
+            "{shown:?}"
+        );
+        assert!(shown.contains("\\u{1b}]0;PWNED") && shown.contains("ok\nnext"));
+        let mut value =
+            serde_json::json!({"converters": {"tb": {"last_error": {"message": hostile}}}});
+        make_printable(&mut value);
+        assert!(!value.to_string().contains('\u{9b}'));
+    }
 
     #[test]
     fn sparklines_scale_to_the_peak() {

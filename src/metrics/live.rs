@@ -96,9 +96,10 @@ pub fn truncate_metadata(metadata: &[(&str, &str)]) -> (BTreeMap<String, String>
         .iter()
         .take(DEBUG_METADATA_ENTRIES)
         .map(|(k, v)| {
-            let (v, c) = truncate(v);
-            cut |= c;
-            ((*k).to_owned(), v)
+            let (k, key_cut) = truncate(k);
+            let (v, value_cut) = truncate(v);
+            cut |= key_cut || value_cut;
+            (k, v)
         })
         .collect();
     (kept, cut)
@@ -151,9 +152,10 @@ impl Live {
     }
 
     pub fn converter_failed(&self, converter: &str, kind: &str, message: String) {
+        // Messages quote payloads ("bad payload: " + text): keep as much as a debug event.
         let error = LastError {
             kind: kind.to_owned(),
-            message,
+            message: truncate(&message).0,
             at_ms: now_ms(),
         };
         let mut errors = lock(&self.last_errors);
