@@ -222,9 +222,14 @@ pub fn build(inputs: &Inputs<'_>) -> Status {
     let now_ms = now.t_ms;
     let link = live.link();
     let link_up = link.state == "up";
+    // What leaves minus what comes in: a backlog delivered as fast as records arrive never
+    // drains. Both are counted in Kafka records and records received.
     let drain_seconds = match (stats.records, rates.delivery) {
         (0, _) => Some(0.0),
-        (n, Some(rate)) if link_up && rate > 0.0 => Some(n as f64 / rate),
+        (n, Some(out)) if link_up => {
+            let net = out - rates.ingest.unwrap_or(0.0);
+            (net > 0.0).then(|| n as f64 / net)
+        }
         _ => None,
     };
     let sources = config

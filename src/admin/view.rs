@@ -299,7 +299,7 @@ fn render_backlog(o: &mut String, s: &Status) {
     let drain = match b.drain_seconds {
         Some(0.0) => String::new(),
         Some(d) => format!(", drains in ~{}", seconds(d)),
-        None => ", drain time unknown".to_owned(),
+        None => ", not draining now".to_owned(),
     };
     let _ = writeln!(
         o,

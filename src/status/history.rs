@@ -161,16 +161,18 @@ fn rates_between(before: &Totals, after: &Totals) -> Rates {
     }
     // Three decimals are plenty for records per second, and keep the page's JSON small.
     let rate = |a: u64, b: u64| (a.saturating_sub(b) as f64 / secs * 1000.0).round() / 1000.0;
-    let per_source = after
+    // Per source, and only over sources in both samples: a reload adds and removes sources,
+    // whose counters live on, and a total over different sets would spike or fall.
+    let per_source: BTreeMap<String, f64> = after
         .per_source
         .iter()
         .map(|(name, &n)| {
-            let was = before.per_source.get(name).copied().unwrap_or(0);
+            let was = before.per_source.get(name).copied().unwrap_or(n);
             (name.clone(), rate(n, was))
         })
         .collect();
     Rates {
-        ingest: Some(rate(after.ingested(), before.ingested())),
+        ingest: Some((per_source.values().sum::<f64>() * 1000.0).round() / 1000.0),
         delivery: Some(rate(after.delivered, before.delivered)),
         per_source,
     }
@@ -191,6 +193,23 @@ mod tests {
                 ..Troubles::default()
             },
         }
+    }
+
+    /// A reload that adds a source whose counter lives on from before (or removes one) must not
+    /// show its whole count as ingest, nor a fall as a negative rate clamped to nothing.
+    #[test]
+    fn rates_count_only_sources_in_both_samples() {
+        let t0 = Instant::now();
+        let before = totals(t0, 100, 0, 0);
+        let mut after = totals(t0 + Duration::from_secs(10), 110, 0, 0);
+        after.per_source.insert("readded".into(), 1_000_000);
+        let rates = rates_between(&before, &after);
+        assert_eq!(rates.ingest, Some(1.0));
+        assert_eq!(rates.per_source["readded"], 0.0);
+        let mut removed = before.clone();
+        removed.per_source.insert("gone".into(), 500);
+        let rates = rates_between(&removed, &after);
+        assert_eq!(rates.ingest, Some(1.0));
     }
 
     #[test]
