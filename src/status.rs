@@ -119,9 +119,12 @@ pub struct Backlog {
     /// RFC 3339 capture time of the oldest buffered record.
     pub oldest_capture: Option<String>,
     pub oldest_age_seconds: Option<f64>,
-    /// How long the records buffered now take to leave at the recent delivery rate (what a
-    /// record captured now waits); 0 when empty, null while the link is not up or nothing leaves.
+    /// How long the backlog takes to empty at the recent delivery rate less the ingest rate;
+    /// 0 when empty, null while the link is not up or the backlog does not shrink.
     pub drain_seconds: Option<f64>,
+    /// `buffer.max_age`, when set: records older than that are dropped (counted).
+    #[serde(default)]
+    pub max_age_seconds: Option<f64>,
 }
 
 /// Records per second over the last 2 to 12 seconds; null before the first sample.
@@ -272,6 +275,7 @@ pub fn build(inputs: &Inputs<'_>) -> Status {
                 .oldest_ms
                 .map(|ms| now_ms.saturating_sub(ms) as f64 / 1000.0),
             drain_seconds,
+            max_age_seconds: config.buffer.max_age.map(|d| d.as_secs_f64()),
         },
         rates: RatesStatus {
             ingest: rates.ingest,
@@ -312,6 +316,11 @@ pub fn build(inputs: &Inputs<'_>) -> Status {
 
 /// The health of a status: critical when records cannot leave or will be lost soon without
 /// help, a warning when something needs a look.
+/// A Kafka outage this long is critical rather than a warning.
+const LONG_OUTAGE: std::time::Duration = std::time::Duration::from_secs(3600);
+/// The oldest record at this share of `buffer.max_age` is critical: records are about to be lost.
+const MAX_AGE_CRITICAL: f64 = 0.8;
+
 pub fn judge(status: &Status, recent: Troubles, stalled: Option<String>) -> Health {
     let mut problems: Vec<(HealthLevel, String)> = Vec::new();
     let mut add = |level, reason: String| problems.push((level, reason));
@@ -326,13 +335,30 @@ pub fn judge(status: &Status, recent: Troubles, stalled: Option<String>) -> Heal
             format!("the Kafka broker refuses the gateway ({reason}); records stay buffered"),
         ),
         "down" => add(
-            HealthLevel::Warning,
+            // An outage is what the buffer is for; a long one is what an operator must know of.
+            if link.for_seconds >= LONG_OUTAGE.as_secs() {
+                HealthLevel::Critical
+            } else {
+                HealthLevel::Warning
+            },
             format!(
                 "the Kafka link is down since {} ({reason}); records stay buffered",
                 link.since
             ),
         ),
         _ => {}
+    }
+    let backlog = &status.backlog;
+    if let (Some(age), Some(max)) = (backlog.oldest_age_seconds, backlog.max_age_seconds) {
+        if age >= max * MAX_AGE_CRITICAL {
+            add(
+                HealthLevel::Critical,
+                format!(
+                    "the oldest buffered record is {:.0}% of buffer.max_age old; older ones are dropped",
+                    age / max * 100.0
+                ),
+            );
+        }
     }
     let disk = &status.disk;
     let used = disk.buffer_bytes as f64 / disk.buffer_max_bytes.max(1) as f64;

@@ -26,6 +26,7 @@ fn healthy() -> Status {
             oldest_capture: None,
             oldest_age_seconds: None,
             drain_seconds: Some(0.0),
+            max_age_seconds: None,
         },
         rates: RatesStatus {
             ingest: None,
@@ -201,4 +202,38 @@ fn counters_are_read_per_configured_source_converter_and_route_without_creating_
     );
     assert!(metrics.dropped_by_reason().is_empty());
     assert_eq!(metrics.encode(), before, "reading created series");
+}
+
+/// An outage is a warning until it lasts an hour; records near `buffer.max_age` are critical
+/// (they are about to be dropped).
+#[test]
+fn a_long_outage_and_records_near_max_age_are_critical() {
+    let mut down = healthy();
+    down.link.state = "down".into();
+    down.link.for_seconds = 600;
+    assert_eq!(
+        judge(&down, Troubles::default(), None).status,
+        HealthLevel::Warning
+    );
+    down.link.for_seconds = 3600;
+    assert_eq!(
+        judge(&down, Troubles::default(), None).status,
+        HealthLevel::Critical
+    );
+
+    let mut aging = healthy();
+    aging.backlog.max_age_seconds = Some(1000.0);
+    aging.backlog.oldest_age_seconds = Some(500.0);
+    assert_eq!(
+        judge(&aging, Troubles::default(), None).status,
+        HealthLevel::Ok
+    );
+    aging.backlog.oldest_age_seconds = Some(850.0);
+    let h = judge(&aging, Troubles::default(), None);
+    assert_eq!(h.status, HealthLevel::Critical);
+    assert!(
+        h.reasons[0].contains("85% of buffer.max_age"),
+        "{:?}",
+        h.reasons
+    );
 }
