@@ -187,7 +187,11 @@ fn main() -> ExitCode {
             config,
             interval,
             frames,
-        } => ExitCode::from(view::top(&config, interval, frames, &mut std::io::stdout())),
+        } => {
+            // Not a busy loop against the gateway, whatever is asked.
+            let interval = interval.max(std::time::Duration::from_millis(100));
+            ExitCode::from(view::top(&config, interval, frames, &mut std::io::stdout()))
+        }
         Command::Convert(args) => convert(args),
         Command::Buffer { action } => buffer_tool(action),
         Command::Run { config, log_format } => {

@@ -192,13 +192,17 @@ impl AdminClient {
     }
 }
 
+/// The largest answer read; edgegate's are a few kilobytes (the metrics text the largest).
+const MAX_ANSWER_BYTES: u64 = 16 * 1024 * 1024;
+
 /// Sends `request` and reads the answer until the server closes. A TLS peer that closes
 /// without a close_notify after answering is taken as done: the answer says how long it is.
 fn exchange(stream: &mut impl ReadWrite, request: &str) -> std::io::Result<Vec<u8>> {
     stream.write_all(request.as_bytes())?;
     stream.flush()?;
     let mut raw = Vec::new();
-    match stream.read_to_end(&mut raw) {
+    // Whatever answers on the port (maybe not edgegate) cannot make the command hold more.
+    match stream.take(MAX_ANSWER_BYTES).read_to_end(&mut raw) {
         Ok(_) => Ok(raw),
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => Ok(raw),
         Err(e) => Err(e),
