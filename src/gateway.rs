@@ -560,6 +560,10 @@ impl Pipeline {
             }
         }
         if changes.admin {
+            // What start-up warns about (beyond loopback without auth or TLS), a reload does too.
+            for warning in new.admin.iter().flat_map(|a| a.warnings()) {
+                tracing::warn!("{warning}");
+            }
             applied.push("admin".into());
         }
         let _ = self.config_tx.send(new);
