@@ -32,9 +32,27 @@ use crate::status;
 
 /// The status page: one file, its style and script inline, nothing fetched from elsewhere.
 const PAGE: &str = include_str!("admin/page.html");
-/// The page may run its own inline script and style and ask this endpoint, nothing else.
-const PAGE_POLICY: &str = "default-src 'none'; script-src 'unsafe-inline'; \
-    style-src 'unsafe-inline'; connect-src 'self'; img-src data:; frame-ancestors 'none'";
+
+/// The page's Content-Security-Policy: its own inline script, named by its SHA-256, so that no
+/// injected script or inline event handler can run even if device data ever reached the page
+/// as HTML; its own style; requests to this endpoint only.
+fn page_policy() -> &'static str {
+    static POLICY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    POLICY.get_or_init(|| {
+        use base64::Engine as _;
+        let script = PAGE
+            .split_once("<script>")
+            .and_then(|(_, rest)| rest.split_once("</script>"))
+            .map_or("", |(script, _)| script);
+        let digest = ring::digest::digest(&ring::digest::SHA256, script.as_bytes());
+        let hash = base64::engine::general_purpose::STANDARD.encode(digest.as_ref());
+        format!(
+            "default-src 'none'; script-src 'sha256-{hash}'; style-src 'unsafe-inline'; \
+             connect-src 'self'; img-src data:; frame-ancestors 'none'; base-uri 'none'; \
+             form-action 'none'"
+        )
+    })
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -200,7 +218,7 @@ async fn page() -> impl IntoResponse {
     (
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-            (header::CONTENT_SECURITY_POLICY, PAGE_POLICY),
+            (header::CONTENT_SECURITY_POLICY, page_policy()),
             (header::CACHE_CONTROL, "no-cache"),
         ],
         PAGE,
